@@ -1,0 +1,133 @@
+"""A model directory: model.safetensors, config.json, metrics.jsonl (and checkpoint.pt while training).
+
+Nothing on the load path unpickles: weights are safetensors, the rest is JSON.
+Every file is written to a temporary name and renamed, so a crash never leaves
+a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from al.config import ModelConfig, TrainConfig
+from al.data import Normalization
+from al.model import ALNet, build_network
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+TRAINING_STATE = "checkpoint.pt"
+
+
+class ModelError(ValueError):
+    """The model directory is missing or unusable; the message says why."""
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def model_config_json(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    preset: str,
+    input_shape: tuple[int, ...],
+    classes: list,
+    normalization: Normalization,
+    dataset: str,
+) -> dict:
+    from al import __version__
+
+    return {
+        "library_version": __version__,
+        "method": train_cfg.method,
+        "preset": preset,
+        "dataset": dataset,
+        "input_shape": list(input_shape),
+        "classes": list(classes),
+        "normalization": dataclasses.asdict(normalization),
+        "model": dataclasses.asdict(model_cfg),
+        "training": dataclasses.asdict(train_cfg),
+    }
+
+
+def save_model(directory: str | os.PathLike, net: ALNet, config: dict, history: list[dict]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = directory / f".{WEIGHTS}.{os.getpid()}.tmp"
+    save_file(weights, str(tmp))
+    os.replace(tmp, directory / WEIGHTS)
+    write_atomic(directory / METRICS, "".join(json.dumps(m) + "\n" for m in history))
+    write_atomic(directory / CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+class LoadedModel:
+    """A trained model ready for inference: raw inputs in, class values out."""
+
+    def __init__(self, net: ALNet, config: dict):
+        self.net = net.eval()
+        self.config = config
+        self.classes = config["classes"]
+        self.input_shape = tuple(config["input_shape"])
+        self.normalization = Normalization(**config["normalization"])
+
+    @property
+    def depth(self) -> int:
+        return self.net.depth
+
+    @property
+    def num_features(self) -> int:
+        n = 1
+        for d in self.input_shape:
+            n *= d
+        return n
+
+    def predict(self, x, depth: int | None = None) -> tuple[list, list[list[float]]]:
+        """Class values and probabilities for raw samples of shape (N, *input_shape) or (N, features)."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if x.ndim < 2 or x[0].numel() != self.num_features:
+            raise ValueError(
+                f"each input must have {self.num_features} values (shape {list(self.input_shape)}), "
+                f"got shape {list(x.shape[1:])}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("inputs contain NaN or infinity")
+        x = self.normalization.apply(x.reshape(len(x), *self.input_shape))
+        device = next(self.net.parameters()).device
+        indices, probabilities = self.net.predict(x.to(device), depth)
+        return [self.classes[i] for i in indices.tolist()], probabilities.cpu().tolist()
+
+
+def load_model(directory: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG, directory / WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ModelError(f"{directory} is not a model directory (needs {CONFIG} and {WEIGHTS})")
+    try:
+        config = json.loads(config_path.read_text())
+        model_cfg = ModelConfig(**config["model"])
+        net = build_network(model_cfg, tuple(config["input_shape"]), len(config["classes"]), config["method"])
+        net.load_state_dict(load_file(str(weights_path)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{directory}: unusable model ({type(e).__name__}: {e})") from None
+    return LoadedModel(net.to(device), config)
+
+
+def read_metrics(directory: str | os.PathLike) -> list[dict]:
+    path = Path(directory) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,163 @@
+"""The `al` command line: train, eval, predict, bench (and serve / worker for the service)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from al.config import ARCHS, METHODS, PRESETS
+from al.train import Callback
+
+
+class ProgressBar(Callback):
+    """One line on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.last = 0.0
+
+    def on_step(self, trainer):
+        if not self.stream.isatty():  # logs get the epoch lines only
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and trainer.step_in_epoch != trainer.steps_per_epoch:
+            return
+        self.last = now
+        done = trainer.step_in_epoch / trainer.steps_per_epoch
+        bar = "#" * int(done * 30)
+        self.stream.write(
+            f"\repoch {trainer.epoch + 1}/{trainer.cfg.epochs} [{bar:<30}] "
+            f"{trainer.step_in_epoch}/{trainer.steps_per_epoch}"
+        )
+        self.stream.flush()
+
+    def on_epoch_end(self, trainer, metrics):
+        val = metrics.get("val_accuracy")
+        val_text = f" val_acc {val:.4f}" if val is not None else ""
+        self.stream.write(f"\repoch {metrics['epoch']}/{trainer.cfg.epochs} {metrics['seconds']:.1f}s{val_text}{' ' * 30}\n")
+        self.stream.flush()
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        return [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+def cmd_train(args) -> None:
+    from al.run import train
+
+    model = {
+        "arch": args.arch,
+        "widths": args.widths,
+        "target_width": args.target_width,
+        "bridge_pool": args.bridge_pool,
+        "h1_loss": args.h1_loss,
+    }
+    training = {
+        "method": args.method,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "schedule": args.schedule,
+        "device": args.device,
+    }
+    callbacks = [] if args.quiet else [ProgressBar()]
+    result = train(args.dataset, args.out, args.preset, model, training, callbacks, resume=args.resume)
+    _emit({**result, "model": str(args.out)}, args.json)
+
+
+def cmd_eval(args) -> None:
+    from al.run import evaluate
+
+    _emit(evaluate(args.model, args.dataset, args.depth, args.split), args.json)
+
+
+def cmd_predict(args) -> None:
+    from al.checkpoint import load_model
+    from al.data import read_inputs
+
+    model = load_model(args.model)
+    x = read_inputs(Path(args.input))
+    predictions, probabilities = model.predict(x, args.depth)
+    if args.json:
+        print(json.dumps({"predictions": predictions, "probabilities": probabilities}))
+    else:
+        for p, probs in zip(predictions, probabilities):
+            print(f"{p}\t{max(probs):.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="al", description="Associated Learning: train, evaluate, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model into a directory")
+    p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist, kmnist, or a .npz/.csv file")
+    p.add_argument("--arch", choices=ARCHS, default=None)
+    p.add_argument("--widths", type=_widths, default=None, help="encoder widths/channels, e.g. 512,512")
+    p.add_argument("--target-width", type=int, default=None, help="n, the width of t_i")
+    p.add_argument("--bridge-pool", type=int, default=None, help="conv maps: pool to PxP before the bridge")
+    p.add_argument("--h1-loss", choices=("mse", "ce"), default=None)
+    p.add_argument("--method", choices=METHODS, default=None)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", choices=("step", "cosine", "none"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda:0, ...")
+    p.add_argument("--out", default="model", help="model directory (default: ./model)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of a model on a dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--depth", type=int, default=None, help="shortcut inference at depth K (default: full)")
+    p.add_argument("--split", choices=("test", "all"), default="test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict the classes of the samples in a file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help=".npz with array x, or .csv")
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    from al import bench
+
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from al.checkpoint import ModelError
+    from al.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, ModelError, ValueError) as e:
+        print(f"al {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The Associated Learning network: components of four modules and their local losses.
+
+Component i (paper letters in brackets):
+    encoder        [f_i]  s_{i-1} -> s_i,   s_0 = x
+    bridge         [b_i]  s_i     -> ~t_i
+    target_encoder [g_i]  t_{i-1} -> t_i,   t_0 = onehot(y)
+    decoder        [h_i]  t_i     -> ~t_{i-1}; h_1 ends in class scores
+
+Inference: h_1(...h_k(b_k(f_k(...f_1(x))))) for depth k (k = L is the full path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from al.config import ModelConfig
+
+_ACTIVATIONS = {
+    "elu": nn.ELU,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def activation(name: str) -> nn.Module:
+    return _ACTIVATIONS[name]()
+
+
+class Component(nn.Module):
+    def __init__(self, encoder: nn.Module, bridge: nn.Module, target_encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.bridge = bridge
+        self.target_encoder = target_encoder
+        self.decoder = decoder
+
+    def local_losses(
+        self,
+        s_prev: torch.Tensor,
+        t_prev: torch.Tensor,
+        labels: torch.Tensor,
+        first: bool,
+        h1_loss: str,
+        detach_target: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s_i, t_i, associated loss A_i, autoencoder loss R_i).
+
+        Inputs are detached here, so no gradient can cross a component boundary.
+        """
+        s_prev, t_prev = s_prev.detach(), t_prev.detach()
+        s = self.encoder(s_prev)
+        t = self.target_encoder(t_prev)
+        target = t.detach() if detach_target else t
+        associated = F.mse_loss(self.bridge(s), target)
+        reconstruction = self.decoder(t)
+        if first and h1_loss == "ce":
+            autoencoder = F.cross_entropy(reconstruction, labels)
+        else:
+            autoencoder = F.mse_loss(reconstruction, t_prev)
+        return s, t, associated, autoencoder
+
+
+class ALNet(nn.Module):
+    """L components; the same modules serve AL training, BP training and inference."""
+
+    def __init__(self, components: list[Component], num_classes: int, output: str):
+        super().__init__()
+        self.components = nn.ModuleList(components)
+        self.num_classes = num_classes
+        self.output = output  # "sigmoid" (scores in [0, 1]) or "logits"
+
+    @property
+    def depth(self) -> int:
+        return len(self.components)
+
+    def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Class scores through f_1..f_k -> b_k -> h_k..h_1."""
+        k = self.depth if depth is None else depth
+        if not 1 <= k <= self.depth:
+            raise ValueError(f"depth must be between 1 and {self.depth}, got {k}")
+        s = x
+        for component in self.components[:k]:
+            s = component.encoder(s)
+        t = self.components[k - 1].bridge(s)
+        for component in reversed(self.components[:k]):
+            t = component.decoder(t)
+        return t
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.output == "logits":
+            return scores.softmax(dim=1)
+        # Sigmoid scores approximate a one-hot vector; normalise them to sum to one.
+        scores = scores.clamp_min(1e-12)
+        return scores / scores.sum(dim=1, keepdim=True)
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted class indices, class probabilities)."""
+        probabilities = self.probabilities(self(x, depth))
+        return probabilities.argmax(dim=1), probabilities
+
+
+# --- backbones: the encoders f_1..f_L and the shape of each s_i ---------------------
+
+
+def _conv_block(in_ch: int, out_ch: int, act: str, pool: bool) -> nn.Sequential:
+    layers = [
+        nn.Conv2d(in_ch, out_ch, 3, padding=1),
+        nn.BatchNorm2d(out_ch),
+        activation(act),
+        nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        nn.BatchNorm2d(out_ch),
+        activation(act),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs and a shortcut)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, act: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.act = activation(act)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x):
+        out = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _encoders(cfg: ModelConfig, input_shape: tuple[int, ...]) -> list[nn.Module]:
+    act = cfg.encoder_activation
+    if cfg.arch == "mlp":
+        widths = [math.prod(input_shape), *cfg.widths]
+        encoders = []
+        for i, (w_in, w_out) in enumerate(zip(widths, widths[1:])):
+            layers = [nn.Flatten()] if i == 0 else []
+            encoders.append(nn.Sequential(*layers, nn.Linear(w_in, w_out), activation(act)))
+        return encoders
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"arch {cfg.arch!r} needs image input (channels, height, width); "
+            f"this dataset's samples have shape {tuple(input_shape)}"
+        )
+    channels, size = input_shape[0], min(input_shape[1:])
+    if cfg.arch == "cnn":
+        encoders = []
+        for w_out in cfg.widths:
+            pool = size >= 2  # halve the map while it is at least 2x2
+            encoders.append(_conv_block(channels, w_out, act, pool))
+            channels, size = w_out, size // 2 if pool else size
+        return encoders
+    # resnet: the stem with the first stage is component 1, later stages follow (ResNet-20: 3 blocks each).
+    stem = nn.Sequential(nn.Conv2d(channels, cfg.widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(cfg.widths[0]), activation(act))
+    encoders = []
+    channels = cfg.widths[0]
+    for i, w_out in enumerate(cfg.widths[1:]):
+        stride = 1 if i == 0 or size < 2 else 2
+        blocks = [BasicBlock(channels if j == 0 else w_out, w_out, stride if j == 0 else 1, act) for j in range(3)]
+        encoders.append(nn.Sequential(stem, *blocks) if i == 0 else nn.Sequential(*blocks))
+        channels, size = w_out, (size + 1) // 2 if stride == 2 else size
+    return encoders
+
+
+def _bridge(s_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
+    layers: list[nn.Module] = []
+    if len(s_shape) == 3 and cfg.bridge_pool is not None:
+        layers.append(nn.AdaptiveAvgPool2d(cfg.bridge_pool))
+        s_shape = (s_shape[0], cfg.bridge_pool, cfg.bridge_pool)
+    layers.append(nn.Flatten())
+    n = cfg.target_width
+    widths = [math.prod(s_shape)] + [cfg.bridge_hidden_factor * n] * (cfg.bridge_depth - 1) + [n]
+    for w_in, w_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(w_in, w_out), activation(cfg.bridge_activation)]
+    return nn.Sequential(*layers)
+
+
+def build_network(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, method: str) -> ALNet:
+    """The network for `cfg`; h_1 ends in a sigmoid for AL with MSE, in logits otherwise."""
+    encoders = _encoders(cfg, tuple(input_shape))
+    shapes = []
+    with torch.no_grad():
+        s = torch.zeros(1, *input_shape)
+        for encoder in encoders:
+            encoder.eval()
+            s = encoder(s)
+            encoder.train()
+            shapes.append(tuple(s.shape[1:]))
+    n = cfg.target_width
+    output = "sigmoid" if method == "al" and cfg.h1_loss == "mse" else "logits"
+    components = []
+    for i, (encoder, s_shape) in enumerate(zip(encoders, shapes)):
+        t_prev_width = num_classes if i == 0 else n
+        decoder_act = ("identity" if output == "logits" else "sigmoid") if i == 0 else cfg.target_activation
+        components.append(
+            Component(
+                encoder=encoder,
+                bridge=_bridge(s_shape, cfg),
+                target_encoder=nn.Sequential(nn.Linear(t_prev_width, n), activation(cfg.target_activation)),
+                decoder=nn.Sequential(nn.Linear(n, t_prev_width), activation(decoder_act)),
+            )
+        )
+    net = ALNet(components, num_classes, output)
+    _he_init(net)
+    return net
+
+
+def _he_init(net: nn.Module) -> None:
+    """He-normal weights and zero biases, as R1."""
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

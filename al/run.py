@@ -1,0 +1,102 @@
+"""Train, evaluate and predict with model directories: what the CLI and the worker call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from al.checkpoint import (
+    CONFIG,
+    TRAINING_STATE,
+    load_model,
+    read_metrics,
+    model_config_json,
+    save_model,
+    write_atomic,
+)
+from al.config import build_configs
+from al.data import DataError, Dataset, load_dataset, prepare_splits
+from al.model import build_network
+from al.train import Callback, Trainer
+
+
+class SaveEachEpoch(Callback):
+    """A resumable checkpoint and the model files after every epoch and when the run ends."""
+
+    def __init__(self, directory: Path, config: dict):
+        self.directory, self.config = directory, config
+
+    def on_epoch_end(self, trainer, metrics):
+        trainer.save_checkpoint(self.directory / TRAINING_STATE)
+        save_model(self.directory, trainer.net, self.config, trainer.history)
+
+    def on_train_end(self, trainer, result):
+        trainer.save_checkpoint(self.directory / TRAINING_STATE)
+        save_model(self.directory, trainer.net, {**self.config, "result": result}, trainer.history)
+
+
+def train(
+    dataset: str | Dataset,
+    out_dir: str | Path,
+    preset: str = "default",
+    model: dict | None = None,
+    training: dict | None = None,
+    callbacks: list[Callback] = (),
+    resume: bool = False,
+) -> dict:
+    """Train a model into `out_dir`; with `resume`, continue from its checkpoint if there is one."""
+    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    model_cfg, train_cfg = build_configs(preset, model, training)
+    out = Path(out_dir)
+    torch.manual_seed(train_cfg.seed)
+    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
+    net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
+    config = model_config_json(
+        model_cfg, train_cfg, preset, data.input_shape, data.classes, splits.normalization, data.name
+    )
+    trainer = Trainer(net, model_cfg, train_cfg, splits, [*callbacks, SaveEachEpoch(out, config)])
+    checkpoint = out / TRAINING_STATE
+    if resume and checkpoint.is_file():
+        saved = json.loads((out / CONFIG).read_text())
+        if saved["model"] != config["model"] or saved["method"] != config["method"]:
+            raise ValueError(f"{out} holds a checkpoint of a different model or method; use another --out")
+        trainer.load_checkpoint(checkpoint)
+    elif (out / CONFIG).exists() and not resume:
+        raise ValueError(f"{out} already holds a model; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return trainer.fit()
+
+
+def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = None, split: str = "test") -> dict:
+    """Accuracy of a saved model on a dataset's test split (or on all of its samples)."""
+    model = load_model(model_dir)
+    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    if split == "all":
+        x = np.concatenate([data.train_x, data.test_x])
+        y = np.concatenate([data.train_y, data.test_y])
+    else:
+        x, y = data.test_x, data.test_y
+    labels = [data.classes[i] for i in y]
+    unknown = sorted({str(v) for v in labels} - {str(c) for c in model.classes})
+    if unknown:
+        raise DataError(f"labels {', '.join(unknown[:5])} are not classes of this model ({model.classes})")
+    if tuple(x.shape[1:]) != model.input_shape:
+        raise DataError(f"samples have shape {list(x.shape[1:])}, the model expects {list(model.input_shape)}")
+    predictions = []
+    for i in range(0, len(x), 4096):
+        predictions += model.predict(x[i : i + 4096], depth)[0]
+    correct = sum(str(p) == str(t) for p, t in zip(predictions, labels))
+    return {
+        "test_accuracy": correct / len(x),
+        "samples": len(x),
+        "depth": depth or model.depth,
+        "method": model.config["method"],
+        "epochs": len(read_metrics(model_dir)),
+    }
+
+
+def write_json(path: Path, value) -> None:
+    write_atomic(path, json.dumps(value, indent=2) + "\n")

@@ -37,7 +37,8 @@ class ProgressBar(Callback):
     def on_epoch_end(self, trainer, metrics):
         val = metrics.get("val_accuracy")
         val_text = f" val_acc {val:.4f}" if val is not None else ""
-        self.stream.write(f"\repoch {metrics['epoch']}/{trainer.cfg.epochs} {metrics['seconds']:.1f}s{val_text}{' ' * 30}\n")
+        line = f"epoch {metrics['epoch']}/{trainer.cfg.epochs} {metrics['seconds']:.1f}s{val_text}"
+        self.stream.write(f"\r{line:<60}\n")
         self.stream.flush()
 
 

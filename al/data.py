@@ -10,6 +10,7 @@ import gzip
 import io
 import os
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_npz(path: Path, need_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    if not zipfile.is_zipfile(path):  # np.load would otherwise try to read it as a pickle
+        raise DataError(f"{path.name} is not a readable .npz archive (not a zip file)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in (("x", "y") if need_labels else ("x",)) if k not in archive.files]
@@ -85,8 +88,8 @@ def _read_npz(path: Path, need_labels: bool = True) -> tuple[np.ndarray, np.ndar
             return archive["x"], archive["y"] if need_labels else None
     except DataError:
         raise
-    except ValueError as e:  # object arrays need pickle, which is refused
-        raise DataError(f"{path.name}: unreadable array ({e}); store numbers, not Python objects") from None
+    except ValueError:  # object arrays need pickle, which is refused
+        raise DataError(f"{path.name}: unreadable array holding Python objects; store numbers or strings") from None
     except Exception as e:
         raise DataError(f"{path.name} is not a readable .npz archive ({type(e).__name__}: {e})") from None
 

@@ -167,7 +167,9 @@ def _encoders(cfg: ModelConfig, input_shape: tuple[int, ...]) -> list[nn.Module]
             channels, size = w_out, size // 2 if pool else size
         return encoders
     # resnet: the stem with the first stage is component 1, later stages follow (ResNet-20: 3 blocks each).
-    stem = nn.Sequential(nn.Conv2d(channels, cfg.widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(cfg.widths[0]), activation(act))
+    stem = nn.Sequential(
+        nn.Conv2d(channels, cfg.widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(cfg.widths[0]), activation(act)
+    )
     encoders = []
     channels = cfg.widths[0]
     for i, w_out in enumerate(cfg.widths[1:]):

@@ -12,8 +12,8 @@ from al.checkpoint import (
     CONFIG,
     TRAINING_STATE,
     load_model,
-    read_metrics,
     model_config_json,
+    read_metrics,
     save_model,
     write_atomic,
 )

@@ -1,0 +1,81 @@
+"""The `al` command as a user runs it: a real subprocess, JSON on the last stdout line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+
+def al(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "al.cli", *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"al {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def last_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """The README's model: AL, mlp, 20 epochs on digits."""
+    out = tmp_path_factory.mktemp("cli") / "model"
+    proc = al("train", "--dataset", "digits", "--arch", "mlp", "--method", "al", "--epochs", "20", "--json",
+              "--out", str(out))
+    return out, last_json(proc), proc
+
+
+def test_train_reaches_the_accuracy_the_readme_promises(digits_model):
+    out, result, proc = digits_model
+    assert result["test_accuracy"] >= 0.95
+    assert result["epochs"] == 20 and result["method"] == "al"
+    assert result["train_seconds"] > 0 and result["samples_per_second"] > 0
+    assert "epoch 20/20" in proc.stderr  # progress goes to stderr, the result to stdout
+
+
+def test_shortcut_inference_at_depth_one_is_a_usable_classifier(digits_model):
+    out, _, _ = digits_model
+    result = last_json(al("eval", "--model", str(out), "--dataset", "digits", "--depth", "1", "--json"))
+    assert result["test_accuracy"] >= 0.8 and result["depth"] == 1
+
+
+def test_eval_matches_the_training_result(digits_model):
+    out, trained, _ = digits_model
+    result = last_json(al("eval", "--model", str(out), "--dataset", "digits", "--json"))
+    assert result["test_accuracy"] == pytest.approx(trained["test_accuracy"])
+    assert result["epochs"] == 20
+
+
+def test_predict_a_file_of_samples(digits_model, tmp_path):
+    out, _, _ = digits_model
+    digits = load_digits()
+    np.savez(tmp_path / "inputs.npz", x=digits.data[:50])
+    result = last_json(al("predict", "--model", str(out), "--input", str(tmp_path / "inputs.npz"), "--json"))
+    assert len(result["predictions"]) == 50 and len(result["probabilities"][0]) == 10
+    assert np.mean(np.array(result["predictions"]) == digits.target[:50]) >= 0.9
+    plain = al("predict", "--model", str(out), "--input", str(tmp_path / "inputs.npz"))
+    assert len(plain.stdout.strip().splitlines()) == 50
+
+
+def test_predict_with_the_wrong_number_of_features_fails_clearly(digits_model, tmp_path):
+    out, _, _ = digits_model
+    np.savez(tmp_path / "inputs.npz", x=np.zeros((3, 10)))
+    proc = al("predict", "--model", str(out), "--input", str(tmp_path / "inputs.npz"), check=False)
+    assert proc.returncode == 2
+    assert "64 values" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_of_a_missing_model_fails_clearly(tmp_path):
+    proc = al("eval", "--model", str(tmp_path / "nothing"), "--dataset", "digits", check=False)
+    assert proc.returncode == 2
+    assert "is not a model directory" in proc.stderr
+
+
+def test_bp_trains_the_same_topology(tmp_path):
+    proc = al("train", "--dataset", "digits", "--method", "bp", "--epochs", "3", "--json", "--out", str(tmp_path / "m"))
+    result = last_json(proc)
+    assert result["method"] == "bp" and result["test_accuracy"] >= 0.8

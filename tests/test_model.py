@@ -1,0 +1,69 @@
+import torch
+import torch.nn.functional as F
+
+from al.config import build_configs
+from al.model import build_network
+
+
+def _net(arch="mlp", method="al", input_shape=(1, 8, 8), **model):
+    model_cfg, _ = build_configs("paper", {"arch": arch, "widths": [16, 16], "target_width": 8, **model})
+    return build_network(model_cfg, input_shape, num_classes=3, method=method)
+
+
+def test_local_losses_send_no_gradient_across_the_boundary():
+    net = _net()
+    first, second = net.components
+    x = torch.randn(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 0])
+    s1, t1, a1, r1 = first.local_losses(x, F.one_hot(y, 3).float(), y, True, "mse", True)
+    s2, t2, a2, r2 = second.local_losses(s1, t1, y, False, "mse", True)
+    (a2 + r2).backward()
+    assert all(p.grad is None for p in first.parameters())
+    assert all(p.grad is not None for p in second.parameters())
+
+
+def test_detached_target_trains_target_encoder_only_through_the_autoencoder_loss():
+    net = _net()
+    component = net.components[0]
+    y = torch.tensor([0, 1, 2, 0])
+    _, _, associated, _ = component.local_losses(torch.randn(4, 1, 8, 8), F.one_hot(y, 3).float(), y, True, "mse", True)
+    associated.backward()
+    assert all(p.grad is None for p in component.target_encoder.parameters())
+    assert all(p.grad is None for p in component.decoder.parameters())
+    net.zero_grad(set_to_none=True)
+    onehot = F.one_hot(y, 3).float()
+    _, _, associated, _ = component.local_losses(torch.randn(4, 1, 8, 8), onehot, y, True, "mse", False)
+    associated.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in component.target_encoder.parameters())
+
+
+def test_inference_at_every_depth_gives_class_probabilities():
+    net = _net().eval()
+    x = torch.randn(5, 1, 8, 8)
+    for depth in (1, 2):
+        predictions, probabilities = net.predict(x, depth)
+        assert predictions.shape == (5,)
+        assert probabilities.shape == (5, 3)
+        assert torch.allclose(probabilities.sum(dim=1), torch.ones(5))
+    # Shortcut depth 1 uses b_1 then h_1: a different function from the full path.
+    assert not torch.allclose(net(x, 1), net(x, 2))
+
+
+def test_bp_net_has_the_same_parameters_as_al_and_ends_in_logits():
+    al_net, bp_net = _net(method="al"), _net(method="bp")
+    assert [n for n, _ in al_net.named_parameters()] == [n for n, _ in bp_net.named_parameters()]
+    assert al_net.output == "sigmoid" and bp_net.output == "logits"
+
+
+def test_cnn_and_resnet_build_and_run_on_small_images():
+    for arch, widths in (("cnn", [4, 8, 8, 8]), ("resnet", [4, 4, 8, 8])):
+        model_cfg, _ = build_configs("default", {"arch": arch, "widths": widths, "target_width": 8, "bridge_pool": 1})
+        net = build_network(model_cfg, (1, 8, 8), num_classes=3, method="al").eval()
+        assert net.depth == (4 if arch == "cnn" else 3)
+        assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_paper_bridge_is_two_layers_five_n_wide():
+    net = _net()
+    linears = [m for m in net.components[0].bridge if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 40), (40, 8)]

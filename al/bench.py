@@ -41,10 +41,8 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def publish(name: str, title: str, columns: list[str], rows: list[dict], notes: str, raw: dict) -> Path:
-    """Write results/<name>.json and the table between markers <!-- bench:name --> in the report."""
-    command = "al " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "al" else " ".join(
-        shlex.quote(a) for a in ["al", *sys.argv[1:]]
-    )
+    """Write results/<name>.json and its table in the report; the JSON holds the command and machine."""
+    command = " ".join(shlex.quote(a) for a in ["al", *sys.argv[1:]])
     record = {
         "name": name,
         "title": title,
@@ -59,18 +57,35 @@ def publish(name: str, title: str, columns: list[str], rows: list[dict], notes: 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    table = [f"### {title}", "", f"Machine: {record['machine']}. Date: {record['date']}.", "",
-             f"Command: `{command}`", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    table += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    if notes:
-        table += ["", notes]
+    update_report(record)
+    return path
+
+
+def update_report(record: dict) -> None:
+    """Put the record's table between the markers <!-- bench:NAME --> in docs/benchmarks.md."""
+    name, columns = record["name"], record["columns"]
+    table = [
+        f"### {record['title']}",
+        "",
+        f"Machine: {record['machine']}. Date: {record['date']}.",
+        "",
+        f"Command: `{record['command']}`",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    table += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in record["rows"]]
+    if record["notes"]:
+        table += ["", record["notes"]]
     block = f"<!-- bench:{name} -->\n" + "\n".join(table) + f"\n<!-- /bench:{name} -->"
     report = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-    report = pattern.sub(lambda _: block, report) if pattern.search(report) else report.rstrip() + "\n\n" + block + "\n"
+    if pattern.search(report):
+        report = pattern.sub(lambda _: block, report)
+    else:
+        report = report.rstrip() + "\n\n" + block + "\n"
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(report)
-    return path
 
 
 # --- accuracy: AL next to BP ---------------------------------------------------------

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from al import bench
 
     bench.add_parser(sub)
+    from app.cli import add_parsers as add_service_parsers
+
+    add_service_parsers(sub)
     return parser
 
 

@@ -1,0 +1,50 @@
+"""What every route needs: the service's parts, and the API-key check."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.core.config import Settings
+from app.inference import ModelCache
+from app.store import Store
+
+
+@dataclass
+class Service:
+    settings: Settings
+    store: Store
+    celery: Celery
+    models: ModelCache
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+bearer = HTTPBearer(auto_error=False, description="one of the keys in AL_API_KEYS (when it is set)")
+
+
+def require_api_key(
+    service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    keys = service.settings.keys
+    if not keys:
+        return
+    given = credentials.credentials.encode() if credentials else b""
+    # compare_digest against every key: the time taken says nothing about which key came close.
+    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):
+        raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")

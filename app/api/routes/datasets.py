@@ -1,0 +1,102 @@
+"""Datasets: upload a .npz/.csv, checked by al.data before it is kept; built-in names work as ids."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import PurePath
+from typing import Annotated
+
+from fastapi import APIRouter, File, HTTPException, Query, UploadFile
+
+from al.data import BUILTIN_DATASETS, DataError, load_dataset, read_samples, split_samples
+from app.api.deps import ServiceDep, iso
+from app.schemas import DatasetList, DatasetPublic
+from app.store import DatasetRow, new_id
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+COPY_CHUNK = 1 << 20
+
+
+def dataset_public(row: DatasetRow) -> DatasetPublic:
+    return DatasetPublic(
+        id=row.id, name=row.name, builtin=False, rows=row.rows, shape=row.shape, features=math.prod(row.shape),
+        classes=row.classes, size_bytes=row.size_bytes, created_at=iso(row.created_at),
+    )
+
+
+def builtin_public(name: str) -> DatasetPublic:
+    try:
+        data = load_dataset(name)
+    except DataError as e:  # e.g. mnist's files are not installed on this host
+        raise HTTPException(404, str(e)) from None
+    return DatasetPublic(
+        id=name, name=name, builtin=True, rows=len(data.train_x) + len(data.test_x), shape=list(data.input_shape),
+        features=math.prod(data.input_shape), classes=data.classes,
+    )
+
+
+@router.post("", status_code=201, response_model=DatasetPublic, summary="Upload a dataset",
+             responses={413: {"description": "the file is larger than AL_MAX_UPLOAD_BYTES"},
+                        422: {"description": "the file is not a usable dataset; the message says why"}})
+def upload_dataset(
+    service: ServiceDep,
+    file: Annotated[UploadFile, File(description=".npz with arrays x (samples) and y (labels), "
+                                     "or .csv with a `label` column")],
+) -> DatasetPublic:
+    original = PurePath(file.filename or "").name[:255]
+    suffix = PurePath(original).suffix.lower()
+    if suffix not in (".npz", ".csv"):
+        raise HTTPException(422, f"file {original!r}: upload a .npz (arrays x, y) or a .csv (label column)")
+    settings = service.settings
+    dataset_id = new_id("ds_")
+    incoming = settings.datasets_dir / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    staged = incoming / f"{dataset_id}{suffix}"
+    final = settings.datasets_dir / f"{dataset_id}{suffix}"
+    try:
+        with open(staged, "wb") as out:
+            shutil.copyfileobj(file.file, out, COPY_CHUNK)
+        try:
+            x, y = read_samples(staged)
+            classes = split_samples(x, y, original).classes  # also checks it has a train and a test split
+        except DataError as e:
+            raise HTTPException(422, str(e).replace(staged.name, original)) from None
+        size = staged.stat().st_size
+        os.replace(staged, final)  # only a checked file ever appears under datasets/
+        row = DatasetRow(
+            id=dataset_id, name=original, path=str(final.relative_to(settings.data_dir)), rows=len(x),
+            shape=list(x.shape[1:]), classes=classes, size_bytes=size, created_at=time.time(),
+        )
+        try:
+            service.store.add_dataset(row)
+        except Exception:
+            final.unlink(missing_ok=True)
+            raise
+    finally:
+        staged.unlink(missing_ok=True)
+    return dataset_public(row)
+
+
+@router.get("", response_model=DatasetList, summary="List uploaded datasets")
+def list_datasets(
+    service: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
+    offset: Annotated[int, Query(ge=0, description="items to skip")] = 0,
+) -> DatasetList:
+    rows, total = service.store.list_datasets(limit, offset)
+    return DatasetList(items=[dataset_public(r) for r in rows], total=total, limit=limit, offset=offset,
+                       builtin=list(BUILTIN_DATASETS))
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, summary="One dataset (uploaded id or built-in name)")
+def get_dataset(dataset_id: str, service: ServiceDep) -> DatasetPublic:
+    if dataset_id in BUILTIN_DATASETS:
+        return builtin_public(dataset_id)
+    row = service.store.get_dataset(dataset_id)
+    if row is None:
+        raise HTTPException(404, f"no dataset {dataset_id!r}; built-in ones are {', '.join(BUILTIN_DATASETS)}")
+    return dataset_public(row)

@@ -1,0 +1,139 @@
+"""Training jobs: submit (202 + Location), status, list, cancel, per-epoch metrics, progress events."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse
+
+from al.config import build_configs
+from al.data import BUILTIN_DATASETS
+from app.api.deps import ServiceDep, iso
+from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
+from app.store import TERMINAL, JobRow
+from worker.celery_app import enqueue
+from worker.tasks import training_arguments
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger(__name__)
+
+
+def job_public(job: JobRow) -> JobPublic:
+    metrics = dict(job.latest_metrics or {})
+    for key in ("test_accuracy", "test_accuracy_by_depth"):
+        if job.result and key in job.result:
+            metrics[key] = job.result[key]
+    return JobPublic(
+        id=job.id, name=job.name, status=job.status, dataset=job.spec["dataset"], spec=job.spec,
+        progress=Progress(epoch=job.epoch, epochs=job.epochs, step=job.step, steps=job.steps),
+        metrics=metrics or None, error=job.error, attempts=job.attempts, resumed_from_epoch=job.resumed_from_epoch,
+        created_at=iso(job.created_at), started_at=iso(job.started_at), finished_at=iso(job.finished_at),
+        model=ModelRef(name=job.model_name, version=job.model_version) if job.model_name else None,
+    )
+
+
+def get_job_or_404(service, job_id: str) -> JobRow:
+    job = service.store.get_job(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job
+
+
+@router.post("", status_code=202, response_model=JobPublic, summary="Submit a training job",
+             responses={409: {"description": "the Idempotency-Key was used for a different spec"},
+                        422: {"description": "the spec is invalid or names an unknown dataset"}})
+def create_job(
+    spec: JobCreate,
+    response: Response,
+    service: ServiceDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255, description="a retried POST with the same key "
+                                                  "returns the job the first one created")] = None,
+) -> JobPublic:
+    if spec.dataset not in BUILTIN_DATASETS and service.store.get_dataset(spec.dataset) is None:
+        raise HTTPException(422, f"unknown dataset {spec.dataset!r}: upload it with POST /v1/datasets "
+                                 f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
+    spec_dict = spec.model_dump(exclude_none=True)
+    model, training = training_arguments(spec_dict)
+    try:  # the library's own checks, across fields
+        _, train_cfg = build_configs(spec.preset, model, training)
+    except ValueError as e:
+        raise HTTPException(422, f"invalid job spec: {e}") from None
+    request_hash = hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()
+    job, created = service.store.create_job(spec.name, spec_dict, train_cfg.epochs, idempotency_key, request_hash)
+    if not created and job.request_hash != request_hash:
+        raise HTTPException(409, "this Idempotency-Key was already used for a different job spec")
+    if created:
+        try:
+            enqueue(service.celery, job.id)
+        except Exception:  # the job stays queued; a worker's reconciler sends it again later
+            log.exception("could not send job %s to the broker", job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first")
+def list_jobs(
+    service: ServiceDep,
+    status: Annotated[JobStatus | None, Query(description="only jobs with this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
+    offset: Annotated[int, Query(ge=0, description="items to skip")] = 0,
+) -> JobList:
+    rows, total = service.store.list_jobs(status, limit, offset)
+    return JobList(items=[job_public(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobPublic, summary="A job's status, progress and latest metrics")
+def get_job(job_id: str, service: ServiceDep) -> JobPublic:
+    return job_public(get_job_or_404(service, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, summary="Cancel a job",
+             responses={409: {"description": "the job has already finished"}})
+def cancel_job(job_id: str, service: ServiceDep) -> JobPublic:
+    """A queued job is cancelled at once; a running one becomes `cancelling`, stops after its current
+    step, saves its checkpoint and then becomes `cancelled`."""
+    job = get_job_or_404(service, job_id)
+    if job.status in TERMINAL:
+        raise HTTPException(409, f"job {job_id} has already {job.status}")
+    return job_public(service.store.request_cancel(job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=JobMetrics, summary="Metrics of every completed epoch")
+def job_metrics(job_id: str, service: ServiceDep) -> JobMetrics:
+    get_job_or_404(service, job_id)
+    return JobMetrics(job_id=job_id, epochs=service.store.job_epochs(job_id))
+
+
+@router.get("/{job_id}/events", summary="Progress as Server-Sent Events",
+            response_class=EventSourceResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "events `epoch` (one per "
+                             "completed epoch, with its metrics), `progress` (the job, on every change) and a "
+                             "last `end` (the finished job), after which the stream closes"}})
+async def job_events(job_id: str, service: ServiceDep) -> EventSourceResponse:
+    await run_in_threadpool(get_job_or_404, service, job_id)
+    store, poll = service.store, service.settings.events_poll_interval
+
+    async def events():
+        last_epoch, last_seen = 0, None
+        while True:
+            job = await run_in_threadpool(store.get_job, job_id)
+            for metrics in await run_in_threadpool(store.job_epochs, job_id, last_epoch):
+                last_epoch = metrics["epoch"]
+                yield {"event": "epoch", "data": json.dumps(metrics)}
+            public = job_public(job)
+            seen = (job.status, job.epoch, job.step)
+            if job.status in TERMINAL:
+                yield {"event": "end", "data": public.model_dump_json()}
+                return
+            if seen != last_seen:
+                last_seen = seen
+                yield {"event": "progress", "data": public.model_dump_json()}
+            await asyncio.sleep(poll)
+
+    return EventSourceResponse(events())

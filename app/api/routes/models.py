@@ -1,0 +1,80 @@
+"""The model registry (one version per succeeded job) and native prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+
+from al.checkpoint import LoadedModel, ModelError
+from app.api.deps import Service, ServiceDep, iso
+from app.inference import predict
+from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
+from app.store import ModelRow
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def find_model(service: Service, name: str, version: int | None = None) -> tuple[ModelRow, LoadedModel]:
+    """The registered model (latest version unless one is named), loaded; 404 if there is none."""
+    row = service.store.get_model(name, version)
+    if row is None:
+        which = f"model {name!r}" + (f" version {version}" if version is not None else "")
+        raise HTTPException(404, f"no {which}; GET /v1/models lists the registered ones")
+    try:
+        return row, service.models.get(row)
+    except ModelError as e:  # its files were removed or damaged on disk
+        raise HTTPException(503, f"model {name!r} version {row.version} cannot be loaded: {e}") from None
+
+
+def version_public(service: Service, row: ModelRow) -> ModelVersionPublic:
+    model = service.models.get(row)
+    result = model.config.get("result") or {}
+    return ModelVersionPublic(
+        name=row.name, version=row.version, job_id=row.job_id, created_at=iso(row.created_at),
+        input_shape=list(model.input_shape), features=model.num_features, classes=model.classes, depth=model.depth,
+        method=model.config["method"], test_accuracy=result.get("test_accuracy"),
+    )
+
+
+def model_public(service: Service, rows: list[ModelRow]) -> ModelPublic:
+    return ModelPublic(name=rows[0].name, latest=max(r.version for r in rows),
+                       versions=[version_public(service, r) for r in rows])
+
+
+@router.get("", response_model=list[ModelPublic], summary="Registered models and their versions")
+def list_models(service: ServiceDep) -> list[ModelPublic]:
+    by_name: dict[str, list[ModelRow]] = {}
+    for row in service.store.list_models():
+        by_name.setdefault(row.name, []).append(row)
+    return [model_public(service, rows) for rows in by_name.values()]
+
+
+@router.get("/{name}", response_model=ModelPublic, summary="One model's versions")
+def get_model(name: str, service: ServiceDep) -> ModelPublic:
+    rows = service.store.list_models(name)
+    if not rows:
+        raise HTTPException(404, f"no model {name!r}; GET /v1/models lists the registered ones")
+    return model_public(service, rows)
+
+
+def run_predict(service: Service, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
+    row, model = find_model(service, name, version)
+    try:
+        predictions, probabilities = predict(model, np.asarray(body.inputs, dtype=np.float32), body.depth)
+    except ValueError as e:  # ragged rows, wrong feature count, depth out of range
+        raise HTTPException(422, str(e)) from None
+    return PredictResponse(predictions=predictions, probabilities=probabilities, model=row.name, version=row.version)
+
+
+@router.post("/{name}/predict", response_model=PredictResponse, summary="Predict with the latest version",
+             responses={404: {"description": "no such model"}, 422: {"description": "inputs do not fit the model"}})
+def predict_latest(name: str, body: PredictRequest, service: ServiceDep) -> PredictResponse:
+    """The AL inference path: encoders f_1..f_k, the bridge b_k, decoders h_k..h_1 (k = `depth`, default all)."""
+    return run_predict(service, name, None, body)
+
+
+@router.post("/{name}/versions/{version}/predict", response_model=PredictResponse, summary="Predict with a version",
+             responses={404: {"description": "no such model or version"},
+                        422: {"description": "inputs do not fit the model"}})
+def predict_version(name: str, version: int, body: PredictRequest, service: ServiceDep) -> PredictResponse:
+    return run_predict(service, name, version, body)

@@ -1,0 +1,131 @@
+"""The Open Inference Protocol v2 (KServe, Triton): health, model metadata, readiness, infer.
+
+Errors here are `{"error": "..."}` (see app/main.py), as the protocol says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.concurrency import run_in_threadpool
+
+from al import __version__
+from app.api.deps import Service, ServiceDep, require_api_key
+from app.api.routes.models import find_model
+from app.inference import predict
+from app.schemas import (
+    V2Error,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2ServerMetadata,
+    V2Tensor,
+    V2TensorMetadata,
+)
+
+PLATFORM = "pytorch_associated_learning"
+ERRORS = {400: {"model": V2Error}, 404: {"model": V2Error}}
+
+health = APIRouter(prefix="/v2/health", tags=["v2"])
+router = APIRouter(prefix="/v2", tags=["v2"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+@health.get("/live", summary="The server is up")
+def live() -> dict:
+    return {"live": True}
+
+
+@health.get("/ready", summary="The server can serve: its job store answers",
+            responses={503: {"model": V2Error, "description": "the job store does not answer"}})
+async def ready(service: ServiceDep) -> dict:
+    if not await run_in_threadpool(service.store.ping):
+        raise HTTPException(503, "the job store does not answer")
+    return {"ready": True}
+
+
+@router.get("", response_model=V2ServerMetadata, summary="Server metadata")
+def server_metadata() -> V2ServerMetadata:
+    return V2ServerMetadata(name="associated-learning", version=__version__, extensions=[])
+
+
+def metadata(service: Service, name: str, version: int | None) -> V2ModelMetadata:
+    row, model = find_model(service, name, version)
+    versions = [str(r.version) for r in service.store.list_models(name)] if version is None else [str(version)]
+    class_type = "INT64" if all(isinstance(c, int) for c in model.classes) else "BYTES"
+    return V2ModelMetadata(
+        name=name, versions=versions, platform=PLATFORM,
+        inputs=[V2TensorMetadata(name="input", datatype="FP32", shape=[-1, model.num_features])],
+        outputs=[V2TensorMetadata(name="predictions", datatype=class_type, shape=[-1]),
+                 V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(model.classes)])],
+    )
+
+
+def infer(service: Service, name: str, version: int | None, body: V2InferRequest) -> V2InferResponse:
+    row, model = find_model(service, name, version)
+    tensor = body.inputs[0]
+    expected = math.prod(tensor.shape)
+    try:
+        x = np.asarray(tensor.data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise HTTPException(400, f"input {tensor.name!r}: data must be numbers, flat or nested row-major") from None
+    if x.size != expected:
+        raise HTTPException(400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} values, "
+                                 f"data has {x.size}")
+    depth = (body.parameters or {}).get("depth")
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool)):
+        raise HTTPException(400, f"parameter depth must be an integer, got {depth!r}")
+    try:
+        predictions, probabilities = predict(model, x.reshape(tensor.shape[0], -1).astype(np.float32), depth)
+    except ValueError as e:  # wrong feature count, NaN or infinity, depth out of range
+        raise HTTPException(400, f"input {tensor.name!r}: {e}") from None
+    rows = len(predictions)
+    outputs = {
+        "predictions": V2Tensor(
+            name="predictions", shape=[rows],
+            datatype="INT64" if all(isinstance(p, int) for p in predictions) else "BYTES", data=predictions,
+        ),
+        "probabilities": V2Tensor(
+            name="probabilities", shape=[rows, len(model.classes)], datatype="FP32",
+            data=[p for row_probabilities in probabilities for p in row_probabilities],
+        ),
+    }
+    wanted = [o.name for o in body.outputs] if body.outputs else list(outputs)
+    unknown = [w for w in wanted if w not in outputs]
+    if unknown:
+        raise HTTPException(400, f"unknown output(s) {', '.join(unknown)}; this model has {', '.join(outputs)}")
+    return V2InferResponse(model_name=row.name, model_version=str(row.version), id=body.id,
+                           outputs=[outputs[w] for w in wanted])
+
+
+@router.get("/models/{name}", response_model=V2ModelMetadata, summary="Model metadata (latest version)")
+def model_metadata(name: str, service: ServiceDep) -> V2ModelMetadata:
+    return metadata(service, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, summary="Model version metadata")
+def model_version_metadata(name: str, version: int, service: ServiceDep) -> V2ModelMetadata:
+    return metadata(service, name, version)
+
+
+@router.get("/models/{name}/ready", summary="The model is loaded and can infer")
+def model_ready(name: str, service: ServiceDep) -> dict:
+    find_model(service, name)
+    return {"name": name, "ready": True}
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="The model version is loaded and can infer")
+def model_version_ready(name: str, version: int, service: ServiceDep) -> dict:
+    find_model(service, name, version)
+    return {"name": name, "version": str(version), "ready": True}
+
+
+@router.post("/models/{name}/infer", response_model=V2InferResponse, summary="Infer with the latest version")
+def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
+    return infer(service, name, None, body)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, summary="Infer with a version")
+def model_version_infer(name: str, version: int, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
+    return infer(service, name, version, body)

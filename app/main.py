@@ -1,0 +1,153 @@
+"""The FastAPI application: routes, body limits, Prometheus metrics, errors that name the problem."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from al import __version__
+from app.api.deps import Service, require_api_key
+from app.api.routes import datasets, jobs, models, v2
+from app.core.config import Settings, get_settings
+from app.inference import ModelCache
+from app.store import get_store
+from worker.celery_app import make_celery
+
+UPLOAD_PATHS = ("/v1/datasets",)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """An HTTPException, so FastAPI passes it through its body parsing unchanged."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, too_large_message(limit))
+
+
+class Metrics:
+    """Request counts and latencies per route template, and jobs by status read from the store at scrape time."""
+
+    def __init__(self, store):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("al_http_requests", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("al_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+                                 registry=self.registry,
+                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.store = store
+        self.registry.register(self)
+
+    def collect(self):
+        gauge = GaugeMetricFamily("al_jobs", "jobs in the store by status", labels=["status"])
+        for status, count in self.store.count_by_status().items():
+            gauge.add_metric([status], count)
+        yield gauge
+
+
+class LimitsAndMetrics:
+    """Pure ASGI (cheaper than BaseHTTPMiddleware on the predict path): caps request bodies and records metrics."""
+
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        limit = self.settings.max_upload_bytes if path in UPLOAD_PATHS else self.settings.max_request_bytes
+        started = time.perf_counter()
+        status = 500
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = error_response(path, 413, too_large_message(limit))
+            await response(scope, receive, send)
+            return self.record(scope, 413, started)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:  # a chunked body without Content-Length
+                raise BodyTooLarge(limit)
+            return message
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_status)
+        finally:
+            self.record(scope, status, started)
+
+    def record(self, scope, status: int, started: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(scope["method"], template, str(status)).inc()
+        self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
+
+
+def too_large_message(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes"
+
+
+def error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """`{"error": ...}` on the Open Inference Protocol's paths, FastAPI's `{"detail": ...}` elsewhere."""
+    body = {"error": message} if path.startswith("/v2") else {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:10]:
+        where = ".".join(str(p) for p in error["loc"] if p != "body")
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(parts)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.datasets_dir.mkdir(exist_ok=True)
+    store = get_store(settings.store_url)
+    service = Service(settings, store, make_celery(settings), ModelCache(settings.data_dir, settings.model_cache_size))
+    metrics = Metrics(store)
+
+    app = FastAPI(
+        title="Associated Learning service",
+        version=__version__,
+        description="Train Associated Learning models as background jobs and serve their predictions "
+        "(native and Open Inference Protocol v2). See docs/service.md.",
+    )
+    app.state.service = service
+    auth = [Depends(require_api_key)]
+    app.include_router(datasets.router, dependencies=auth)
+    app.include_router(jobs.router, dependencies=auth)
+    app.include_router(models.router, dependencies=auth)
+    app.include_router(v2.health)
+    app.include_router(v2.router)
+
+    @app.get("/metrics", tags=["metrics"], dependencies=auth, response_class=Response,
+             summary="Prometheus metrics: requests, latencies, jobs by status")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        status = 400 if request.url.path.startswith("/v2") else 422
+        return error_response(request.url.path, status, validation_message(exc))
+
+    app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
+    return app

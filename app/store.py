@@ -1,0 +1,393 @@
+"""The job store: jobs, datasets and the model registry in one SQL database (SQLite or PostgreSQL).
+
+It is the source of truth for every job; the broker only carries "train job X" messages.
+Every state change that two processes could race on is one conditional UPDATE, so it is
+atomic on both databases: taking a lease, renewing it, finishing, requeueing.
+Times are Unix seconds (float) so that SQLite and PostgreSQL compare them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict: JSON, list: JSON}
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text)  # relative to the data directory
+    rows: Mapped[int] = mapped_column(Integer)
+    shape: Mapped[list] = mapped_column(JSON)  # of one sample
+    classes: Mapped[list] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epochs: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[int | None] = mapped_column(Integer)
+    latest_metrics: Mapped[dict | None] = mapped_column(JSON)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    enqueued_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    resumed_from_epoch: Mapped[int | None] = mapped_column(Integer)  # the checkpoint the latest attempt began at
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[int | None] = mapped_column(Integer)
+
+
+class EpochRow(Base):
+    """One row per (job, epoch): the primary key is what keeps a resumed job's epochs unique."""
+
+    __tablename__ = "job_epochs"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    metrics: Mapped[dict] = mapped_column(JSON)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    path: Mapped[str] = mapped_column(Text)  # relative to the data directory
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:20]}"
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Claim:
+    """A lease taken on a job: this attempt may train it."""
+
+    job: JobRow
+    owner: str
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self._engine: Engine | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    # An engine per process: a forked Celery child must not reuse its parent's connections.
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._pid != os.getpid():
+                if self._engine is not None:
+                    self._engine.dispose(close=False)
+                self._engine = _make_engine(self.url)
+                self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+                self._pid = os.getpid()
+            return self._engine
+
+    def session(self) -> Session:
+        self.engine  # noqa: B018 - makes sure this process has its own engine
+        return self._sessions()
+
+    def create_tables(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except (OperationalError, ProgrammingError, IntegrityError):
+            Base.metadata.create_all(self.engine)  # another process created them at the same moment
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    # --- datasets -------------------------------------------------------------------
+
+    def add_dataset(self, row: DatasetRow) -> DatasetRow:
+        with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    def get_dataset(self, dataset_id: str) -> DatasetRow | None:
+        with self.session() as s:
+            return s.get(DatasetRow, dataset_id)
+
+    def list_datasets(self, limit: int, offset: int) -> tuple[list[DatasetRow], int]:
+        with self.session() as s:
+            total = s.scalar(select(func.count()).select_from(DatasetRow))
+            rows = s.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc()).limit(limit).offset(offset))
+            return list(rows), total
+
+    # --- jobs: the API's side ---------------------------------------------------------
+
+    def create_job(
+        self, name: str | None, spec: dict, epochs: int, idempotency_key: str | None, request_hash: str | None
+    ) -> tuple[JobRow, bool]:
+        """The new job, or the one created earlier with the same idempotency key (created=False)."""
+        now = time.time()
+        job_id = new_id("job_")
+        row = JobRow(
+            id=job_id, name=name or job_id, spec=spec, status="queued", idempotency_key=idempotency_key,
+            request_hash=request_hash, epoch=0, epochs=epochs, step=0, created_at=now, enqueued_at=now, attempts=0,
+        )
+        try:
+            with self.session() as s, s.begin():
+                s.add(row)
+            return row, True
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            with self.session() as s:
+                return s.scalars(select(JobRow).where(JobRow.idempotency_key == idempotency_key)).one(), False
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        with self.session() as s:
+            return s.get(JobRow, job_id)
+
+    def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JobRow], int]:
+        query, count = select(JobRow), select(func.count()).select_from(JobRow)
+        if status:
+            query, count = query.where(JobRow.status == status), count.where(JobRow.status == status)
+        with self.session() as s:
+            rows = s.scalars(query.order_by(JobRow.created_at.desc(), JobRow.id).limit(limit).offset(offset))
+            return list(rows), s.scalar(count)
+
+    def job_epochs(self, job_id: str, after: int = 0) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(EpochRow).where(EpochRow.job_id == job_id, EpochRow.epoch > after).order_by(EpochRow.epoch)
+            )
+            return [r.metrics for r in rows]
+
+    def request_cancel(self, job_id: str) -> JobRow | None:
+        """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+        with self.session() as s, s.begin():
+            s.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                .values(status="cancelled", finished_at=time.time())
+            )
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running").values(status="cancelling"))
+        return self.get_job(job_id)
+
+    def count_by_status(self) -> dict[str, int]:
+        with self.session() as s:
+            counts = dict(s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
+        return {status: counts.get(status, 0) for status in STATUSES}
+
+    # --- jobs: the worker's side ------------------------------------------------------
+
+    def take_lease(self, job_id: str, owner: str, lease_seconds: float) -> Claim | None:
+        """Atomically start an attempt: only if the job is not finished and nobody holds a live lease."""
+        now = time.time()
+        with self.session() as s, s.begin():
+            taken = s.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id == job_id,
+                    JobRow.status.in_(("queued", "running", "cancelling")),
+                    (JobRow.lease_expires_at.is_(None)) | (JobRow.lease_expires_at < now),
+                )
+                .values(
+                    status=case((JobRow.status == "queued", "running"), else_=JobRow.status),
+                    lease_owner=owner,
+                    lease_expires_at=now + lease_seconds,
+                    attempts=JobRow.attempts + 1,
+                    started_at=func.coalesce(JobRow.started_at, now),
+                )
+            ).rowcount
+        if not taken:
+            return None
+        return Claim(self.get_job(job_id), owner)
+
+    def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> str | None:
+        """Renew the lease; the job's status, or None when the lease was lost to another attempt."""
+        with self.session() as s, s.begin():
+            renewed = s.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner)
+                .values(lease_expires_at=time.time() + lease_seconds)
+            ).rowcount
+            return s.scalar(select(JobRow.status).where(JobRow.id == job_id)) if renewed else None
+
+    def record_progress(self, job_id: str, owner: str, **values) -> bool:
+        """Progress fields, written only by the attempt holding the lease."""
+        with self.session() as s, s.begin():
+            return bool(
+                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner).values(**values))
+                .rowcount
+            )
+
+    def record_epoch(self, job_id: str, owner: str, metrics: dict) -> None:
+        """The metrics of an epoch; a resumed attempt that redoes an epoch replaces its row."""
+        with self.session() as s, s.begin():
+            if not s.scalar(select(func.count()).where(JobRow.id == job_id, JobRow.lease_owner == owner)):
+                return
+            existing = s.get(EpochRow, (job_id, metrics["epoch"]))
+            if existing:
+                existing.metrics = metrics
+            else:
+                s.add(EpochRow(job_id=job_id, epoch=metrics["epoch"], metrics=metrics))
+            s.execute(
+                update(JobRow).where(JobRow.id == job_id)
+                .values(latest_metrics=metrics, epoch=metrics["epoch"], step=0)
+            )
+
+    def finish(self, job_id: str, owner: str | None, status: str, result: dict | None = None,
+               error: str | None = None, model_path: str | None = None) -> bool:
+        """End a job (only by the lease holder, when owner is given); a succeeded job registers its model."""
+        for _ in range(5):  # two jobs of one name may take the same next version; retry on that conflict
+            try:
+                with self.session() as s, s.begin():
+                    condition = [JobRow.id == job_id, JobRow.status.not_in(TERMINAL)]
+                    if owner is not None:
+                        condition.append(JobRow.lease_owner == owner)
+                    job = s.scalars(select(JobRow).where(*condition)).first()
+                    if job is None:
+                        return False
+                    values = dict(status=status, result=result, error=error, finished_at=time.time(),
+                                  lease_owner=None, lease_expires_at=None)
+                    if model_path is not None:
+                        latest = s.scalar(select(func.max(ModelRow.version)).where(ModelRow.name == job.name))
+                        version = (latest or 0) + 1
+                        s.add(ModelRow(name=job.name, version=version, job_id=job_id, path=model_path,
+                                       created_at=time.time()))
+                        values.update(model_name=job.name, model_version=version)
+                    return bool(s.execute(update(JobRow).where(*condition).values(**values)).rowcount)
+            except IntegrityError:
+                continue
+        return False
+
+    def expired_leases(self) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(
+                JobRow.status.in_(("running", "cancelling")), JobRow.lease_expires_at < time.time()
+            )))
+
+    def release_expired(self, job: JobRow) -> str | None:
+        """Requeue (or, if it was being cancelled, cancel) a job whose lease expired; None if someone beat us."""
+        new_status = "cancelled" if job.status == "cancelling" else "queued"
+        values = dict(status=new_status, lease_owner=None, lease_expires_at=None, enqueued_at=time.time())
+        if new_status == "cancelled":
+            values["finished_at"] = time.time()
+        with self.session() as s, s.begin():
+            done = s.execute(
+                update(JobRow).where(
+                    JobRow.id == job.id, JobRow.status == job.status,
+                    JobRow.lease_expires_at == job.lease_expires_at,
+                ).values(**values)
+            ).rowcount
+        return new_status if done else None
+
+    def stale_queued(self, older_than: float) -> list[str]:
+        """Queued jobs whose message was sent long ago and nobody took: bump them, the caller resends."""
+        cutoff = time.time() - older_than
+        with self.session() as s, s.begin():
+            ids = list(s.scalars(select(JobRow.id).where(
+                JobRow.status == "queued", JobRow.enqueued_at < cutoff, JobRow.lease_owner.is_(None)
+            )))
+            bumped = []
+            for job_id in ids:
+                if s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.enqueued_at < cutoff)
+                             .values(enqueued_at=time.time())).rowcount:
+                    bumped.append(job_id)
+        return bumped
+
+    # --- models -------------------------------------------------------------------------
+
+    def list_models(self, name: str | None = None) -> list[ModelRow]:
+        query = select(ModelRow).order_by(ModelRow.name, ModelRow.version)
+        if name is not None:
+            query = query.where(ModelRow.name == name)
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    def get_model(self, name: str, version: int | None = None) -> ModelRow | None:
+        query = select(ModelRow).where(ModelRow.name == name)
+        query = query.where(ModelRow.version == version) if version is not None else query.order_by(
+            ModelRow.version.desc()
+        )
+        with self.session() as s:
+            return s.scalars(query.limit(1)).first()
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record):
+            # WAL: readers never block the writer; several processes share the file.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.isolation_level = None  # transactions begin below, not in the driver
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn):
+            # Take the write lock up front: a read-then-write transaction could otherwise fail with
+            # SQLITE_BUSY, without waiting, when another process wrote in between.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+_stores: dict[str, Store] = {}
+
+
+def get_store(url: str) -> Store:
+    """One Store per URL per process, tables created on first use."""
+    if url not in _stores:
+        store = Store(url)
+        store.create_tables()
+        _stores[url] = store
+    return _stores[url]

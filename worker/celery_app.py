@@ -1,0 +1,64 @@
+"""The Celery app: Redis as the broker when REDIS_URL is set, otherwise an embedded one in files.
+
+Settings follow ../shared/docs/service-notes.md for long jobs. The broker only carries
+"train job X" messages; job state lives in the job store, so no result backend is used.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.core.config import Settings
+
+TRAIN_TASK = "al.train_job"
+QUEUE = "al.jobs"
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.redis_url:
+        broker = settings.redis_url
+        # One value everywhere (celery#5935). It matters less than usual: a redelivered message
+        # for a job whose lease is live exits at once, and the lease, not this, resumes dead jobs.
+        transport_options = {"visibility_timeout": settings.visibility_timeout}
+    else:
+        # Embedded: kombu's filesystem transport, one file per message under data_dir/broker.
+        # A message taken by a worker that is then SIGKILLed is gone; the lease reconciler
+        # (worker/reconcile.py) requeues such a job, so nothing depends on redelivery here.
+        queue = settings.broker_dir / "queue"
+        processed = settings.broker_dir / "processed"
+        for folder in (queue, processed):
+            folder.mkdir(parents=True, exist_ok=True)
+        broker = "filesystem://"
+        transport_options = {
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "processed_folder": str(processed),
+            "polling_interval": settings.broker_poll_interval,
+        }
+    app = Celery("al", broker=broker, set_as_current=False)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        visibility_timeout=settings.visibility_timeout,
+        broker_connection_retry_on_startup=True,
+        # Ack when the job ends, so a crash redelivers; requeue if the pool child is killed.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        worker_max_tasks_per_child=1,  # a fresh process per job frees its (GPU) memory
+        task_soft_time_limit=settings.job_soft_time_limit,
+        task_time_limit=settings.job_soft_time_limit + 300,
+        # The filesystem transport polls for broadcasts too; nobody pings an embedded worker.
+        worker_enable_remote_control=bool(settings.redis_url),
+    )
+    return app
+
+
+def enqueue(app: Celery, job_id: str) -> None:
+    app.send_task(TRAIN_TASK, args=[job_id], queue=QUEUE)

@@ -1,0 +1,54 @@
+"""The reconciler: requeues jobs whose worker died, so they resume from their checkpoint in
+seconds to minutes instead of after Redis's visibility timeout (or never, with the embedded broker).
+
+Every worker runs one in a thread of its main process; requeueing is a conditional UPDATE,
+so when several reconcilers see the same expired lease only one of them sends the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from app.core.config import Settings
+from app.store import Store
+from worker.celery_app import enqueue
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
+    """One pass; the ids of the jobs it sent again."""
+    resent = []
+    for job in store.expired_leases():
+        new_status = store.release_expired(job)
+        if new_status == "queued":
+            log.warning("job %s: lease of %s expired; requeued to resume from its checkpoint", job.id, job.lease_owner)
+            enqueue(app, job.id)
+            resent.append(job.id)
+        elif new_status == "cancelled":
+            log.info("job %s: lease expired while cancelling; cancelled", job.id)
+    for job_id in store.stale_queued(settings.requeue_queued_after):
+        log.warning("job %s: still queued after %.0f s; sending it again", job_id, settings.requeue_queued_after)
+        enqueue(app, job_id)
+        resent.append(job_id)
+    return resent
+
+
+def start_reconciler(store: Store, app: Celery, settings: Settings) -> threading.Event:
+    """A daemon thread that reconciles every settings.reconcile_interval seconds; set the event to stop it."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                reconcile_once(store, app, settings)
+            except Exception:  # the store or broker is down for a moment: try again next pass
+                log.exception("reconciler pass failed")
+            if stop.wait(settings.reconcile_interval):
+                return
+
+    threading.Thread(target=loop, name="al-reconciler", daemon=True).start()
+    return stop

@@ -1,0 +1,153 @@
+"""The one task: train one job, resumable, reporting through the trainer's callbacks.
+
+A delivery first takes the job's lease in the store (atomically); a delivery that cannot
+(the job finished, or another attempt holds a live lease) does nothing. So a job never
+trains twice at once, however often its message is delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+# Imported in the worker's main process on purpose: forked pool children then start a job
+# without importing torch again. Importing torch does not initialise CUDA; only the task does.
+from al.data import BUILTIN_DATASETS
+from al.run import train
+from al.train import Callback
+from app.core.config import Settings
+from app.store import Store, get_store, worker_identity
+from worker.celery_app import TRAIN_TASK
+
+log = logging.getLogger(__name__)
+
+
+class JobReporter(Callback):
+    """Progress and epoch metrics to the store; stops the trainer on cancel or a lost lease.
+
+    A heartbeat thread renews the lease and reads the job's status, so the training loop
+    only looks at two flags between steps.
+    """
+
+    def __init__(self, store: Store, job_id: str, owner: str, settings: Settings):
+        self.store, self.job_id, self.owner, self.settings = store, job_id, owner, settings
+        self.cancel_requested = threading.Event()
+        self.lease_lost = threading.Event()
+        self._finished = threading.Event()
+        self._last_write = 0.0
+        self._heartbeat = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._finished.wait(self.settings.heartbeat_interval):
+            try:
+                status = self.store.heartbeat(self.job_id, self.owner, self.settings.lease_seconds)
+            except Exception:  # a store hiccup: the next beat retries well within the lease
+                log.exception("heartbeat of job %s failed", self.job_id)
+                continue
+            if status is None:
+                log.warning("job %s: lease lost to another attempt; stopping", self.job_id)
+                self.lease_lost.set()
+            elif status == "cancelling":
+                self.cancel_requested.set()
+
+    def stop_heartbeat(self) -> None:
+        self._finished.set()
+
+    def on_train_start(self, trainer):
+        resumed = trainer.global_step > 0  # a checkpoint was loaded
+        self.store.record_progress(
+            self.job_id, self.owner, epoch=trainer.epoch, epochs=trainer.cfg.epochs, step=trainer.step_in_epoch,
+            steps=trainer.steps_per_epoch, resumed_from_epoch=trainer.epoch if resumed else None,
+        )
+        if resumed:
+            log.info("job %s resumes at epoch %d step %d", self.job_id, trainer.epoch, trainer.step_in_epoch)
+        self._heartbeat.start()
+
+    def on_step(self, trainer):
+        if self.cancel_requested.is_set() or self.lease_lost.is_set():
+            trainer.request_stop()
+        now = time.monotonic()
+        if now - self._last_write >= self.settings.progress_interval:
+            self._last_write = now
+            self.store.record_progress(self.job_id, self.owner, epoch=trainer.epoch, step=trainer.step_in_epoch)
+
+    def on_epoch_end(self, trainer, metrics):
+        self.store.record_epoch(self.job_id, self.owner, metrics)
+
+
+def dataset_source(store: Store, settings: Settings, dataset: str) -> str:
+    if dataset in BUILTIN_DATASETS:
+        return dataset
+    row = store.get_dataset(dataset)
+    if row is None:
+        raise ValueError(f"dataset {dataset!r} no longer exists")
+    return str(settings.data_dir / row.path)
+
+
+def training_arguments(spec: dict) -> tuple[dict, dict]:
+    """The job spec's model and training dicts as al.run.train takes them."""
+    training = dict(spec.get("training") or {})
+    if spec.get("method"):
+        training["method"] = spec["method"]
+    devices = (spec.get("pipeline") or {}).get("devices")
+    if devices and "device" not in training:
+        training["device"] = devices[0]
+    return dict(spec.get("model") or {}), training
+
+
+def run_job(store: Store, settings: Settings, job_id: str) -> str | None:
+    """Train a job to its end (or until cancelled); the status it ended with, or None if not ours to run."""
+    owner = worker_identity()
+    claim = store.take_lease(job_id, owner, settings.lease_seconds)
+    if claim is None:
+        log.info("job %s is finished or held by a live lease elsewhere; this delivery does nothing", job_id)
+        return None
+    job = claim.job
+    if job.status == "cancelling":  # cancelled while its previous attempt was dead
+        store.finish(job_id, owner, "cancelled")
+        return "cancelled"
+    if job.attempts > settings.max_attempts:
+        store.finish(job_id, owner, "failed", error=f"gave up after {settings.max_attempts} attempts "
+                     "(the worker died each time; see the worker logs)")
+        return "failed"
+    log.info("job %s: attempt %d", job_id, job.attempts)
+    reporter = JobReporter(store, job_id, owner, settings)
+    model_dir = settings.jobs_dir / job_id
+    model, training = training_arguments(job.spec)
+    try:
+        source = dataset_source(store, settings, job.spec["dataset"])
+        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, [reporter], resume=True)
+    except SoftTimeLimitExceeded:
+        status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
+    except ValueError as e:  # DataError, ModelError, config errors: the message names the problem
+        status, result, error = "failed", None, str(e)
+    except Exception as e:
+        log.exception("job %s failed", job_id)
+        status, result, error = "failed", None, f"{type(e).__name__}: {e}"
+    else:
+        error = None
+        if result["status"] == "completed":
+            status = "succeeded"
+        elif reporter.cancel_requested.is_set():
+            status = "cancelled"
+        else:
+            status = None  # lease lost: the attempt that holds it now reports
+    finally:
+        reporter.stop_heartbeat()
+    if status is None:
+        return None
+    model_path = str(Path(model_dir).relative_to(settings.data_dir)) if status == "succeeded" else None
+    store.finish(job_id, owner, status, result=result, error=error, model_path=model_path)
+    log.info("job %s: %s", job_id, status)
+    return status
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    @app.task(name=TRAIN_TASK, ignore_result=True)
+    def train_job(job_id: str) -> None:
+        run_job(get_store(settings.store_url), settings, job_id)

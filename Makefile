@@ -16,9 +16,12 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The service: API + a worker on http://127.0.0.1:8000 (HOST=0.0.0.0 to listen on every address).
+# Without REDIS_URL: an embedded broker and store under AL_DATA_DIR (default ./data); see docs/service.md.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: setup
-	$(BIN)/al train --dataset digits --arch mlp --method al --epochs 20 --out model --resume
-	$(BIN)/al eval --model model --dataset digits
+	$(BIN)/al serve --host $(HOST) --port $(PORT)
 
 test: setup
 	scripts/ensure-services

@@ -55,6 +55,9 @@ class JobReporter(Callback):
             elif status == "cancelling":
                 self.cancel_requested.set()
 
+    def start_heartbeat(self) -> None:
+        self._heartbeat.start()
+
     def stop_heartbeat(self) -> None:
         self._finished.set()
 
@@ -66,7 +69,6 @@ class JobReporter(Callback):
         )
         if resumed:
             log.info("job %s resumes at epoch %d step %d", self.job_id, trainer.epoch, trainer.step_in_epoch)
-        self._heartbeat.start()
 
     def on_step(self, trainer):
         if self.cancel_requested.is_set() or self.lease_lost.is_set():
@@ -117,6 +119,7 @@ def run_job(store: Store, settings: Settings, job_id: str) -> str | None:
         return "failed"
     log.info("job %s: attempt %d", job_id, job.attempts)
     reporter = JobReporter(store, job_id, owner, settings)
+    reporter.start_heartbeat()  # before loading the data, which can take longer than a lease
     model_dir = settings.jobs_dir / job_id
     model, training = training_arguments(job.spec)
     try:

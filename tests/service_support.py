@@ -1,0 +1,157 @@
+"""Helpers for the service tests: real Redis, real worker and server processes, short leases."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own: the tests flush only this one
+TINY_MODEL = {"arch": "mlp", "widths": [32], "target_width": 16}
+
+# Short leases and fast polling so a dead worker's job is picked up within seconds.
+FAST = {
+    "AL_LEASE_SECONDS": "2",
+    "AL_RECONCILE_INTERVAL": "0.5",
+    "AL_PROGRESS_INTERVAL": "0.1",
+    "AL_EVENTS_POLL_INTERVAL": "0.1",
+    "AL_BROKER_POLL_INTERVAL": "0.05",
+}
+SERVICE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS", "AL_ENVIRONMENT", "AL_EMBEDDED_WORKER")
+
+
+def fresh_redis() -> str:
+    """REDIS_URL of an emptied test database; fails (never skips) when Redis does not answer."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.flushdb()
+    except redis.ConnectionError:
+        pytest.fail("no Redis on 127.0.0.1:6379: run scripts/ensure-services (make test does)")
+    return REDIS_URL
+
+
+def service_env(data_dir: Path, redis_url: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    env.update(FAST, AL_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **extra)
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return env
+
+
+def use_env(monkeypatch, env: dict[str, str]):
+    """Settings of this process from `env`, as a subprocess would read them."""
+    from app.core.config import Settings
+
+    for key in SERVICE_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        if key.startswith("AL_") or key in SERVICE_VARIABLES:
+            monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+class Process:
+    """A service process in a session of its own, its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        self._log_file = open(log, "ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "al.cli", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        try:
+            os.killpg(self.popen.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and everything it started."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_group()
+        self._log_file.close()
+
+
+def start_worker(env: dict[str, str], log: Path) -> Process:
+    worker = Process(["worker"], env, log)
+    wait_for(lambda: " ready." in worker.output() or worker.popen.poll() is not None, 60, "the worker to start")
+    assert worker.popen.poll() is None, worker.output()
+    return worker
+
+
+def start_server(env: dict[str, str], log: Path, port: int) -> Process:
+    import httpx
+
+    server = Process(["serve", "--port", str(port)], env, log)
+
+    def ready():
+        if server.popen.poll() is not None:
+            return True
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(ready, 60, "the server to answer", interval=0.2)
+    assert server.popen.poll() is None, server.output()
+    return server
+
+
+def digits_npz() -> bytes:
+    """sklearn's digits as an upload: x (1797, 64), y."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    buffer = io.BytesIO()
+    np.savez(buffer, x=digits.data.astype(np.float32), y=digits.target)
+    return buffer.getvalue()
+
+
+def digits_rows(n: int) -> list[list[float]]:
+    from sklearn.datasets import load_digits
+
+    return load_digits().data[:n].tolist()

@@ -15,9 +15,14 @@ MAX_BATCH_SIZE = 65536
 MAX_PREDICT_ROWS = 4096
 MAX_FEATURES = 1_000_000
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
 Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+PAGE_LIMIT = "page size"
+PAGE_OFFSET = "items skipped"
 
 
 class Strict(BaseModel):
@@ -42,8 +47,8 @@ class DatasetPublic(BaseModel):
 class DatasetList(BaseModel):
     items: list[DatasetPublic] = Field(description="uploaded datasets, newest first")
     total: int = Field(description="uploaded datasets in all")
-    limit: int
-    offset: int
+    limit: int = Field(description=PAGE_LIMIT)
+    offset: int = Field(description=PAGE_OFFSET)
     builtin: list[str] = Field(description="names of the built-in datasets, usable as dataset ids")
 
 
@@ -92,18 +97,25 @@ class TrainingSpec(Strict):
         None, ge=0, lt=1, description="share of the training split held out for validation"
     )
     device: str | None = Field(
-        None,
-        max_length=32,
-        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
-        description="auto (CUDA if the worker has it), cpu, cuda, cuda:N",
+        None, max_length=32, pattern=DEVICE_PATTERN, description="auto (CUDA if the worker has it), cpu, cuda, cuda:N"
     )
 
 
 class PipelineSpec(Strict):
-    mode: Literal["sequential"] = Field("sequential", description="sequential: all components on one device")
-    devices: list[Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")]] | None = Field(
-        None, min_length=1, max_length=1, description="the device to train on (one entry in sequential mode)"
+    """Where the components train: all on one device, or as pipeline stages (al/pipeline.py)."""
+
+    mode: Literal["sequential", "threads", "processes"] = Field(
+        "sequential", description="sequential: one device; threads / processes: stages of components train at once"
     )
+    devices: list[Annotated[str, Field(pattern=DEVICE_PATTERN)]] | None = Field(
+        None, min_length=1, max_length=MAX_COMPONENTS,
+        description="sequential: the one device to train on; pipelined: one device per stage",
+    )
+    stages: str | None = Field(None, max_length=256, pattern=r"^[0-9,\- ]+$",
+                               description='components per stage, e.g. "0-1,2-3" (default: balanced by time)')
+    queue_depth: int | None = Field(None, ge=1, le=64, description="mini-batches that may wait between two stages")
+    stage_threads: int | None = Field(None, ge=1, le=256, description="CPU threads per stage")
+    stage_timeout: float | None = Field(None, gt=0, le=86400, description="seconds a stage waits before the run fails")
 
 
 class JobCreate(Strict):
@@ -131,38 +143,38 @@ class Progress(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str
-    version: int
+    name: str = Field(description="registered model name")
+    version: int = Field(description="version of that name, counting from 1")
 
 
 class JobPublic(BaseModel):
-    id: str
+    id: str = Field(description="the job id; GET /v1/jobs/{id}")
     name: str = Field(description="the model name this job registers")
     status: JobStatus = Field(description="queued | running | succeeded | failed | cancelling | cancelled")
-    dataset: str
+    dataset: str = Field(description="the dataset id or built-in name it trains on")
     spec: dict = Field(description="the job spec as submitted")
-    progress: Progress
+    progress: Progress = Field(description="how far training is")
     metrics: dict | None = Field(
         description="latest epoch's losses per component and accuracies; test accuracy when done"
     )
     error: str | None = Field(description="why the job failed")
     attempts: int = Field(description="times a worker started this job (more than 1 after a worker died)")
     resumed_from_epoch: int | None = Field(description="the checkpoint's epoch the latest attempt resumed from")
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
+    created_at: str = Field(description="submission time, ISO 8601 UTC")
+    started_at: str | None = Field(description="when a worker first took it")
+    finished_at: str | None = Field(description="when it reached succeeded, failed or cancelled")
     model: ModelRef | None = Field(description="the registered model, once succeeded")
 
 
 class JobList(BaseModel):
     items: list[JobPublic] = Field(description="newest first")
-    total: int
-    limit: int
-    offset: int
+    total: int = Field(description="jobs matching the filter in all")
+    limit: int = Field(description=PAGE_LIMIT)
+    offset: int = Field(description=PAGE_OFFSET)
 
 
 class JobMetrics(BaseModel):
-    job_id: str
+    job_id: str = Field(description="the job")
     epochs: list[dict] = Field(description="one entry per completed epoch, in order")
 
 
@@ -170,22 +182,22 @@ class JobMetrics(BaseModel):
 
 
 class ModelVersionPublic(BaseModel):
-    name: str
-    version: int
-    job_id: str
-    created_at: str
-    input_shape: list[int]
-    features: int
-    classes: list[Any]
+    name: str = Field(description="registered model name")
+    version: int = Field(description="version of that name, counting from 1")
+    job_id: str = Field(description="the job that trained it")
+    created_at: str = Field(description="registration time, ISO 8601 UTC")
+    input_shape: list[int] = Field(description="shape of one sample")
+    features: int = Field(description="values per input row")
+    classes: list[Any] = Field(description="class values, in the order of `probabilities`")
     depth: int = Field(description="components; predict's `depth` may be 1..depth")
-    method: str
-    test_accuracy: float | None
+    method: str = Field(description="al | bp")
+    test_accuracy: float | None = Field(description="accuracy on the dataset's test split after the last epoch")
 
 
 class ModelPublic(BaseModel):
-    name: str
+    name: str = Field(description="registered model name")
     latest: int = Field(description="the version predict uses when none is named")
-    versions: list[ModelVersionPublic]
+    versions: list[ModelVersionPublic] = Field(description="every version, oldest first")
 
 
 class PredictRequest(Strict):
@@ -202,8 +214,8 @@ class PredictRequest(Strict):
 class PredictResponse(BaseModel):
     predictions: list[Any] = Field(description="the predicted class value of each row")
     probabilities: list[list[float]] = Field(description="per row, the probability of each class in `classes` order")
-    model: str
-    version: int
+    model: str = Field(description="the model's name")
+    version: int = Field(description="the version that answered")
 
 
 # --- Open Inference Protocol v2 -----------------------------------------------------------
@@ -214,14 +226,17 @@ V2Datatype = Literal[
 
 
 class V2Tensor(BaseModel):
-    name: str = Field(max_length=256)
-    shape: list[Annotated[int, Field(ge=0, le=MAX_PREDICT_ROWS * MAX_FEATURES)]] = Field(max_length=8)
-    datatype: str = Field(max_length=16)
+    name: str = Field(max_length=256, description="tensor name")
+    shape: list[Annotated[int, Field(ge=0, le=MAX_PREDICT_ROWS * MAX_FEATURES)]] = Field(
+        max_length=8, description="dimensions"
+    )
+    datatype: str = Field(max_length=16, description="Open Inference Protocol datatype, e.g. FP32, INT64, BYTES")
     data: list[Any] = Field(description="row-major, flat or nested")
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(None, description="unused")
 
 
 class V2InferInput(V2Tensor):
+    name: str = Field(max_length=256, description="any name; the model has one input")
     datatype: V2Datatype = Field(description="numeric Open Inference Protocol datatype")
     shape: list[Annotated[int, Field(ge=1, le=MAX_FEATURES)]] = Field(
         min_length=2, max_length=5, description="[rows, features] or [rows, *input_shape]"
@@ -230,43 +245,43 @@ class V2InferInput(V2Tensor):
 
 class V2RequestedOutput(BaseModel):
     name: str = Field(max_length=256, description="predictions | probabilities")
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(None, description="unused")
 
 
 class V2InferRequest(BaseModel):
-    id: str | None = Field(None, max_length=256)
+    id: str | None = Field(None, max_length=256, description="echoed in the response")
     parameters: dict[str, Any] | None = Field(None, description='{"depth": k} for shortcut inference')
     inputs: list[V2InferInput] = Field(min_length=1, max_length=1, description="one input tensor")
     outputs: list[V2RequestedOutput] | None = Field(None, max_length=2, description="default: both outputs")
 
 
 class V2InferResponse(BaseModel):
-    model_name: str
-    model_version: str | None = None
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[V2Tensor]
+    model_name: str = Field(description="the model's name")
+    model_version: str | None = Field(None, description="the version that answered")
+    id: str | None = Field(None, description="the request's id")
+    parameters: dict[str, Any] | None = Field(None, description="unused")
+    outputs: list[V2Tensor] = Field(description="predictions [rows] (class values) and probabilities [rows, classes]")
 
 
 class V2TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
+    name: str = Field(description="tensor name")
+    datatype: str = Field(description="Open Inference Protocol datatype")
+    shape: list[int] = Field(description="dimensions; -1 for any number of rows")
 
 
 class V2ModelMetadata(BaseModel):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[V2TensorMetadata]
-    outputs: list[V2TensorMetadata]
+    name: str = Field(description="the model's name")
+    versions: list[str] = Field(description="its versions")
+    platform: str = Field(description="what runs it")
+    inputs: list[V2TensorMetadata] = Field(description="the one input: raw features per row")
+    outputs: list[V2TensorMetadata] = Field(description="predictions and probabilities")
 
 
 class V2ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
+    name: str = Field(description="server name")
+    version: str = Field(description="server version")
+    extensions: list[str] = Field(description="protocol extensions supported (none)")
 
 
 class V2Error(BaseModel):
-    error: str
+    error: str = Field(description="what is wrong with the request")

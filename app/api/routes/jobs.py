@@ -59,8 +59,8 @@ def create_job(
         raise HTTPException(422, f"unknown dataset {spec.dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
     spec_dict = spec.model_dump(exclude_none=True)
-    model, training = training_arguments(spec_dict)
     try:  # the library's own checks, across fields
+        model, training = training_arguments(spec_dict)
         _, train_cfg = build_configs(spec.preset, model, training)
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None

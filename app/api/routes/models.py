@@ -59,9 +59,11 @@ def get_model(name: str, service: ServiceDep) -> ModelPublic:
 
 def run_predict(service: Service, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
     row, model = find_model(service, name, version)
+    if len({len(values) for values in body.inputs}) > 1:
+        raise HTTPException(422, "inputs: every row must have the same number of values")
     try:
         predictions, probabilities = predict(model, np.asarray(body.inputs, dtype=np.float32), body.depth)
-    except ValueError as e:  # ragged rows, wrong feature count, depth out of range
+    except ValueError as e:  # wrong feature count, depth out of range
         raise HTTPException(422, str(e)) from None
     return PredictResponse(predictions=predictions, probabilities=probabilities, model=row.name, version=row.version)
 

@@ -31,6 +31,8 @@ def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
         elif new_status == "cancelled":
             log.info("job %s: lease expired while cancelling; cancelled", job.id)
     for job_id in store.stale_queued(settings.requeue_queued_after):
+        if job_id in resent:
+            continue
         log.warning("job %s: still queued after %.0f s; sending it again", job_id, settings.requeue_queued_after)
         enqueue(app, job_id)
         resent.append(job_id)

@@ -1,0 +1,139 @@
+"""The job store's guarantees on SQLite and, where it answers, PostgreSQL: one lease holder at a time,
+expired leases requeued once, epochs recorded once, models versioned per job, attempts bounded."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+from service_support import use_env
+
+from app.store import Store
+from worker.celery_app import make_celery
+from worker.reconcile import reconcile_once
+from worker.tasks import run_job
+
+POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def postgres_answers() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        store = Store(f"sqlite:///{tmp_path / 'al.db'}")
+        store.create_tables()
+        yield store
+        return
+    if not postgres_answers():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    from sqlalchemy import create_engine
+
+    schema = f"al_test_{uuid.uuid4().hex[:8]}"  # a schema of its own, dropped afterwards
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    store = Store(f"{POSTGRES}?options=-csearch_path%3D{schema}")
+    store.create_tables()
+    yield store
+    store.engine.dispose()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    admin.dispose()
+
+
+def new_job(store: Store, name: str = "m", key: str | None = None):
+    job, _ = store.create_job(name, {"dataset": "digits"}, 2, key, None)
+    return job
+
+
+def test_one_lease_holder_at_a_time_even_when_racing(store):
+    job = new_job(store)
+    claims, barrier = [], threading.Barrier(8)
+
+    def take(i):
+        barrier.wait()
+        claims.append(store.take_lease(job.id, f"w{i}", 60))
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [c for c in claims if c is not None]
+    assert len(winners) == 1
+    owner = winners[0].owner
+    assert store.get_job(job.id).status == "running" and store.get_job(job.id).attempts == 1
+    assert store.heartbeat(job.id, owner, 60) == "running"
+    assert store.heartbeat(job.id, "someone-else", 60) is None
+    assert not store.record_progress(job.id, "someone-else", step=5)
+    assert store.take_lease(job.id, "late", 60) is None
+
+
+def test_expired_lease_is_released_once_and_the_old_holder_is_locked_out(store):
+    job = new_job(store)
+    old = store.take_lease(job.id, "dead", 0.05).owner
+    time.sleep(0.1)
+    [expired] = store.expired_leases()
+    assert store.release_expired(expired) == "queued"
+    assert store.release_expired(expired) is None  # a second reconciler sees it already done
+    assert store.get_job(job.id).status == "queued"
+    fresh = store.take_lease(job.id, "alive", 60)
+    assert fresh is not None and fresh.job.attempts == 2
+    assert not store.finish(job.id, old, "succeeded")  # the dead attempt can no longer finish it
+    assert store.finish(job.id, "alive", "succeeded", model_path="jobs/x")
+    assert store.get_job(job.id).model_version == 1
+
+
+def test_epochs_are_recorded_once_and_versions_count_per_name(store):
+    first, second = new_job(store, "digits"), new_job(store, "digits")
+    for job in (first, second):
+        owner = store.take_lease(job.id, "w", 60).owner
+        store.record_epoch(job.id, owner, {"epoch": 1, "loss": 2.0})
+        store.record_epoch(job.id, owner, {"epoch": 1, "loss": 1.0})  # redone after a resume
+        store.record_epoch(job.id, "intruder", {"epoch": 2, "loss": 0.0})
+        assert store.finish(job.id, owner, "succeeded", model_path=f"jobs/{job.id}")
+    assert store.job_epochs(first.id) == [{"epoch": 1, "loss": 1.0}]
+    assert [(m.version, m.job_id) for m in store.list_models("digits")] == [(1, first.id), (2, second.id)]
+    assert store.get_model("digits").version == 2 and store.get_model("digits", 1).job_id == first.id
+
+
+def test_idempotency_key_returns_the_first_job(store):
+    job = new_job(store, key="abc")
+    again, created = store.create_job("other", {"dataset": "digits"}, 2, "abc", None)
+    assert not created and again.id == job.id
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_of_a_running_one_cooperative(store):
+    queued, running = new_job(store), new_job(store)
+    owner = store.take_lease(running.id, "w", 60).owner
+    assert store.request_cancel(queued.id).status == "cancelled"
+    assert store.request_cancel(running.id).status == "cancelling"
+    assert store.heartbeat(running.id, owner, 60) == "cancelling"
+    assert store.take_lease(queued.id, "w2", 60) is None  # a stray message for it does nothing
+
+
+def test_worker_gives_up_after_max_attempts_and_reconciler_requeues(tmp_path, monkeypatch):
+    settings = use_env(monkeypatch, {"AL_DATA_DIR": str(tmp_path), "AL_MAX_ATTEMPTS": "2",
+                                     "AL_REQUEUE_QUEUED_AFTER": "0.01"})
+    store = Store(settings.store_url)
+    store.create_tables()
+    job = new_job(store)
+    for attempt in range(2):  # two attempts that died: their leases expire
+        store.take_lease(job.id, f"dead{attempt}", 0.01)
+        time.sleep(0.02)
+    broker = make_celery(settings)  # the embedded broker, in tmp_path
+    assert reconcile_once(store, broker, settings) == [job.id]
+    assert store.get_job(job.id).status == "queued"
+    assert run_job(store, settings, job.id) == "failed"
+    job = store.get_job(job.id)
+    assert job.status == "failed" and "gave up after 2 attempts" in job.error and job.attempts == 3

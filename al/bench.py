@@ -42,11 +42,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def publish(name: str, title: str, columns: list[str], rows: list[dict], notes: str, raw: dict) -> Path:
     """Write results/<name>.json and its table in the report; the JSON holds the command and machine."""
-    command = " ".join(shlex.quote(a) for a in ["al", *sys.argv[1:]])
     record = {
         "name": name,
         "title": title,
-        "command": command,
+        "command": " ".join(shlex.quote(a) for a in ["al", *sys.argv[1:]]),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "columns": columns,
@@ -96,7 +95,7 @@ def bench_accuracy(args) -> None:
     from al.run import train
 
     data = load_dataset(args.dataset)
-    runs = {}
+    runs: dict[str, list[dict]] = {}
     for preset in args.presets:
         for method in ("al", "bp"):
             key = f"{method}/{preset}"
@@ -109,8 +108,16 @@ def bench_accuracy(args) -> None:
                 runs[key].append(result)
                 print(f"{key} seed {seed}: test_accuracy {result['test_accuracy']:.4f} "
                       f"({result['train_seconds']:.1f}s)", file=sys.stderr)
+                # After every run, so that an interrupted benchmark still publishes what it measured.
+                publish_accuracy(args.dataset, args.arch, args.epochs, runs)
+
+
+def publish_accuracy(dataset: str, arch: str, epochs: int, runs: dict[str, list[dict]], **record) -> None:
+    """The table of `runs` (method/preset -> per-seed results with test_accuracy, train_seconds, epochs)."""
     rows = []
     for key, results in runs.items():
+        if not results:
+            continue
         acc_mean, acc_sd = mean_sd([100 * r["test_accuracy"] for r in results])
         sec_mean, sec_sd = mean_sd([r["train_seconds"] / r["epochs"] for r in results])
         rows.append({
@@ -120,13 +127,13 @@ def bench_accuracy(args) -> None:
             "runs": len(results),
         })
     publish(
-        name=f"accuracy-{args.dataset}-{args.arch}",
-        title=f"Accuracy: AL vs BP, {args.dataset}, {args.arch}, {args.epochs} epochs, {args.seeds} seeds",
+        name=f"accuracy-{dataset}-{arch}",
+        title=f"Accuracy: AL vs BP, {dataset}, {arch}, {epochs} epochs",
         columns=["method / preset", "test accuracy % (last epoch)", "seconds / epoch", "runs"],
         rows=rows,
         notes="BP trains the same inference topology (f_1..f_L -> b_L -> h_L..h_1) with cross-entropy. "
-        "Mean +- sample standard deviation over seeds; test accuracy of the last epoch.",
-        raw={"runs": runs},
+        "Mean +- sample standard deviation over seeds 0..runs-1; test accuracy of the last epoch.",
+        raw={"runs": runs, **record},
     )
 
 
@@ -142,3 +149,6 @@ def add_parser(sub) -> None:
     a.add_argument("--presets", nargs="+", default=["default"])
     a.add_argument("--device", default="auto")
     a.set_defaults(func=bench_accuracy)
+    from al import bench_serve
+
+    bench_serve.add_parser(kinds)

@@ -118,7 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.datasets_dir.mkdir(exist_ok=True)
     store = get_store(settings.store_url)
-    service = Service(settings, store, make_celery(settings), ModelCache(settings.data_dir, settings.model_cache_size))
+    model_cache = ModelCache(settings.data_dir, settings.model_cache_size, store)
+    service = Service(settings, store, make_celery(settings), model_cache)
     metrics = Metrics(store)
 
     app = FastAPI(

@@ -27,8 +27,12 @@ RESUMABLE_JOB = {"dataset": "digits", "model": TINY_MODEL, "training": {"epochs"
 
 
 def checkpointed(client, job_id: str, data_dir) -> bool:
-    """The first epoch is done and its checkpoint written (the store hears of an epoch just before)."""
-    return job_of(client, job_id)["progress"]["epoch"] >= 1 and (data_dir / "jobs" / job_id / "checkpoint.pt").is_file()
+    """The first epoch is done and its checkpoint complete: checkpoint.pt, then config.json (the store
+    hears of an epoch just before; al/run.py resumes only when both files are there)."""
+    model_dir = data_dir / "jobs" / job_id
+    return job_of(client, job_id)["progress"]["epoch"] >= 1 and all(
+        (model_dir / name).is_file() for name in ("checkpoint.pt", "config.json")
+    )
 
 
 def job_of(client, job_id: str) -> dict:

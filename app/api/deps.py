@@ -24,7 +24,7 @@ class Service:
     models: ModelCache
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:  # async: no thread-pool hop for a lookup
     return request.app.state.service
 
 
@@ -33,7 +33,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 bearer = HTTPBearer(auto_error=False, description="one of the keys in AL_API_KEYS (when it is set)")
 
 
-def require_api_key(
+async def require_api_key(
     service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
     keys = service.settings.keys

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 def find_model(service: Service, name: str, version: int | None = None) -> tuple[ModelRow, LoadedModel]:
     """The registered model (latest version unless one is named), loaded; 404 if there is none."""
-    row = service.store.get_model(name, version)
+    row = service.models.registered(name, version)
     if row is None:
         which = f"model {name!r}" + (f" version {version}" if version is not None else "")
         raise HTTPException(404, f"no {which}; GET /v1/models lists the registered ones")
@@ -70,13 +70,13 @@ def run_predict(service: Service, name: str, version: int | None, body: PredictR
 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Predict with the latest version",
              responses={404: {"description": "no such model"}, 422: {"description": "inputs do not fit the model"}})
-def predict_latest(name: str, body: PredictRequest, service: ServiceDep) -> PredictResponse:
+async def predict_latest(name: str, body: PredictRequest, service: ServiceDep) -> PredictResponse:
     """The AL inference path: encoders f_1..f_k, the bridge b_k, decoders h_k..h_1 (k = `depth`, default all)."""
-    return run_predict(service, name, None, body)
+    return await service.models.run(run_predict, service, name, None, body)
 
 
 @router.post("/{name}/versions/{version}/predict", response_model=PredictResponse, summary="Predict with a version",
              responses={404: {"description": "no such model or version"},
                         422: {"description": "inputs do not fit the model"}})
-def predict_version(name: str, version: int, body: PredictRequest, service: ServiceDep) -> PredictResponse:
-    return run_predict(service, name, version, body)
+async def predict_version(name: str, version: int, body: PredictRequest, service: ServiceDep) -> PredictResponse:
+    return await service.models.run(run_predict, service, name, version, body)

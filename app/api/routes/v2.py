@@ -122,10 +122,12 @@ def model_version_ready(name: str, version: int, service: ServiceDep) -> dict:
 
 
 @router.post("/models/{name}/infer", response_model=V2InferResponse, summary="Infer with the latest version")
-def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
-    return infer(service, name, None, body)
+async def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
+    return await service.models.run(infer, service, name, None, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, summary="Infer with a version")
-def model_version_infer(name: str, version: int, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
-    return infer(service, name, version, body)
+async def model_version_infer(
+    name: str, version: int, body: V2InferRequest, service: ServiceDep
+) -> V2InferResponse:
+    return await service.models.run(infer, service, name, version, body)

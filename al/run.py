@@ -29,13 +29,14 @@ class SaveEachEpoch(Callback):
     def __init__(self, directory: Path, config: dict):
         self.directory, self.config = directory, config
 
+    # Model files first: a checkpoint without its config.json beside it would not resume.
     def on_epoch_end(self, trainer, metrics):
-        trainer.save_checkpoint(self.directory / TRAINING_STATE)
         save_model(self.directory, trainer.net, self.config, trainer.history)
+        trainer.save_checkpoint(self.directory / TRAINING_STATE)
 
     def on_train_end(self, trainer, result):
-        trainer.save_checkpoint(self.directory / TRAINING_STATE)
         save_model(self.directory, trainer.net, {**self.config, "result": result}, trainer.history)
+        trainer.save_checkpoint(self.directory / TRAINING_STATE)
 
 
 def train(
@@ -59,7 +60,7 @@ def train(
     )
     trainer = Trainer(net, model_cfg, train_cfg, splits, [*callbacks, SaveEachEpoch(out, config)])
     checkpoint = out / TRAINING_STATE
-    if resume and checkpoint.is_file():
+    if resume and checkpoint.is_file() and (out / CONFIG).is_file():
         saved = json.loads((out / CONFIG).read_text())
         if saved["model"] != config["model"] or saved["method"] != config["method"]:
             raise ValueError(f"{out} holds a checkpoint of a different model or method; use another --out")

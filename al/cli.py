@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from al.config import ARCHS, METHODS, PRESETS
+from al.config import ARCHS, METHODS, PIPELINES, PRESETS
 from al.train import Callback
 
 
@@ -75,6 +75,11 @@ def cmd_train(args) -> None:
         "seed": args.seed,
         "schedule": args.schedule,
         "device": args.device,
+        "pipeline": args.pipeline,
+        "devices": args.devices,
+        "stages": args.stages,
+        "queue_depth": args.queue_depth,
+        "stage_threads": args.stage_threads,
     }
     callbacks = [] if args.quiet else [ProgressBar()]
     result = train(args.dataset, args.out, args.preset, model, training, callbacks, resume=args.resume)
@@ -120,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("step", "cosine", "none"), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda:0, ...")
+    p.add_argument("--pipeline", choices=PIPELINES, default=None,
+                   help="AL stages trained at once: threads in this process, or one process per stage")
+    p.add_argument("--devices", type=lambda text: text.split(","), default=None,
+                   help="one device per stage, e.g. cpu,cpu or cuda:0,cuda:1 (default: the cores or GPUs)")
+    p.add_argument("--stages", default=None, help="components per stage, e.g. 0-1,2-3 (default: balanced by time)")
+    p.add_argument("--queue-depth", type=int, default=None, help="mini-batches waiting between stages (default 2)")
+    p.add_argument("--stage-threads", type=int, default=None, help="CPU threads per stage (default: cores shared)")
     p.add_argument("--out", default="model", help="model directory (default: ./model)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -13,6 +13,7 @@ ARCHS = ("mlp", "cnn", "resnet")
 METHODS = ("al", "bp")
 ACTIVATIONS = ("elu", "relu", "sigmoid", "tanh", "identity")
 SCHEDULES = ("step", "cosine", "none")
+PIPELINES = ("sequential", "threads", "processes")
 H1_LOSSES = ("mse", "ce")
 
 
@@ -62,6 +63,13 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     device: str = "auto"
+    # Pipelined AL (spec section 4, al/pipeline.py): stages of consecutive components train at once.
+    pipeline: str = "sequential"  # sequential | threads | processes
+    devices: list[str] | None = None  # one per stage, e.g. ["cpu", "cpu"]; None: the cores or GPUs, up to the depth
+    stages: str | None = None  # components per stage, e.g. "0-1,2-3"; None: balanced by measured time
+    queue_depth: int = 2  # mini-batches that may wait between two stages
+    stage_threads: int | None = None  # CPU intra-op threads per stage; None: the cores shared out
+    stage_timeout: float = 300.0  # seconds any stage waits for a message before the run fails
 
 
 @dataclass
@@ -134,3 +142,10 @@ def validate(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         raise ValueError("lr and target_lr_factor must be > 0")
     if not 0 <= train_cfg.val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
+    choice("pipeline", train_cfg.pipeline, PIPELINES)
+    if train_cfg.pipeline != "sequential" and train_cfg.method != "al":
+        raise ValueError("pipelining is for AL only: BP's backward pass locks every layer until the loss is known")
+    if train_cfg.queue_depth < 1 or (train_cfg.stage_threads is not None and train_cfg.stage_threads < 1):
+        raise ValueError("queue_depth and stage_threads must be >= 1")
+    if not train_cfg.stage_timeout > 0:
+        raise ValueError("stage_timeout must be > 0")

@@ -75,6 +75,15 @@ class ComponentTrainer:
         return s.detach(), t.detach(), associated.detach(), autoencoder.detach()
 
 
+def train_components(locals: list[ComponentTrainer], s, t, labels, lr_factor: float):
+    """One mini-batch through consecutive components: (sg(s), sg(t), [A_i, R_i for each component])."""
+    losses = []
+    for local in locals:
+        s, t, associated, autoencoder = local.step(s, t, labels, lr_factor)
+        losses += [associated, autoencoder]
+    return s, t, losses
+
+
 class Callback:
     """Override what you need. `trainer.request_stop()` ends the run after the current step."""
 
@@ -116,11 +125,20 @@ class Trainer:
         self._loss_sums = self._zero_losses()
         self._epoch_seconds = 0.0
         self._stop = False
+        self.pipeline = None
+        if train_cfg.pipeline != "sequential":
+            from al.pipeline import Pipeline  # imports this module
+
+            self.pipeline = Pipeline(self)
 
     # --- the outside world ---------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
 
     @property
     def global_step(self) -> int:
@@ -156,29 +174,37 @@ class Trainer:
             loss.backward()
             self.optimizers[0].step()
             return [loss.detach()]
-        s, t = x, F.one_hot(y, self.net.num_classes).float()
-        losses = []
-        for local in self.locals:
-            s, t, associated, autoencoder = local.step(s, t, y, lr_factor)
-            losses += [associated, autoencoder]
-        return losses
+        return train_components(self.locals, x, F.one_hot(y, self.net.num_classes).float(), y, lr_factor)[2]
+
+    def record_step(self, losses: list[torch.Tensor]) -> None:
+        """Count one mini-batch that every component has trained on."""
+        for i, loss in enumerate(losses):
+            self._loss_sums[i] += loss
+        self.step_in_epoch += 1
+        self._emit("on_step")
 
     def fit(self) -> dict:
         """Train until cfg.epochs are done or a callback asks to stop; the final result."""
+        if self.pipeline is not None and self.pipeline.is_worker:
+            return self.pipeline.serve()  # a torchrun rank > 0 trains its stage; rank 0 does all else
         self.net.train()
         self._emit("on_train_start")
-        while self.epoch < self.cfg.epochs and not self._stop:
-            started = time.perf_counter()
-            for x, y in self.batches(self.epoch, self.step_in_epoch):
-                for i, loss in enumerate(self.train_step(x, y)):
-                    self._loss_sums[i] += loss
-                self.step_in_epoch += 1
-                self._emit("on_step")
-                if self._stop:
-                    break
-            self._epoch_seconds += time.perf_counter() - started
-            if self.step_in_epoch == self.steps_per_epoch:
-                self._end_epoch()
+        try:
+            while self.epoch < self.cfg.epochs and not self._stop:
+                started = time.perf_counter()
+                if self.pipeline is None:
+                    for x, y in self.batches(self.epoch, self.step_in_epoch):
+                        self.record_step(self.train_step(x, y))
+                        if self._stop:
+                            break
+                else:
+                    self.pipeline.train_batches()  # returns with every stage synced: an epoch end or a stop
+                self._epoch_seconds += time.perf_counter() - started
+                if self.step_in_epoch == self.steps_per_epoch:
+                    self._end_epoch()
+        finally:
+            if self.pipeline is not None:
+                self.pipeline.close()
         result = self.result()
         self._emit("on_train_end", result)
         return result

@@ -1,0 +1,212 @@
+"""Pipelined AL (al/pipeline.py): exact against the sequential loop, failures stop the run, checkpoints cross modes.
+
+Every run here uses one intra-op thread per stage and one in the sequential run:
+with the same kernels on the same thread count, the pipeline must reproduce the
+sequential weights bit for bit (spec section 4) - no tolerance.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from al.checkpoint import load_model
+from al.config import build_configs
+from al.data import load_dataset, prepare_splits
+from al.model import build_network
+from al.pipeline import PipelineError, balance_by_time, parse_stages
+from al.run import train
+from al.train import Callback, Trainer
+
+DIGITS = load_dataset("digits")
+MODELS = {
+    "mlp": {"arch": "mlp", "widths": [24, 24, 24, 24], "target_width": 12},
+    "cnn": {"arch": "cnn", "widths": [4, 4, 4, 4], "target_width": 12},
+}
+STAGES = {2: "0-1,2-3", 4: "0,1,2,3"}
+TRAINING = {"epochs": 2, "batch_size": 64, "device": "cpu", "stage_threads": 1, "stage_timeout": 60,
+            "schedule": "step"}
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_trainer(model: dict, callbacks=(), **training) -> Trainer:
+    model_cfg, train_cfg = build_configs("default", model, {**TRAINING, **training})
+    torch.manual_seed(train_cfg.seed)
+    splits = prepare_splits(DIGITS, train_cfg.val_fraction, train_cfg.seed)
+    net = build_network(model_cfg, DIGITS.input_shape, DIGITS.num_classes, "al")
+    return Trainer(net, model_cfg, train_cfg, splits, callbacks)
+
+
+_sequential_cache: dict = {}
+
+
+def sequential(arch: str) -> Trainer:
+    if arch not in _sequential_cache:
+        trainer = make_trainer(MODELS[arch])
+        trainer.fit()
+        _sequential_cache[arch] = trainer
+    return _sequential_cache[arch]
+
+
+def assert_same_training(a: Trainer, b: Trainer) -> None:
+    wa, wb = a.net.state_dict(), b.net.state_dict()
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"weights differ: {different[:5]}"
+    for oa, ob in zip(a.optimizers, b.optimizers):
+        for (pa, sa), (pb, sb) in zip(oa.state_dict()["state"].items(), ob.state_dict()["state"].items()):
+            assert pa == pb and all(torch.equal(sa[k], sb[k]) for k in sa)
+    timing = ("seconds", "samples_per_second")
+    strip = lambda history: [{k: v for k, v in m.items() if k not in timing} for m in history]
+    assert strip(a.history) == strip(b.history)  # losses and accuracies of every epoch, exactly
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_pipelined_run_ends_bit_identical_to_sequential(one_thread, arch, stages, mode):
+    reference = sequential(arch)
+    piped = make_trainer(MODELS[arch], pipeline=mode, devices=["cpu"] * stages, stages=STAGES[stages])
+    result = piped.fit()
+    assert result["status"] == "completed"
+    assert piped.pipeline.stats["stages"][-1].startswith(f"stage {stages - 1}")
+    assert_same_training(reference, piped)
+
+
+def test_default_split_is_balanced_by_measured_time_and_still_exact(one_thread):
+    piped = make_trainer(MODELS["mlp"], pipeline="threads", devices=["cpu", "cpu"])
+    piped.fit()
+    seconds = piped.pipeline.component_seconds
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    groups = [s.components for s in piped.pipeline.stages]
+    assert groups == balance_by_time(seconds, 2)
+    assert_same_training(sequential("mlp"), piped)
+
+
+def test_balance_by_time_minimises_the_slowest_stage():
+    assert balance_by_time([1, 1, 1, 5], 2) == [range(0, 3), range(3, 4)]
+    assert balance_by_time([4, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 5)]
+    assert balance_by_time([1, 2, 3], 3) == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+def test_stage_lists_are_checked():
+    assert parse_stages("0-1,2,3", 4) == [range(0, 2), range(2, 3), range(3, 4)]
+    for bad in ("0-1,3", "1-3", "0-1,1-3", "a-b", "0-4"):
+        with pytest.raises(ValueError, match="stages"):
+            parse_stages(bad, 4)
+
+
+def test_pipelining_bp_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="AL only"):
+        build_configs("default", MODELS["mlp"], {"method": "bp", "pipeline": "threads"})
+
+
+# --- failures: an error that names the stage, never a hang ---------------------------
+
+
+class FailOnCall(nn.Module):
+    """Wraps an encoder and raises on its n-th forward call (importable, so a spawned stage can unpickle it)."""
+
+    def __init__(self, inner: nn.Module, fail_at: int):
+        super().__init__()
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected failure")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_a_stage_that_raises_stops_the_run_with_its_name_and_cause(mode):
+    trainer = make_trainer(MODELS["mlp"], pipeline=mode, devices=["cpu"] * 4, stages=STAGES[4])
+    trainer.net.components[2].encoder = FailOnCall(trainer.net.components[2].encoder, fail_at=5)
+    trainer.locals[2].component = trainer.net.components[2]
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"stage 2 \(component 2 on cpu\).*RuntimeError: injected failure"):
+        trainer.fit()
+    assert time.monotonic() - started < 30
+
+
+class KillStage(Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step(self, trainer):
+        if trainer.step_in_epoch == self.at_step:
+            os.kill(trainer.pipeline.worker_pids[0], signal.SIGKILL)
+
+
+def test_a_killed_stage_process_stops_the_run_with_an_error():
+    trainer = make_trainer(MODELS["mlp"], [KillStage(at_step=3)], pipeline="processes", devices=["cpu"] * 2,
+                           stages=STAGES[2], epochs=50)
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"stage 1 \(components 2-3 on cpu\).*killed by SIGKILL"):
+        trainer.fit()
+    assert time.monotonic() - started < 30
+
+
+# --- checkpoints and resume across modes ----------------------------------------------
+
+
+class StopAt(Callback):
+    def __init__(self, global_step: int):
+        self.global_step = global_step
+
+    def on_step(self, trainer):
+        if trainer.global_step >= self.global_step:
+            trainer.request_stop()
+
+
+@pytest.mark.parametrize("first, second", [("threads", "processes"), ("processes", "sequential")])
+def test_a_checkpoint_from_one_mode_resumes_in_another(tmp_path, one_thread, first, second):
+    model = MODELS["cnn"]
+    common = {k: v for k, v in TRAINING.items()}
+    straight = train(DIGITS, tmp_path / "straight", "default", model, common)
+    piped = {**common, "devices": ["cpu", "cpu"], "stages": STAGES[2]}
+    stopped = train(DIGITS, tmp_path / "resumed", "default", model, {**piped, "pipeline": first},
+                    callbacks=[StopAt(30)])  # mid-epoch 2 (23 batches an epoch)
+    assert stopped["status"] == "stopped"
+    second_training = {**piped, "pipeline": second} if second != "sequential" else common
+    resumed = train(DIGITS, tmp_path / "resumed", "default", model, second_training, resume=True)
+    assert resumed["status"] == "completed"
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+    model_dir = load_model(tmp_path / "resumed")  # inference needs nothing of the pipeline
+    predictions, _ = model_dir.predict(DIGITS.test_x[:8])
+    assert len(predictions) == 8
+
+
+# --- across hosts: the same code under torchrun, rank = stage --------------------------
+
+
+def test_torchrun_ranks_train_the_stages(tmp_path, one_thread):
+    import subprocess
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    al = os.path.join(os.path.dirname(sys.executable), "al")
+    command = [torchrun, "--standalone", "--nproc-per-node", "2", al, "train", "--dataset", "digits",
+               "--widths", "24,24,24,24", "--target-width", "12", "--epochs", "2", "--batch-size", "64",
+               "--schedule", "step", "--device", "cpu", "--pipeline", "processes", "--devices", "cpu,cpu",
+               "--stages", "0-1,2-3", "--stage-threads", "1", "--quiet", "--json", "--out", str(tmp_path / "ranked")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight = train(DIGITS, tmp_path / "straight", "default", MODELS["mlp"], TRAINING)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "ranked"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert f'"test_accuracy": {straight["test_accuracy"]}' in done.stdout

@@ -328,9 +328,19 @@ class Store:
         return new_status if done else None
 
     def stale_queued(self, older_than: float) -> list[str]:
-        """Queued jobs whose message was sent long ago and nobody took: bump them, the caller resends."""
-        cutoff = time.time() - older_than
+        """Queued jobs whose message was sent long ago and nobody took: bump them, the caller resends.
+
+        Only while no job holds a live lease: behind a long running job, waiting is normal and
+        resending would pile up duplicate messages (harmless, as each finds the job taken, but useless).
+        """
+        now = time.time()
+        cutoff = now - older_than
         with self.session() as s, s.begin():
+            busy = s.scalar(select(func.count()).where(
+                JobRow.status.in_(("running", "cancelling")), JobRow.lease_expires_at >= now
+            ))
+            if busy:
+                return []
             ids = list(s.scalars(select(JobRow.id).where(
                 JobRow.status == "queued", JobRow.enqueued_at < cutoff, JobRow.lease_owner.is_(None)
             )))

@@ -122,6 +122,16 @@ def test_cancel_of_a_queued_job_is_immediate_and_of_a_running_one_cooperative(st
     assert store.take_lease(queued.id, "w2", 60) is None  # a stray message for it does nothing
 
 
+def test_a_lost_message_is_resent_only_while_no_job_runs(store):
+    waiting, running = new_job(store), new_job(store)
+    owner = store.take_lease(running.id, "w", 60).owner
+    time.sleep(0.02)
+    assert store.stale_queued(0.01) == []  # behind a running job, waiting is normal
+    store.finish(running.id, owner, "succeeded")
+    assert store.stale_queued(0.01) == [waiting.id]
+    assert store.stale_queued(60) == []  # bumped: not resent again at once
+
+
 def test_worker_gives_up_after_max_attempts_and_reconciler_requeues(tmp_path, monkeypatch):
     settings = use_env(monkeypatch, {"AL_DATA_DIR": str(tmp_path), "AL_MAX_ATTEMPTS": "2",
                                      "AL_REQUEUE_QUEUED_AFTER": "0.01"})

@@ -90,6 +90,15 @@ def test_upload_train_status_events_predict(server):
         assert outputs["predictions"]["data"] == body["predictions"]
         assert outputs["probabilities"]["shape"] == [3, 10]
 
+        # The pipelined trainer's process mode starts stage processes from the worker's pool process.
+        pipelined = client.post("/v1/jobs", json={
+            "dataset": "digits", "model": {"widths": [32, 32], "target_width": 16}, "training": {"epochs": 1},
+            "pipeline": {"mode": "processes", "devices": ["cpu", "cpu"]}}).json()["id"]
+        with client.stream("GET", f"/v1/jobs/{pipelined}/events", timeout=120) as response:
+            sse_events(response)
+        job = client.get(f"/v1/jobs/{pipelined}").json()
+        assert job["status"] == "succeeded", job["error"]
+
         metrics = client.get("/metrics").text
-        assert 'al_jobs{status="succeeded"} 1.0' in metrics
+        assert 'al_jobs{status="succeeded"} 2.0' in metrics
         assert 'al_http_requests_total{method="POST",route="/v1/models/{name}/predict",status="200"} 1.0' in metrics

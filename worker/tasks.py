@@ -8,6 +8,7 @@ trains twice at once, however often its message is delivered.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import time
 from pathlib import Path
@@ -112,6 +113,18 @@ def training_arguments(spec: dict) -> tuple[dict, dict]:
     return dict(spec.get("model") or {}), training
 
 
+def allow_child_processes() -> None:
+    """Let the `processes` pipeline mode start its stage processes from a Celery pool process.
+
+    Pool processes are daemonic, and multiprocessing refuses children to a daemon; their authkey is
+    billiard's type, which multiprocessing's spawn refuses to pickle. The pool process still dies with
+    its worker (die_with_parent); the stages end on their own when a peer stops (al/pipeline.py's timeouts).
+    """
+    process = multiprocessing.current_process()
+    process._config["daemon"] = False
+    process._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(process.authkey))
+
+
 def run_job(store: Store, settings: Settings, job_id: str) -> str | None:
     """Train a job to its end (or until cancelled); the status it ended with, or None if not ours to run."""
     owner = worker_identity()
@@ -163,4 +176,5 @@ def run_job(store: Store, settings: Settings, job_id: str) -> str | None:
 def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=TRAIN_TASK, ignore_result=True)
     def train_job(job_id: str) -> None:
+        allow_child_processes()
         run_job(get_store(settings.store_url), settings, job_id)

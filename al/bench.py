@@ -149,6 +149,7 @@ def add_parser(sub) -> None:
     a.add_argument("--presets", nargs="+", default=["default"])
     a.add_argument("--device", default="auto")
     a.set_defaults(func=bench_accuracy)
-    from al import bench_serve
+    from al import bench_pipeline, bench_serve
 
     bench_serve.add_parser(kinds)
+    bench_pipeline.add_parser(kinds)

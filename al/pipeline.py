@@ -405,7 +405,8 @@ def serve_rank(rank: int, locals: dict[int, ComponentTrainer], backend: str, tim
         comm = _comm_device(backend, stage.device)
         for i in stage.components:
             _move(locals[i], stage.device)
-        load_components_state(locals, command["state"])
+        if command["state"] is not None:
+            load_components_state(locals, command["state"])
         last = stage.index == command["stages"] - 1
         run = RunState(timeout)
         depth = command["queue_depth"]
@@ -481,6 +482,9 @@ class Pipeline:
         self._workers: list = []  # spawned stage processes, index k-1 for rank k
         self._store = None
         self._backend = "gloo"
+        # Workers keep their state between runs of batches; rank 0 sends it only to fresh workers
+        # (its copy, pulled at every sync, changes only through load_state_dict before fit).
+        self._workers_hold_state = False
 
     @property
     def is_worker(self) -> bool:
@@ -611,9 +615,11 @@ class Pipeline:
         stages, comm = self.stages, _comm_device(self._backend, self.stages[0].device)
         control = _comm_device(self._backend, "cpu")
         for stage in stages[1:]:
+            state = None if self._workers_hold_state else components_state(self.locals, stage.components)
             send_object({"stage": stage, "stages": len(stages), "queue_depth": self.cfg.queue_depth,
-                         "threads": self.threads, "total_steps": self.trainer.total_steps,
-                         "state": components_state(self.locals, stage.components)}, stage.index, control)
+                         "threads": self.threads, "total_steps": self.trainer.total_steps, "state": state},
+                        stage.index, control)
+        self._workers_hold_state = True
         for i in stages[0].components:
             _move(self.locals[i], stages[0].device)
         reports = Link("reports to the trainer", 0, run)
@@ -725,6 +731,7 @@ class Pipeline:
                     process.kill()
                     process.join()
             self._workers = []
+            self._workers_hold_state = False
             dist.destroy_process_group()
             self._store = None
 

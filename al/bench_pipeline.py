@@ -1,0 +1,263 @@
+"""`al bench pipeline`: what pipelined AL buys over sequential AL and BP, measured, and a model of it.
+
+Every run is a fresh Python process (`python -m al.bench_pipeline RUN_JSON`), so that its peak
+memory is its own and no thread setting leaks between runs. A run trains two epochs and reports
+the second: the first pays for spawning stages, profiling and first-call allocations.
+
+The schedule model (spec section 4): with per-batch stage times t_1..t_L, a window of M
+mini-batches between syncs takes sum(t) to fill the pipeline and then max(t) per batch,
+    T = sum(t) + (M - 1) * max(t),
+and on C cores no faster than the work allows, T >= M * sum(t) / C. Measured stage times go in;
+the gap between prediction and measurement is what the model leaves out (hand-off, Python, GIL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODEL_STAGES = (1, 2, 4, 8, 16)
+
+
+def predicted_seconds(stage_seconds: list[float], batches: int, cores: int | None = None) -> float:
+    """Time for `batches` mini-batches through stages with these per-batch times (see the module docstring)."""
+    pipelined = sum(stage_seconds) + (batches - 1) * max(stage_seconds)
+    return pipelined if cores is None else max(pipelined, batches * sum(stage_seconds) / cores)
+
+
+def one_run(spec: dict) -> dict:
+    """Train as `spec` says in this process; throughput of the second epoch, stage times, peak memory."""
+    from al.config import build_configs
+    from al.data import load_dataset, prepare_splits
+    from al.model import build_network
+    from al.train import Trainer
+
+    torch.set_num_threads(spec["threads"])
+    data = load_dataset(spec["data"])
+    training = {**spec["training"], "epochs": 2, "val_fraction": 0.05}
+    model_cfg, train_cfg = build_configs("default", spec["model"], training)
+    torch.manual_seed(train_cfg.seed)
+    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
+    net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
+    trainer = Trainer(net, model_cfg, train_cfg, splits)
+    trainer.fit()
+    seconds = trainer.history[-1]["seconds"]
+    result = {"samples_per_second": len(splits.train_x) / seconds, "seconds": seconds,
+              "batches": trainer.steps_per_epoch, "peak_rss_bytes": peak_rss_bytes()}
+    if torch.cuda.is_available():  # this process's GPUs only: a processes run's workers are not counted
+        result["peak_cuda_bytes"] = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+    if trainer.pipeline is not None:
+        stats = trainer.pipeline.stats
+        result.update(stages=stats["stages"], busy_seconds=stats["busy_seconds"],
+                      idle_fraction=stats["idle_fraction"], pipeline_seconds=stats["wall_seconds"],
+                      peak_rss_bytes=sum(stats["peak_rss_bytes"]))  # every stage process together
+    return result
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_in_fresh_process(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, "-m", "al.bench_pipeline", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark run {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def subset_file(dataset: str, samples: int, directory: Path) -> Path:
+    """The first `samples` training samples of a dataset as an .npz, so that runs load little."""
+    from al.data import load_dataset
+
+    data = load_dataset(dataset)
+    x = np.concatenate([data.train_x[:samples], data.test_x[: samples // 4]])
+    y = np.concatenate([data.train_y[:samples], data.test_y[: samples // 4]])
+    path = directory / f"{dataset}-{samples}.npz"
+    np.savez(path, x=x, y=np.asarray(data.classes)[y])
+    return path
+
+
+def bench_pipeline(args) -> None:
+    from al.bench import publish
+
+    rows, raw = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(subset_file(args.dataset, args.samples, Path(tmp)))
+        for arch in args.archs:
+            for depth in args.depths:
+                rows += bench_model(args, data, arch, depth, raw)
+    model_rows = schedule_model_rows(raw)
+    publish(
+        name="pipeline",
+        title=f"Pipelined AL: {args.dataset} ({args.samples} samples), batch {args.batch_size}, epoch 2 of 2",
+        columns=["arch", "components", "run", "stages", "samples/s", "x AL 1 thread", "x best sequential AL",
+                 "parallel efficiency", "stage busy s", "bubble %", "model samples/s", "peak MiB", "peak GPU MiB"],
+        rows=rows,
+        notes=NOTES.format(**summary(rows)),
+        raw={"runs": raw, "schedule_model": model_rows, "settings": vars_of(args),
+             "load_average": open("/proc/loadavg").read().split()[:3]},
+    )
+    publish(
+        name="pipeline-model",
+        title="Pipelined AL: the schedule model, from measured stage times, on L devices",
+        columns=["arch", "net", "stages L", "batches per sync M", "predicted x sequential",
+                 "measured x sequential"],
+        rows=model_rows,
+        notes=MODEL_NOTES,
+        raw={"settings": vars_of(args)},
+    )
+
+
+def bench_model(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[dict]:
+    """BP, sequential AL on 1 and all threads, and AL threads/processes for one model; its table rows."""
+    cores = os.cpu_count() or 1
+    device = args.devices[0] if args.devices else "cpu"
+    model = {
+        "mlp": {"arch": "mlp", "widths": [args.mlp_width] * depth, "target_width": args.mlp_width // 4},
+        "cnn": {"arch": "cnn", "widths": [16, 32, 32, 64][:depth], "target_width": 128, "bridge_pool": 4},
+    }[arch]
+
+    def measure(label, threads, **training):
+        spec = {"data": data, "model": model, "threads": threads,
+                "training": {"batch_size": args.batch_size, "device": device, "schedule": "none", **training}}
+        result = run_in_fresh_process(spec)
+        raw.append({"arch": arch, "components": depth, "run": label, "spec": spec, **result})
+        print(f"{arch} L={depth} {label}: {result['samples_per_second']:.0f} samples/s", file=sys.stderr)
+        return result
+
+    bp = max((measure(f"BP {n} thread(s)", n, method="bp") for n in sorted({1, cores})),
+             key=lambda r: r["samples_per_second"])
+    al_one = measure("AL sequential, 1 thread", 1)
+    al_all = measure(f"AL sequential, {cores} threads", cores)
+    runs = [("BP, best thread count", bp, None), ("AL sequential, 1 thread", al_one, None),
+            (f"AL sequential, {cores} threads", al_all, None)]
+    stage_devices = [args.devices] if args.devices else [["cpu"] * n for n in sorted({min(depth, cores), depth})]
+    for devices in stage_devices:
+        for mode in ("threads", "processes"):
+            runs.append((f"AL {mode}", measure(f"AL {mode}", 1, pipeline=mode, devices=devices), len(devices)))
+    best_sequential = max(al_one["samples_per_second"], al_all["samples_per_second"])
+    # what can run at once: the cores, or the distinct GPUs
+    units = len(set(args.devices)) if device.startswith("cuda") else cores
+    return [table_row(arch, depth, label, stages, result, al_one, best_sequential, units, args.batch_size)
+            for label, result, stages in runs]
+
+
+def vars_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def table_row(arch, depth, label, stages, result, al_one, best_sequential, units, batch_size) -> dict:
+    speedup = result["samples_per_second"] / al_one["samples_per_second"]
+    row = {
+        "arch": arch,
+        "components": depth,
+        "run": label,
+        "stages": stages or "",
+        "samples/s": f"{result['samples_per_second']:.0f}",
+        "x AL 1 thread": f"{speedup:.2f}",
+        "x best sequential AL": f"{result['samples_per_second'] / best_sequential:.2f}",
+        "peak MiB": f"{result['peak_rss_bytes'] / 2**20:.0f}",
+        "peak GPU MiB": f"{result['peak_cuda_bytes'] / 2**20:.0f}" if "peak_cuda_bytes" in result else "",
+        "peak_ratio": result["peak_rss_bytes"] / al_one["peak_rss_bytes"],
+    }
+    if stages:
+        batches = result["batches"]
+        per_batch = [b / batches for b in result["busy_seconds"]]
+        predicted = predicted_seconds(per_batch, batches, units)
+        row.update({
+            "parallel efficiency": f"{speedup / min(stages, units):.2f}",
+            "stage busy s": " / ".join(f"{b:.2f}" for b in result["busy_seconds"]),
+            "bubble %": f"{100 * sum(result['idle_fraction']) / len(result['idle_fraction']):.0f}",
+            "model samples/s": f"{batches * batch_size / predicted:.0f}",
+        })
+    return row
+
+
+def schedule_model_rows(raw: list[dict]) -> list[dict]:
+    """Predicted speed-up of L stages over one, for each model, from its measured sequential time.
+
+    A stage here is an equal share of the measured 1-thread sequential batch time (a deeper net of
+    the same components, one per device); the measured column holds the 2-stage threads run.
+    """
+    rows = []
+    for one in (r for r in raw if r["run"] == "AL sequential, 1 thread"):
+        batches = one["batches"]
+        batch_seconds = one["seconds"] / batches
+        measured = {len(r["stages"]): r["samples_per_second"] / one["samples_per_second"] for r in raw
+                    if r["run"] == "AL threads" and r["arch"] == one["arch"] and r["components"] == one["components"]}
+        for stages in MODEL_STAGES:
+            sequential = predicted_seconds([batch_seconds], batches)
+            piped = predicted_seconds([batch_seconds / stages] * stages, batches)
+            net = f"{one['components']} components" if stages <= one["components"] else f"{stages} such components"
+            rows.append({
+                "arch": one["arch"],
+                "net": net,
+                "stages L": stages,
+                "batches per sync M": batches,
+                "predicted x sequential": f"{sequential / piped:.2f}",
+                "measured x sequential": f"{measured[stages]:.2f}" if stages in measured else "",
+            })
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    def find(run, arch="mlp", depth=2):
+        return next(r for r in rows if r["arch"] == arch and r["components"] == depth and r["run"] == run)
+
+    threads, processes = find("AL threads"), find("AL processes")
+    return {
+        "threads_vs_one": threads["x AL 1 thread"],
+        "threads_vs_best": threads["x best sequential AL"],
+        "processes_vs_threads": f"{float(processes['samples/s']) / float(threads['samples/s']):.2f}",
+        "threads_memory": f"{threads['peak_ratio']:.2f}",
+        "processes_memory": f"{processes['peak_ratio']:.2f}",
+    }
+
+
+NOTES = (
+    "What the numbers mean. samples/s is the second of two epochs (training only, evaluation excluded). "
+    "'x AL 1 thread' is the speed-up over sequential AL on one thread; 'x best sequential AL' over the faster "
+    "of 1 thread and all cores; parallel efficiency = speed-up / min(stages, cores). Stage busy s is the time "
+    "each stage spent training in the epoch; bubble % the mean share of the epoch a stage was idle (filling, "
+    "draining, waiting on a slower neighbour or on the GIL). 'model samples/s' is the schedule model fed with "
+    "the measured stage times of that run. Peak MiB is the peak RSS of the run's process(es), all stage "
+    "processes summed. Targets for 2 stages, mlp: threads {threads_vs_one}x one-thread sequential (target "
+    ">= 1.7) and {threads_vs_best}x the best sequential (>= 1.05); processes/threads = {processes_vs_threads} "
+    "(within 15 %); peak memory {threads_memory}x sequential for threads and {processes_memory}x for processes "
+    "(<= 1.5)."
+)
+MODEL_NOTES = (
+    "Predicted: T = sum(t) + (M - 1) max(t) for L equal stages made from the measured one-thread sequential "
+    "batch time, one device per stage, M = mini-batches between syncs (one epoch here); the ceiling is "
+    "L M / (M + L - 1). It leaves out transfers and per-message overhead, which the measured column includes "
+    "(threads mode on this machine's cores; 4 stages on 2 cores cannot exceed 2x)."
+)
+
+
+def add_parser(kinds) -> None:
+    p = kinds.add_parser("pipeline", help="pipelined AL (threads, processes) against sequential AL and BP")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--samples", type=int, default=8192, help="training samples (an epoch)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--archs", nargs="+", default=["mlp", "cnn"])
+    p.add_argument("--depths", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--mlp-width", type=int, default=1024)
+    p.add_argument("--devices", type=lambda text: text.split(","), default=None,
+                   help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
+                   "pipeline use the first")
+    p.set_defaults(func=bench_pipeline)
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    print(json.dumps({**one_run(json.loads(sys.argv[1])), "process_seconds": time.perf_counter() - started}))

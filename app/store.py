@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
@@ -306,6 +307,21 @@ class Store:
                 continue
         return False
 
+    def release(self, job_id: str, owner: str) -> str | None:
+        """The lease holder gives the job back: queued again (or cancelled, if that was asked meanwhile)."""
+        now = time.time()
+        with self.session() as s, s.begin():
+            job = s.scalars(select(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner,
+                                                 JobRow.status.in_(("running", "cancelling")))).first()
+            if job is None:
+                return None
+            new_status = "cancelled" if job.status == "cancelling" else "queued"
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner).values(
+                status=new_status, lease_owner=None, lease_expires_at=None, enqueued_at=now,
+                finished_at=now if new_status == "cancelled" else None,
+            ))
+            return new_status
+
     def expired_leases(self) -> list[JobRow]:
         with self.session() as s:
             return list(s.scalars(select(JobRow).where(
@@ -371,7 +387,9 @@ class Store:
 
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        # No pool: a process holds no SQLite connection between sessions, so a Celery pool process
+        # forked meanwhile cannot inherit SQLite's in-process lock state (the lock would never be freed).
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):

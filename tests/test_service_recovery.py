@@ -1,5 +1,6 @@
 """Jobs survive dead workers: a worker SIGKILLed mid-job (Redis broker), the whole embedded
-`al serve` SIGKILLed and restarted; and a running job is cancelled cooperatively."""
+`al serve` SIGKILLed and restarted, a worker stopped with SIGTERM; and a running job is cancelled
+cooperatively."""
 
 from __future__ import annotations
 
@@ -84,8 +85,24 @@ def test_killed_worker_job_resumes_from_checkpoint_exactly_once(redis_service, t
         assert job["model"] is None and job["progress"]["epoch"] < 200
         assert (tmp_path / "data" / "jobs" / long_job / "checkpoint.pt").is_file()
         assert client.post(f"/v1/jobs/{long_job}/cancel").status_code == 409
+
+        # A warm shutdown (SIGTERM) checkpoints the running job at its current step and requeues it at once,
+        # without waiting for the lease to expire.
+        preempted = client.post("/v1/jobs", json={**RESUMABLE_JOB, "name": "preempted"}).json()["id"]
+        wait_for(lambda: job_of(client, preempted)["progress"]["step"] > 0, 60, "the job to train")
+        second.popen.terminate()
+        second.popen.wait(30)
+        assert job_of(client, preempted)["status"] == "queued"
     finally:
         second.stop()
+    third = start_worker(env, tmp_path / "worker-3.log")
+    try:
+        wait_for(lambda: job_of(client, preempted)["status"] in ("succeeded", "failed"), 120, "the requeued job")
+        job = job_of(client, preempted)
+        assert job["status"] == "succeeded" and job["attempts"] == 2 and job["resumed_from_epoch"] is not None, job
+        assert [m["epoch"] for m in client.get(f"/v1/jobs/{preempted}/metrics").json()["epochs"]] == [1, 2, 3, 4]
+    finally:
+        third.stop()
 
 
 def test_embedded_serve_killed_with_sigkill_finishes_the_job_after_restart(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from service_support import use_env
 
 from app.store import Store
-from worker.celery_app import make_celery
+from worker.celery_app import enqueue, make_celery
 from worker.reconcile import reconcile_once
 from worker.tasks import run_job
 
@@ -144,6 +144,6 @@ def test_worker_gives_up_after_max_attempts_and_reconciler_requeues(tmp_path, mo
     broker = make_celery(settings)  # the embedded broker, in tmp_path
     assert reconcile_once(store, broker, settings) == [job.id]
     assert store.get_job(job.id).status == "queued"
-    assert run_job(store, settings, job.id) == "failed"
+    assert run_job(store, settings, job.id, requeue=lambda job_id: enqueue(broker, job_id)) == "failed"
     job = store.get_job(job.id)
     assert job.status == "failed" and "gave up after 2 attempts" in job.error and job.attempts == 3

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
+from pathlib import Path
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from app.core.config import Settings
 from app.store import get_store
 from worker.celery_app import QUEUE, make_celery
 from worker.reconcile import start_reconciler
-from worker.tasks import register_tasks
+from worker.tasks import SHUTTING_DOWN, register_tasks
 
 PR_SET_PDEATHSIG = 1
 
@@ -21,6 +23,21 @@ def die_with_parent() -> None:
     """SIGKILL this process when its parent dies (Linux), so no orphan keeps training a job."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_pids() -> list[int]:
+    """This process's children, from /proc (Linux)."""
+    me, pids = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # the field after the state is the parent's pid
+            pids.append(int(entry.name))
+    return pids
 
 
 def run_worker(settings: Settings) -> None:
@@ -32,6 +49,16 @@ def run_worker(settings: Settings) -> None:
     @worker_process_init.connect(weak=False)
     def _pool_child_started(**_):
         die_with_parent()
+        signal.signal(signal.SIGUSR2, lambda *_: SHUTTING_DOWN.set())  # SIGUSR1 is billiard's soft time limit
+
+    @worker_shutting_down.connect(weak=False)
+    def _checkpoint_running_jobs(**_):
+        # A warm shutdown waits for running tasks: tell them to checkpoint now and requeue their job.
+        for pid in child_pids():
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
 
     @worker_ready.connect(weak=False)
     def _start_reconciler(**_):

@@ -8,6 +8,7 @@ so when several reconcilers see the same expired lease only one of them sends th
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from celery import Celery
@@ -17,6 +18,12 @@ from app.store import Store
 from worker.celery_app import enqueue
 
 log = logging.getLogger(__name__)
+
+# Celery forks its pool processes from the thread that runs the worker while this reconciler runs
+# in another: a fork in the middle of a pass would copy an open database transaction into the child.
+_pass_lock = threading.Lock()
+os.register_at_fork(before=_pass_lock.acquire, after_in_parent=_pass_lock.release,
+                    after_in_child=_pass_lock.release)
 
 
 def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
@@ -46,7 +53,8 @@ def start_reconciler(store: Store, app: Celery, settings: Settings) -> threading
     def loop() -> None:
         while True:
             try:
-                reconcile_once(store, app, settings)
+                with _pass_lock:
+                    reconcile_once(store, app, settings)
             except Exception:  # the store or broker is down for a moment: try again next pass
                 log.exception("reconciler pass failed")
             if stop.wait(settings.reconcile_interval):

@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
@@ -23,16 +24,20 @@ from al.run import train
 from al.train import Callback
 from app.core.config import Settings
 from app.store import Store, get_store, worker_identity
-from worker.celery_app import TRAIN_TASK
+from worker.celery_app import TRAIN_TASK, enqueue
 
 log = logging.getLogger(__name__)
 
+# Set in a pool process when its worker shuts down (SIGUSR2, see worker/main.py): the job then
+# checkpoints at its current step and goes back to the queue instead of holding up the shutdown.
+SHUTTING_DOWN = threading.Event()
+
 
 class JobReporter(Callback):
-    """Progress and epoch metrics to the store; stops the trainer on cancel or a lost lease.
+    """Progress and epoch metrics to the store; stops the trainer on cancel, a lost lease or shutdown.
 
     A heartbeat thread renews the lease and reads the job's status, so the training loop
-    only looks at two flags between steps.
+    only looks at flags between steps.
     """
 
     def __init__(self, store: Store, job_id: str, owner: str, settings: Settings):
@@ -72,7 +77,7 @@ class JobReporter(Callback):
             log.info("job %s resumes at epoch %d step %d", self.job_id, trainer.epoch, trainer.step_in_epoch)
 
     def on_step(self, trainer):
-        if self.cancel_requested.is_set() or self.lease_lost.is_set():
+        if self.cancel_requested.is_set() or self.lease_lost.is_set() or SHUTTING_DOWN.is_set():
             trainer.request_stop()
         now = time.monotonic()
         if now - self._last_write >= self.settings.progress_interval:
@@ -125,8 +130,9 @@ def allow_child_processes() -> None:
     process._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(process.authkey))
 
 
-def run_job(store: Store, settings: Settings, job_id: str) -> str | None:
-    """Train a job to its end (or until cancelled); the status it ended with, or None if not ours to run."""
+def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[str], None]) -> str | None:
+    """Train a job to its end (or until cancelled, or the worker shuts down: then `requeue(job_id)`);
+    the status it ended with, or None if it was not ours to run."""
     owner = worker_identity()
     claim = store.take_lease(job_id, owner, settings.lease_seconds)
     if claim is None:
@@ -161,12 +167,20 @@ def run_job(store: Store, settings: Settings, job_id: str) -> str | None:
             status = "succeeded"
         elif reporter.cancel_requested.is_set():
             status = "cancelled"
+        elif reporter.lease_lost.is_set():
+            status = None  # the attempt that holds the lease now reports
         else:
-            status = None  # lease lost: the attempt that holds it now reports
+            status = "queued"  # the worker is shutting down; the checkpoint holds the current step
     finally:
         reporter.stop_heartbeat()
     if status is None:
         return None
+    if status == "queued":
+        if store.release(job_id, owner) == "queued":
+            requeue(job_id)
+            log.info("job %s: checkpointed at epoch %d step %d and requeued (worker shutting down)",
+                     job_id, result["epochs"], store.get_job(job_id).step)
+        return "queued"
     model_path = str(Path(model_dir).relative_to(settings.data_dir)) if status == "succeeded" else None
     store.finish(job_id, owner, status, result=result, error=error, model_path=model_path)
     log.info("job %s: %s", job_id, status)
@@ -177,4 +191,4 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=TRAIN_TASK, ignore_result=True)
     def train_job(job_id: str) -> None:
         allow_child_processes()
-        run_job(get_store(settings.store_url), settings, job_id)
+        run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job))

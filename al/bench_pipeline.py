@@ -99,8 +99,9 @@ def bench_pipeline(args) -> None:
     model_rows = schedule_model_rows(raw)
     publish(
         name="pipeline",
-        title=f"Pipelined AL: {args.dataset} ({args.samples} samples), batch {args.batch_size}, epoch 2 of 2",
-        columns=["arch", "components", "run", "stages", "samples/s", "x AL 1 thread", "x best sequential AL",
+        title=f"Pipelined AL: {args.dataset} ({args.samples} samples), batch {args.batch_size}, epoch 2 of 2, "
+        f"median of {args.repeats}",
+        columns=["arch", "components", "run", "stages", "samples/s", "range", "x AL 1 thread", "x best sequential AL",
                  "parallel efficiency", "stage busy s", "bubble %", "model samples/s", "peak MiB", "peak GPU MiB"],
         rows=rows,
         notes=NOTES.format(**summary(rows)),
@@ -135,21 +136,35 @@ def bench_model(args, data: str, arch: str, depth: int, raw: list[dict]) -> list
         print(f"{arch} L={depth} {label}: {result['samples_per_second']:.0f} samples/s", file=sys.stderr)
         return result
 
-    bp = max((measure(f"BP {n} thread(s)", n, method="bp") for n in sorted({1, cores})),
-             key=lambda r: r["samples_per_second"])
-    al_one = measure("AL sequential, 1 thread", 1)
-    al_all = measure(f"AL sequential, {cores} threads", cores)
+    thread_counts = sorted({1, cores})
+    stage_devices = [args.devices] if args.devices else [["cpu"] * n for n in sorted({min(depth, cores), depth})]
+    configurations = {("bp", n): (f"BP {n} thread(s)", n, {"method": "bp"}) for n in thread_counts}
+    configurations |= {("al", n): (f"AL sequential, {n} thread(s)", n, {}) for n in thread_counts}
+    configurations |= {(mode, len(devices)): (f"AL {mode}", 1, {"pipeline": mode, "devices": devices})
+                       for devices in stage_devices for mode in ("threads", "processes")}
+    # Rounds over all configurations, so that a change in the machine's load hits all of them alike.
+    results = {key: [] for key in configurations}
+    for _ in range(args.repeats):
+        for key, (label, threads, training) in configurations.items():
+            results[key].append(measure(label, threads, **training))
+    median = {key: median_run(measured) for key, measured in results.items()}
+    bp = max((median["bp", n] for n in thread_counts), key=lambda r: r["samples_per_second"])
+    al_one, al_all = median["al", 1], median["al", cores]
     runs = [("BP, best thread count", bp, None), ("AL sequential, 1 thread", al_one, None),
             (f"AL sequential, {cores} threads", al_all, None)]
-    stage_devices = [args.devices] if args.devices else [["cpu"] * n for n in sorted({min(depth, cores), depth})]
-    for devices in stage_devices:
-        for mode in ("threads", "processes"):
-            runs.append((f"AL {mode}", measure(f"AL {mode}", 1, pipeline=mode, devices=devices), len(devices)))
+    runs += [(configurations[key][0], median[key], key[1]) for key in configurations if key[0] not in ("bp", "al")]
     best_sequential = max(al_one["samples_per_second"], al_all["samples_per_second"])
     # what can run at once: the cores, or the distinct GPUs
     units = len(set(args.devices)) if device.startswith("cuda") else cores
     return [table_row(arch, depth, label, stages, result, al_one, best_sequential, units, args.batch_size)
             for label, result, stages in runs]
+
+
+def median_run(results: list[dict]) -> dict:
+    """The run with the median throughput (its own stage times and memory), and the spread of all."""
+    ordered = sorted(results, key=lambda r: r["samples_per_second"])
+    spread = f"{ordered[0]['samples_per_second']:.0f}-{ordered[-1]['samples_per_second']:.0f}"
+    return {**ordered[(len(ordered) - 1) // 2], "spread": spread}
 
 
 def vars_of(args) -> dict:
@@ -164,6 +179,7 @@ def table_row(arch, depth, label, stages, result, al_one, best_sequential, units
         "run": label,
         "stages": stages or "",
         "samples/s": f"{result['samples_per_second']:.0f}",
+        "range": result["spread"],
         "x AL 1 thread": f"{speedup:.2f}",
         "x best sequential AL": f"{result['samples_per_second'] / best_sequential:.2f}",
         "peak MiB": f"{result['peak_rss_bytes'] / 2**20:.0f}",
@@ -225,7 +241,8 @@ def summary(rows: list[dict]) -> dict:
 
 
 NOTES = (
-    "What the numbers mean. samples/s is the second of two epochs (training only, evaluation excluded). "
+    "What the numbers mean. samples/s is the second of two epochs (training only, evaluation excluded), "
+    "the median over rounds of all runs (range: slowest-fastest). "
     "'x AL 1 thread' is the speed-up over sequential AL on one thread; 'x best sequential AL' over the faster "
     "of 1 thread and all cores; parallel efficiency = speed-up / min(stages, cores). Stage busy s is the time "
     "each stage spent training in the epoch; bubble % the mean share of the epoch a stage was idle (filling, "
@@ -252,6 +269,7 @@ def add_parser(kinds) -> None:
     p.add_argument("--archs", nargs="+", default=["mlp", "cnn"])
     p.add_argument("--depths", nargs="+", type=int, default=[2, 4])
     p.add_argument("--mlp-width", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each configuration; the median is reported")
     p.add_argument("--devices", type=lambda text: text.split(","), default=None,
                    help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
                    "pipeline use the first")

@@ -55,6 +55,7 @@ MODES = ("sequential", "threads", "processes")
 POLL_SECONDS = 0.05  # how often a waiting stage checks whether the run has failed
 PROFILE_STEPS = 3
 ERROR_KEY = "al_pipeline/error/{}"
+CPU = torch.device("cpu")
 STARTED_KEY = "al_pipeline/started/{}"
 
 
@@ -290,7 +291,7 @@ MESSAGE_TAG = 1  # state and commands use send_object_list's tag 0
 # would say so explicitly but polls: measured 2.6 ms per round trip against 0.17 ms blocking.
 
 
-def send_message(item, dst: int, device: torch.device) -> None:
+def send_message(item, dst: int, device: torch.device, group) -> None:
     """A header, then s, t, labels and losses packed into one float32 tensor (labels < 2**24 are exact)."""
     header = torch.zeros(HEADER, dtype=torch.int64)
     parts: list[torch.Tensor] = []
@@ -306,14 +307,14 @@ def send_message(item, dst: int, device: torch.device) -> None:
             header[9] = item.t.shape[1]
             parts += [item.s.reshape(-1), item.t.reshape(-1), item.labels.float()]
         parts += [loss.reshape(1) for loss in item.losses]
-    dist.send(header.to(device), dst, tag=MESSAGE_TAG)
+    dist.send(header.to(device), dst, group=group, tag=MESSAGE_TAG)
     if parts:
-        dist.send(torch.cat([p.to(device, torch.float32) for p in parts]), dst, tag=MESSAGE_TAG)
+        dist.send(torch.cat([p.to(device, torch.float32) for p in parts]), dst, group=group, tag=MESSAGE_TAG)
 
 
-def recv_message(src: int, device: torch.device):
+def recv_message(src: int, device: torch.device, group):
     header = torch.empty(HEADER, dtype=torch.int64, device=device)
-    dist.recv(header, src, tag=MESSAGE_TAG)
+    dist.recv(header, src, group=group, tag=MESSAGE_TAG)
     kind, step, loss_count, s_rank, *rest = header.tolist()
     if kind == END_KIND:
         return END
@@ -322,7 +323,7 @@ def recv_message(src: int, device: torch.device):
         s_shape, rows, t_width = rest[:s_rank], rest[0], rest[5]
         sizes = [math.prod(s_shape), rows * t_width, rows, loss_count]
     payload = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-    dist.recv(payload, src, tag=MESSAGE_TAG)
+    dist.recv(payload, src, group=group, tag=MESSAGE_TAG)
     pieces = payload.split(sizes)
     if kind == REPORT:
         return Batch(step, None, None, None, list(pieces[0]))
@@ -330,21 +331,21 @@ def recv_message(src: int, device: torch.device):
     return Batch(step, s.view(s_shape), t.view(rows, t_width), labels.long(), list(losses))
 
 
-def send_thread(run: RunState, link: Link, dst: int, device: torch.device) -> threading.Thread:
+def send_thread(run: RunState, link: Link, dst: int, device: torch.device, group) -> threading.Thread:
     def work():
         while True:
             item = link.get()
-            send_message(item, dst, device)
+            send_message(item, dst, device, group)
             if item == END:
                 return
 
     return _start(run, f"sending to rank {dst}", work)
 
 
-def receive_thread(run: RunState, link: Link, src: int, device: torch.device) -> threading.Thread:
+def receive_thread(run: RunState, link: Link, src: int, device: torch.device, group) -> threading.Thread:
     def work():
         while True:
-            item = recv_message(src, device)
+            item = recv_message(src, device, group)
             link.put(item)
             if item == END:
                 return
@@ -381,28 +382,41 @@ def load_components_state(locals: dict[int, ComponentTrainer], state: dict) -> N
             optimizer.load_state_dict(optimizer_state)
 
 
-def send_object(value, dst: int, device: torch.device) -> None:
-    dist.send_object_list([value], dst, device=device)
+def send_object(value, dst: int, control) -> None:
+    dist.send_object_list([value], dst, group=control, device=CPU)
 
 
-def recv_object(src: int, device: torch.device):
+def recv_object(src: int, control):
     box = [None]
-    dist.recv_object_list(box, src, device=device)
+    dist.recv_object_list(box, src, group=control, device=CPU)
     return box[0]
+
+
+def join_group(backend: str, device: str, **init):
+    """Join the process group; returns the gloo group for commands, state and reports.
+
+    With NCCL that is a second group: commands and state are CPU objects, and NCCL must never
+    carry two transfers between one pair of ranks from two threads (rank 0 sends batches to
+    rank 1 while a 2-stage run's rank 1 reports back).
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, **init)
+    return dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def serve_rank(rank: int, locals: dict[int, ComponentTrainer], backend: str, timeout: float) -> None:
+def serve_rank(rank: int, locals: dict[int, ComponentTrainer], control, timeout: float) -> None:
     """A worker process (rank > 0): for each command from rank 0, load the state, train, send it back."""
     while True:
-        command = recv_object(0, _comm_device(backend, "cpu"))
+        command = recv_object(0, control)
         if command is None:
             return
         stage: Stage = command["stage"]
-        comm = _comm_device(backend, stage.device)
+        comm = _comm_device(dist.get_backend(), stage.device)
         for i in stage.components:
             _move(locals[i], stage.device)
         if command["state"] is not None:
@@ -411,25 +425,31 @@ def serve_rank(rank: int, locals: dict[int, ComponentTrainer], backend: str, tim
         run = RunState(timeout)
         depth = command["queue_depth"]
         inbox, outbox = Link(f"{stage} inbox", depth, run), Link(f"{stage} outbox", depth, run)
-        threads = [receive_thread(run, inbox, rank - 1, comm), send_thread(run, outbox, 0 if last else rank + 1, comm)]
+        receiving = receive_thread(run, inbox, rank - 1, comm, dist.group.WORLD)
+        sending = send_thread(run, outbox, 0, CPU, control) if last else send_thread(run, outbox, rank + 1, comm,
+                                                                                      dist.group.WORLD)
+        threads = [receiving, sending]
         runner = StageRunner(stage, [locals[i] for i in stage.components], command["total_steps"], last)
         run_part(run, str(stage), serve, runner, inbox, outbox, command["threads"])
-        for thread in threads:
-            thread.join()
+        if not run.failures:  # after a failure a receiver may wait on a live peer: do not join it
+            for thread in threads:
+                thread.join()
         if run.failures:
             raise PipelineError("; ".join(run.failures))
         send_object({"state": components_state(locals, stage.components), "busy_seconds": runner.busy_seconds,
-                     "peak_rss_bytes": peak_rss_bytes()}, 0, _comm_device(backend, "cpu"))
+                     "peak_rss_bytes": peak_rss_bytes()}, 0, control)
 
 
-def _worker_process(rank: int, world: int, port: int, backend: str, payload: bytes, timeout: float) -> None:
+def _worker_process(rank: int, world: int, port: int, backend: str, device: str, payload: bytes,
+                    timeout: float) -> None:
     """Entry of a spawned stage process: joins the process group and serves until rank 0 says stop."""
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=timeout))
     try:
         locals = pickle.loads(payload)
         store.set(STARTED_KEY.format(rank), "1")
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-        serve_rank(rank, locals, backend, timeout)
+        control = join_group(backend, device, store=store, rank=rank, world_size=world,
+                             timeout=timedelta(seconds=timeout))
+        serve_rank(rank, locals, control, timeout)
         dist.destroy_process_group()
     except BaseException as e:  # noqa: B036 - report every failure to rank 0 before dying
         store.set(ERROR_KEY.format(rank), str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}")
@@ -437,7 +457,7 @@ def _worker_process(rank: int, world: int, port: int, backend: str, payload: byt
 
 
 def _comm_device(backend: str, device: str) -> torch.device:
-    return torch.device(device if backend == "nccl" else "cpu")
+    return torch.device(device) if backend == "nccl" else CPU
 
 
 def _move(local: ComponentTrainer, device: str) -> None:
@@ -482,6 +502,8 @@ class Pipeline:
         self._workers: list = []  # spawned stage processes, index k-1 for rank k
         self._store = None
         self._backend = "gloo"
+        self._control = None  # the gloo group for commands, state and reports
+        self._mid_run = False  # workers are inside a run of batches, not waiting for a command
         # Workers keep their state between runs of batches; rank 0 sends it only to fresh workers
         # (its copy, pulled at every sync, changes only through load_state_dict before fit).
         self._workers_hold_state = False
@@ -612,8 +634,8 @@ class Pipeline:
             raise
 
     def _run_processes(self, run: RunState) -> None:
-        stages, comm = self.stages, _comm_device(self._backend, self.stages[0].device)
-        control = _comm_device(self._backend, "cpu")
+        stages, comm, control = self.stages, _comm_device(self._backend, self.stages[0].device), self._control
+        self._mid_run = True
         for stage in stages[1:]:
             state = None if self._workers_hold_state else components_state(self.locals, stage.components)
             send_object({"stage": stage, "stages": len(stages), "queue_depth": self.cfg.queue_depth,
@@ -626,7 +648,8 @@ class Pipeline:
         downstream, threads = reports, []
         if len(stages) > 1:
             downstream = Link(f"queue out of {stages[0]}", self.cfg.queue_depth, run)
-            threads = [send_thread(run, downstream, 1, comm), receive_thread(run, reports, len(stages) - 1, comm)]
+            threads = [send_thread(run, downstream, 1, comm, dist.group.WORLD),
+                       receive_thread(run, reports, len(stages) - 1, CPU, control)]
         runner = self._runner(stages[0])
         started = time.perf_counter()
         self._coordinate(run, runner, downstream, reports)
@@ -638,6 +661,7 @@ class Pipeline:
             load_components_state(self.locals, answer["state"])
             busy.append(answer["busy_seconds"])
             peak.append(answer["peak_rss_bytes"])
+        self._mid_run = False
         for local in self.locals.values():
             _move(local, str(self.trainer.device))
         self._record_stats(started, busy, peak)
@@ -647,7 +671,8 @@ class Pipeline:
         self._backend = backend_for(devices)
         timeout = timedelta(seconds=self.cfg.stage_timeout)
         if self.torchrun:
-            dist.init_process_group(self._backend, timeout=timeout)  # rendezvous from torchrun's environment
+            # rendezvous from torchrun's environment
+            self._control = join_group(self._backend, self.stages[0].device, timeout=timeout)
             self._store = dist.distributed_c10d._get_default_store()
             return
         world = len(self.stages)
@@ -658,7 +683,8 @@ class Pipeline:
             payload = pickle.dumps({i: self.locals[i] for i in stage.components})
             process = context.Process(
                 target=_worker_process, name=f"al {stage}", daemon=True,
-                args=(stage.index, world, self._store.port, self._backend, payload, self.cfg.stage_timeout),
+                args=(stage.index, world, self._store.port, self._backend, stage.device, payload,
+                      self.cfg.stage_timeout),
             )
             process.start()
             self._workers.append(process)
@@ -673,7 +699,8 @@ class Pipeline:
                 if time.monotonic() > deadline:
                     raise PipelineError(f"{stage} did not start within {self.cfg.stage_timeout:g} s")
                 time.sleep(POLL_SECONDS)
-        dist.init_process_group(self._backend, store=self._store, rank=0, world_size=world, timeout=timeout)
+        self._control = join_group(self._backend, self.stages[0].device, store=self._store, rank=0,
+                                   world_size=world, timeout=timeout)
 
     def _check_workers(self, run: RunState) -> None:
         for stage, process in zip(self.stages[1:], self._workers):
@@ -701,10 +728,10 @@ class Pipeline:
     def serve(self) -> dict:
         """A torchrun rank > 0: train this rank's stage whenever rank 0 asks, until it says stop."""
         rank, world = self.torchrun
-        backend = backend_for(list(self.cfg.devices or default_devices(self.trainer, world)))
-        dist.init_process_group(backend, timeout=timedelta(seconds=self.cfg.stage_timeout))
+        devices = list(self.cfg.devices or default_devices(self.trainer, world))
+        control = join_group(backend_for(devices), devices[rank], timeout=timedelta(seconds=self.cfg.stage_timeout))
         try:
-            serve_rank(rank, self.locals, backend, self.cfg.stage_timeout)
+            serve_rank(rank, self.locals, control, self.cfg.stage_timeout)
         except BaseException as e:  # noqa: B036 - tell rank 0 why before torchrun tears the group down
             dist.distributed_c10d._get_default_store().set(ERROR_KEY.format(rank), f"{type(e).__name__}: {e}")
             raise
@@ -716,11 +743,11 @@ class Pipeline:
         """End the worker processes: a stop command when they are healthy, a kill otherwise."""
         if self.cfg.pipeline != "processes" or not dist.is_initialized():
             return
-        healthy = all(p.exitcode is None for p in self._workers)
+        healthy = not self._mid_run and all(p.exitcode is None for p in self._workers)
         try:
             if healthy:
                 for stage in self.stages[1:]:
-                    send_object(None, stage.index, _comm_device(self._backend, "cpu"))
+                    send_object(None, stage.index, self._control)
             for process in self._workers:
                 process.join(timeout=10 if healthy else 0)
         except RuntimeError:
@@ -731,7 +758,7 @@ class Pipeline:
                     process.kill()
                     process.join()
             self._workers = []
-            self._workers_hold_state = False
+            self._workers_hold_state = self._mid_run = False
             dist.destroy_process_group()
             self._store = None
 

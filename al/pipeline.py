@@ -51,11 +51,10 @@ import torch.nn.functional as F
 
 from al.train import ComponentTrainer, lr_multiplier, train_components
 
-MODES = ("sequential", "threads", "processes")
 POLL_SECONDS = 0.05  # how often a waiting stage checks whether the run has failed
 PROFILE_STEPS = 3
-ERROR_KEY = "al_pipeline/error/{}"
 CPU = torch.device("cpu")
+ERROR_KEY = "al_pipeline/error/{}"  # in the process group's store: why a worker failed
 STARTED_KEY = "al_pipeline/started/{}"
 
 
@@ -589,7 +588,12 @@ class Pipeline:
                 fed = 0
                 for x, y in trainer.batches(trainer.epoch, trainer.step_in_epoch):
                     t = F.one_hot(y, trainer.net.num_classes).float()
-                    downstream.put(first.train(Batch(start + fed, x, t, y, [])))
+                    try:
+                        out = first.train(Batch(start + fed, x, t, y, []))
+                    except Exception as e:
+                        run.fail(str(first.stage), e)
+                        raise self._failure(run) from e
+                    downstream.put(out)
                     fed += 1
                     self._record_reports(reports, until_end=False)
                     if trainer.stop_requested:
@@ -598,9 +602,9 @@ class Pipeline:
                 self._record_reports(reports, until_end=True)
         except Aborted:
             raise self._failure(run) from None
-        except BaseException as e:  # noqa: B036 - stage 0's own failure stops the other stages too
-            run.fail(str(first.stage), e)
-            raise self._failure(run) from e
+        except BaseException:  # noqa: B036 - a callback's error (or Ctrl-C) is the caller's: stop the stages, pass it on
+            run.aborted.set()
+            raise
 
     def _record_reports(self, reports: Link, until_end: bool) -> None:
         while True:
@@ -622,25 +626,17 @@ class Pipeline:
     # --- processes ---
 
     def _train_processes(self) -> None:
-        if not dist.is_initialized():
+        if self._control is None:
             self._start_processes()
-        run = RunState(self.cfg.stage_timeout, health=self._check_workers)
-        try:
-            self._run_processes(run)
-        except (RuntimeError, Aborted) as e:  # gloo/NCCL errors and timeouts are RuntimeErrors
-            if not isinstance(e, PipelineError):
-                run.fail(f"{self.stages[0]}", e)
-                raise self._failure(run) from e
-            raise
-
-    def _run_processes(self, run: RunState) -> None:
         stages, comm, control = self.stages, _comm_device(self._backend, self.stages[0].device), self._control
+        run = RunState(self.cfg.stage_timeout, health=self._check_workers)
         self._mid_run = True
-        for stage in stages[1:]:
-            state = None if self._workers_hold_state else components_state(self.locals, stage.components)
-            send_object({"stage": stage, "stages": len(stages), "queue_depth": self.cfg.queue_depth,
-                         "threads": self.threads, "total_steps": self.trainer.total_steps, "state": state},
-                        stage.index, control)
+        with self._transfer_errors(run):
+            for stage in stages[1:]:
+                state = None if self._workers_hold_state else components_state(self.locals, stage.components)
+                send_object({"stage": stage, "stages": len(stages), "queue_depth": self.cfg.queue_depth,
+                             "threads": self.threads, "total_steps": self.trainer.total_steps, "state": state},
+                            stage.index, control)
         self._workers_hold_state = True
         for i in stages[0].components:
             _move(self.locals[i], stages[0].device)
@@ -656,15 +652,25 @@ class Pipeline:
         for thread in threads:
             thread.join()
         busy, peak = [runner.busy_seconds], [peak_rss_bytes()]
-        for stage in stages[1:]:
-            answer = recv_object(stage.index, control)
-            load_components_state(self.locals, answer["state"])
-            busy.append(answer["busy_seconds"])
-            peak.append(answer["peak_rss_bytes"])
+        with self._transfer_errors(run):
+            for stage in stages[1:]:
+                answer = recv_object(stage.index, control)
+                load_components_state(self.locals, answer["state"])
+                busy.append(answer["busy_seconds"])
+                peak.append(answer["peak_rss_bytes"])
         self._mid_run = False
         for local in self.locals.values():
             _move(local, str(self.trainer.device))
         self._record_stats(started, busy, peak)
+
+    @contextmanager
+    def _transfer_errors(self, run: RunState):
+        """A command or state transfer that fails (a gloo/NCCL error or timeout) names the stages that failed."""
+        try:
+            yield
+        except RuntimeError as e:
+            run.fail(f"{self.stages[0]}, talking to the other stages", e)
+            raise self._failure(run) from e
 
     def _start_processes(self) -> None:
         devices = [s.device for s in self.stages]
@@ -741,9 +747,9 @@ class Pipeline:
 
     def close(self) -> None:
         """End the worker processes: a stop command when they are healthy, a kill otherwise."""
-        if self.cfg.pipeline != "processes" or not dist.is_initialized():
+        if self.cfg.pipeline != "processes":
             return
-        healthy = not self._mid_run and all(p.exitcode is None for p in self._workers)
+        healthy = self._control is not None and not self._mid_run and all(p.exitcode is None for p in self._workers)
         try:
             if healthy:
                 for stage in self.stages[1:]:
@@ -759,8 +765,9 @@ class Pipeline:
                     process.join()
             self._workers = []
             self._workers_hold_state = self._mid_run = False
-            dist.destroy_process_group()
-            self._store = None
+            if self._control is not None:
+                dist.destroy_process_group()
+            self._store = self._control = None
 
 
 def _exit_text(code: int) -> str:

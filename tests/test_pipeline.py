@@ -159,6 +159,21 @@ def test_a_killed_stage_process_stops_the_run_with_an_error():
     assert time.monotonic() - started < 30
 
 
+class RaiseFromCallback(Callback):
+    def on_step(self, trainer):
+        if trainer.step_in_epoch == 3:
+            raise KeyError("raised by a callback")
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_a_callback_error_reaches_the_caller_unchanged_and_ends_the_stages(mode):
+    trainer = make_trainer(MODELS["mlp"], [RaiseFromCallback()], pipeline=mode, devices=["cpu"] * 2,
+                           stages=STAGES[2])
+    with pytest.raises(KeyError, match="raised by a callback"):
+        trainer.fit()
+    assert trainer.pipeline.worker_pids == []  # no stage process outlives the run
+
+
 # --- checkpoints and resume across modes ----------------------------------------------
 
 

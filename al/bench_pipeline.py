@@ -97,8 +97,9 @@ def bench_pipeline(args) -> None:
             for depth in args.depths:
                 rows += bench_model(args, data, arch, depth, raw)
     model_rows = schedule_model_rows(raw)
+    kind = "cuda" if args.devices and args.devices[0].startswith("cuda") else "cpu"  # CPU and GPU tables side by side
     publish(
-        name="pipeline",
+        name=f"pipeline-{kind}",
         title=f"Pipelined AL: {args.dataset} ({args.samples} samples), batch {args.batch_size}, epoch 2 of 2, "
         f"median of {args.repeats}",
         columns=["arch", "components", "run", "stages", "samples/s", "range", "x AL 1 thread", "x best sequential AL",
@@ -109,7 +110,7 @@ def bench_pipeline(args) -> None:
              "load_average": open("/proc/loadavg").read().split()[:3]},
     )
     publish(
-        name="pipeline-model",
+        name=f"pipeline-model-{kind}",
         title="Pipelined AL: the schedule model, from measured stage times, on L devices",
         columns=["arch", "net", "stages L", "batches per sync M", "predicted x sequential",
                  "measured x sequential"],

@@ -116,13 +116,16 @@ def measure_component_seconds(trainer, threads: int, steps: int = PROFILE_STEPS)
     x, y = next(trainer.batches(trainer.epoch))
     s, t = x, F.one_hot(y, trainer.net.num_classes).float()
     seconds = []
+    synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
     with intra_op_threads(threads):
         for local in trainer.locals:
             probe = copy.deepcopy(local)
             probe.step(s, t, y, 1.0)  # warm-up: first-call allocations and kernel selection
+            synchronize()
             started = time.perf_counter()
             for _ in range(steps):
                 s_next, t_next, _, _ = probe.step(s, t, y, 1.0)
+            synchronize()
             seconds.append((time.perf_counter() - started) / steps)
             s, t = s_next, t_next
     return seconds
@@ -469,6 +472,12 @@ def _move(local: ComponentTrainer, device: str) -> None:
                     state[key] = value.to(device)
 
 
+def _on_cpu(local: ComponentTrainer) -> ComponentTrainer:
+    local = copy.deepcopy(local)
+    _move(local, "cpu")
+    return local
+
+
 def backend_for(devices: list[str]) -> str:
     """NCCL between distinct GPUs; gloo otherwise (CPU, or stages sharing one GPU, which NCCL refuses)."""
     cuda = all(torch.device(d).type == "cuda" for d in devices)
@@ -685,8 +694,9 @@ class Pipeline:
         self._store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
         context = torch.multiprocessing.get_context("spawn")
         for stage in self.stages[1:]:
-            # Plain pickle copies the tensors; torch.multiprocessing would share their memory with the child.
-            payload = pickle.dumps({i: self.locals[i] for i in stage.components})
+            # Plain pickle of CPU copies: torch.multiprocessing would share the tensors' memory with the
+            # child, and pickled CUDA tensors would open a context on this process's GPU in the child.
+            payload = pickle.dumps({i: _on_cpu(self.locals[i]) for i in stage.components})
             process = context.Process(
                 target=_worker_process, name=f"al {stage}", daemon=True,
                 args=(stage.index, world, self._store.port, self._backend, stage.device, payload,

@@ -22,6 +22,10 @@ def cmd_serve(args) -> None:
     broker = "Redis" if settings.redis_url else f"embedded ({settings.broker_dir})"
     print(f"al serve: http://{args.host}:{args.port} (API docs at /docs); data in {settings.data_dir.resolve()}; "
           f"broker {broker}; worker {'started' if worker else 'not started'}", flush=True)
+    # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would end this
+    # process on the spot, and its worker with it (die_with_parent) before the worker could hand back
+    # its job. A handler that does nothing lets the `finally` below stop the worker in order.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
@@ -29,8 +33,9 @@ def cmd_serve(args) -> None:
             stop_worker(worker)
 
 
-def stop_worker(worker: subprocess.Popen, grace: float = 10.0) -> None:
-    """Ask the worker to stop; a job it is still training after `grace` s resumes from its checkpoint on restart."""
+def stop_worker(worker: subprocess.Popen, grace: float = 30.0) -> None:
+    """Ask the worker to stop: its job checkpoints at the current step and goes back to the queue.
+    A worker still running after `grace` seconds is killed; its job then resumes from its last epoch."""
     worker.send_signal(signal.SIGTERM)
     try:
         worker.wait(grace)

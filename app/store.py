@@ -76,6 +76,7 @@ class JobRow(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    releases: Mapped[int] = mapped_column(Integer, default=0)  # attempts that handed the job back in order
     resumed_from_epoch: Mapped[int | None] = mapped_column(Integer)  # the checkpoint the latest attempt began at
     model_name: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[int | None] = mapped_column(Integer)
@@ -180,6 +181,7 @@ class Store:
         row = JobRow(
             id=job_id, name=name or job_id, spec=spec, status="queued", idempotency_key=idempotency_key,
             request_hash=request_hash, epoch=0, epochs=epochs, step=0, created_at=now, enqueued_at=now, attempts=0,
+            releases=0,
         )
         try:
             with self.session() as s, s.begin():
@@ -318,6 +320,7 @@ class Store:
             new_status = "cancelled" if job.status == "cancelling" else "queued"
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner).values(
                 status=new_status, lease_owner=None, lease_expires_at=None, enqueued_at=now,
+                releases=JobRow.releases + 1,
                 finished_at=now if new_status == "cancelled" else None,
             ))
             return new_status

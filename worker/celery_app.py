@@ -60,5 +60,5 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job_id: str) -> None:
-    app.send_task(TRAIN_TASK, args=[job_id], queue=QUEUE)
+def enqueue(app: Celery, job_id: str, countdown: float | None = None) -> None:
+    app.send_task(TRAIN_TASK, args=[job_id], queue=QUEUE, countdown=countdown)

@@ -14,7 +14,7 @@ from app.core.config import Settings
 from app.store import get_store
 from worker.celery_app import QUEUE, make_celery
 from worker.reconcile import start_reconciler
-from worker.tasks import SHUTTING_DOWN, register_tasks
+from worker.tasks import SHUTDOWN_SIGNAL, SHUTTING_DOWN, register_tasks
 
 PR_SET_PDEATHSIG = 1
 
@@ -49,20 +49,24 @@ def run_worker(settings: Settings) -> None:
     @worker_process_init.connect(weak=False)
     def _pool_child_started(**_):
         die_with_parent()
-        signal.signal(signal.SIGUSR2, lambda *_: SHUTTING_DOWN.set())  # SIGUSR1 is billiard's soft time limit
 
     @worker_shutting_down.connect(weak=False)
     def _checkpoint_running_jobs(**_):
+        SHUTTING_DOWN.set()  # pool processes forked from now on inherit it and start no job
+        if "stop" in reconciler:  # a stopping worker requeues nothing
+            reconciler["stop"].set()
         # A warm shutdown waits for running tasks: tell them to checkpoint now and requeue their job.
         for pid in child_pids():
             try:
-                os.kill(pid, signal.SIGUSR2)
+                os.kill(pid, SHUTDOWN_SIGNAL)
             except ProcessLookupError:
                 pass
 
+    reconciler = {}
+
     @worker_ready.connect(weak=False)
     def _start_reconciler(**_):
-        start_reconciler(store, app, settings)
+        reconciler["stop"] = start_reconciler(store, app, settings)
 
     app.worker_main([
         "worker", "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -28,9 +29,21 @@ from worker.celery_app import TRAIN_TASK, enqueue
 
 log = logging.getLogger(__name__)
 
-# Set in a pool process when its worker shuts down (SIGUSR2, see worker/main.py): the job then
-# checkpoints at its current step and goes back to the queue instead of holding up the shutdown.
+# Sent to a pool process when its worker shuts down (worker/main.py): the job then checkpoints at
+# its current step and goes back to the queue instead of holding up the shutdown. (SIGUSR1 is
+# billiard's soft time limit.)
+SHUTDOWN_SIGNAL = signal.SIGUSR2
 SHUTTING_DOWN = threading.Event()
+# A job handed back at shutdown is sent again with this delay: a worker that is shutting down may
+# still receive it, and then holds it unstarted and puts it back on the queue when it stops.
+REQUEUE_DELAY = 2.0
+
+
+def listen_for_shutdown() -> None:
+    """In the task, not at pool-process start: billiard resets the handlers after that. SIGTERM too,
+    which the pool process gets when its whole process group is stopped (billiard would just exit)."""
+    for signum in (SHUTDOWN_SIGNAL, signal.SIGTERM):
+        signal.signal(signum, lambda *_: SHUTTING_DOWN.set())
 
 
 class JobReporter(Callback):
@@ -142,7 +155,7 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     if job.status == "cancelling":  # cancelled while its previous attempt was dead
         store.finish(job_id, owner, "cancelled")
         return "cancelled"
-    if job.attempts > settings.max_attempts:
+    if job.attempts - job.releases > settings.max_attempts:  # a shutdown that handed it back is no failure
         store.finish(job_id, owner, "failed", error=f"gave up after {settings.max_attempts} attempts "
                      "(the worker died each time; see the worker logs)")
         return "failed"
@@ -190,5 +203,9 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
 def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=TRAIN_TASK, ignore_result=True)
     def train_job(job_id: str) -> None:
+        if SHUTTING_DOWN.is_set():  # forked by a worker already shutting down: leave the job to the next one
+            enqueue(app, job_id, REQUEUE_DELAY)
+            return
         allow_child_processes()
-        run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job))
+        listen_for_shutdown()
+        run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job, REQUEUE_DELAY))

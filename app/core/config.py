@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     requeue_queued_after: float = Field(
         300.0, gt=0, description="resend the message of a job still queued after this many seconds (a lost message)"
     )
-    max_attempts: int = Field(3, ge=1, description="a job that started this many times without finishing fails")
+    max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times fails")
     visibility_timeout: int = Field(3600, ge=1, description="Redis: seconds before an unacked message is redelivered")
     job_soft_time_limit: int = Field(7 * 86400, ge=1, description="seconds a job may train")
     progress_interval: float = Field(0.5, gt=0, description="least seconds between progress writes of a job")

@@ -189,11 +189,12 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     if status is None:
         return None
     if status == "queued":
-        if store.release(job_id, owner) == "queued":
+        released = store.release(job_id, owner)  # "cancelled" if that was asked meanwhile
+        if released == "queued":
             requeue(job_id)
             log.info("job %s: checkpointed at epoch %d step %d and requeued (worker shutting down)",
                      job_id, result["epochs"], store.get_job(job_id).step)
-        return "queued"
+        return released
     model_path = str(Path(model_dir).relative_to(settings.data_dir)) if status == "succeeded" else None
     store.finish(job_id, owner, status, result=result, error=error, model_path=model_path)
     log.info("job %s: %s", job_id, status)

@@ -219,8 +219,8 @@ def bench_serve(args) -> None:
         "p50 overhead ms": f"server-recorded {statistics.median(recorded) * 1000:.0f}",
     })
     publish(
-        name="serve",
-        title="Service: predict latency over HTTP next to the bare forward, and submit-to-running",
+        name="serve-redis" if args.redis_url else "serve",
+        title=f"Service ({broker} broker): predict latency over HTTP next to the bare forward, and submit-to-running",
         columns=["measure", "clients", "p50 ms", "p99 ms", "requests/s", "bare forward p50 / p99 ms",
                  "p50 overhead ms"],
         rows=rows,

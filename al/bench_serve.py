@@ -180,6 +180,7 @@ def bench_serve(args) -> None:
     from al.bench import publish
 
     samples = load_digits().data.tolist()
+    load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure here
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         server = Server(data_dir, args.redis_url)
@@ -232,10 +233,11 @@ def bench_serve(args) -> None:
             "to lists), the work the server does per request. Submit-to-running: client-observed time from "
             "POST /v1/jobs until GET shows `running` (10 ms polling), and the server's started_at - created_at, "
             "after one unmeasured job that waits out the worker's start-up. "
-            "Targets (issue 4): p50 overhead <= 2 ms for one row; submit-to-running <= 1 s."
+            "Targets (issue 4): p50 overhead <= 2 ms for one row; submit-to-running <= 1 s. "
+            f"Load average (1 min) when the run started: {load_at_start:.1f} on {os.cpu_count()} cores."
         ),
         raw={"cases": cases, "submit_to_running_seconds": observed, "submit_to_running_recorded_seconds": recorded,
-             "broker": broker, "requests_per_case": args.requests},
+             "broker": broker, "requests_per_case": args.requests, "load_average_at_start": load_at_start},
     )
 
 

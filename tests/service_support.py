@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,15 @@ SERVICE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS", "AL_ENVIRONMENT
 
 
 def fresh_redis() -> str:
-    """REDIS_URL of an emptied test database; fails (never skips) when Redis does not answer."""
+    """REDIS_URL of the test database; fails (never skips) when Redis does not answer.
+
+    Nothing is flushed: each test gets a queue of its own (service_env), so test runs that share
+    this Redis at the same time never take each other's messages.
+    """
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     try:
-        client.flushdb()
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.ConnectionError:
         pytest.fail("no Redis on 127.0.0.1:6379: run scripts/ensure-services (make test does)")
     return REDIS_URL
@@ -42,7 +46,8 @@ def fresh_redis() -> str:
 
 def service_env(data_dir: Path, redis_url: str | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
-    env.update(FAST, AL_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **extra)
+    env.update(FAST, AL_DATA_DIR=str(data_dir), AL_QUEUE=f"al.test.{uuid.uuid4().hex}", PYTHONUNBUFFERED="1",
+               **extra)
     if redis_url:
         env["REDIS_URL"] = redis_url
     return env

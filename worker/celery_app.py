@@ -11,7 +11,6 @@ from celery import Celery
 from app.core.config import Settings
 
 TRAIN_TASK = "al.train_job"
-QUEUE = "al.jobs"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -37,7 +36,7 @@ def make_celery(settings: Settings) -> Celery:
         }
     app = Celery("al", broker=broker, set_as_current=False)
     app.conf.update(
-        task_default_queue=QUEUE,
+        task_default_queue=settings.queue,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -61,4 +60,4 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def enqueue(app: Celery, job_id: str, countdown: float | None = None) -> None:
-    app.send_task(TRAIN_TASK, args=[job_id], queue=QUEUE, countdown=countdown)
+    app.send_task(TRAIN_TASK, args=[job_id], queue=app.conf.task_default_queue, countdown=countdown)

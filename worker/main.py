@@ -12,7 +12,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 
 from app.core.config import Settings
 from app.store import get_store
-from worker.celery_app import QUEUE, make_celery
+from worker.celery_app import make_celery
 from worker.reconcile import start_reconciler
 from worker.tasks import SHUTDOWN_SIGNAL, SHUTTING_DOWN, register_tasks
 
@@ -70,5 +70,5 @@ def run_worker(settings: Settings) -> None:
 
     app.worker_main([
         "worker", "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-        f"--concurrency={settings.worker_concurrency}", "--queues", QUEUE,
+        f"--concurrency={settings.worker_concurrency}", "--queues", settings.queue,
     ])

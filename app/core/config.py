@@ -27,6 +27,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "AL_DATABASE_URL"),
         description="SQLAlchemy URL of the job store; unset = SQLite at data_dir/al.db",
     )
+    queue: str = Field("al.jobs", min_length=1, max_length=200, description="broker queue of training jobs")
     embedded_worker: bool = Field(True, description="`al serve` starts a worker next to the API")
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no authentication")
 

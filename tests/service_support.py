@@ -20,7 +20,7 @@ TINY_MODEL = {"arch": "mlp", "widths": [32], "target_width": 16}
 
 # Short leases and fast polling so a dead worker's job is picked up within seconds.
 FAST = {
-    "AL_LEASE_SECONDS": "2",
+    "AL_LEASE_SECONDS": "4",  # heartbeats every 4/3 s: room for a loaded machine
     "AL_RECONCILE_INTERVAL": "0.5",
     "AL_PROGRESS_INTERVAL": "0.1",
     "AL_EVENTS_POLL_INTERVAL": "0.1",

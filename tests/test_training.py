@@ -86,12 +86,6 @@ def test_model_directory_holds_config_metrics_and_weights_and_loads_for_inferenc
         model.predict(torch.full((1, 64), float("nan")))
 
 
-def test_al_learns_digits_and_every_depth_is_a_classifier(tmp_path):
-    result = train("digits", tmp_path, "default", None, {"epochs": 8})
-    assert result["test_accuracy"] >= 0.9
-    assert min(result["test_accuracy_by_depth"]) >= 0.8
-
-
 def test_detach_target_switch_changes_what_trains_the_target_encoder(tmp_path):
     # R2-old's variant (A_i also trains g_i) is a switch, off by default.
     a = train("digits", tmp_path / "a", "paper", SMALL, {"epochs": 1})

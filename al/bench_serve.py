@@ -32,12 +32,13 @@ MODEL = "bench"
 class Server:
     """`al serve` in a session of its own on a free loopback port."""
 
-    def __init__(self, data_dir: Path, redis_url: str | None):
+    def __init__(self, data_dir: Path, redis_url: str | None, inference_threads: int):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS")}
         env["AL_DATA_DIR"] = str(data_dir)
+        env["AL_INFERENCE_THREADS"] = str(inference_threads)
         if redis_url:
             env["REDIS_URL"] = redis_url
         self.log = data_dir.parent / "serve.log"
@@ -159,8 +160,12 @@ def predict_latency(server: Server, rows: list[list[float]], clients: int, reque
     return {"p50_ms": p50, "p99_ms": p99, "requests_per_second": len(latencies) / wall, "requests": len(latencies)}
 
 
-def bare_forward(model_dir: Path, rows: list[list[float]], iterations: int) -> dict:
+def bare_forward(model_dir: Path, rows: list[list[float]], iterations: int, threads: int) -> dict:
+    import torch
+
     from al.checkpoint import load_model
+
+    torch.set_num_threads(threads)  # as the server
 
     model, x = load_model(model_dir), np.asarray(rows, dtype=np.float32)
     for _ in range(20):
@@ -183,14 +188,14 @@ def bench_serve(args) -> None:
     load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure here
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        server = Server(data_dir, args.redis_url)
+        server = Server(data_dir, args.redis_url, args.inference_threads)
         try:
             submitted = submit_to_running(server, args.jobs, args.epochs)
             model_dir = data_dir / "jobs" / submitted["job"]["id"]
             cases = []
             for n_rows in ROW_COUNTS:
                 rows = samples[:n_rows]
-                bare = bare_forward(model_dir, rows, args.requests)
+                bare = bare_forward(model_dir, rows, args.requests, args.inference_threads)
                 for clients in CLIENT_COUNTS:
                     served = predict_latency(server, rows, clients, args.requests)
                     cases.append({"rows": n_rows, "clients": clients, "bare": bare, **served})
@@ -230,14 +235,16 @@ def bench_serve(args) -> None:
             "the clients (Python threads, keep-alive http.client) on the same machine, so at 32 clients they "
             "share its cores. Model: the digits MLP of the default preset, trained by the service itself. "
             "Bare forward: `LoadedModel.predict` in-process on the same rows (normalise, forward, softmax, "
-            "to lists), the work the server does per request. Submit-to-running: client-observed time from "
+            f"to lists), the work the server does per request, back to back; both with {args.inference_threads} "
+            "torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: client-observed time from "
             "POST /v1/jobs until GET shows `running` (10 ms polling), and the server's started_at - created_at, "
             "after one unmeasured job that waits out the worker's start-up. "
             "Targets (issue 4): p50 overhead <= 2 ms for one row; submit-to-running <= 1 s. "
             f"Load average (1 min) when the run started: {load_at_start:.1f} on {os.cpu_count()} cores."
         ),
         raw={"cases": cases, "submit_to_running_seconds": observed, "submit_to_running_recorded_seconds": recorded,
-             "broker": broker, "requests_per_case": args.requests, "load_average_at_start": load_at_start},
+             "broker": broker, "requests_per_case": args.requests, "load_average_at_start": load_at_start,
+             "inference_threads": args.inference_threads},
     )
 
 
@@ -247,4 +254,5 @@ def add_parser(kinds) -> None:
     p.add_argument("--jobs", type=int, default=5, help="jobs submitted one at a time (default 5)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of each bench job (default 1)")
     p.add_argument("--redis-url", default=None, help="use this Redis as the broker (default: the embedded one)")
+    p.add_argument("--inference-threads", type=int, default=1, help="torch threads of the server and the bare forward")
     p.set_defaults(func=bench_serve)

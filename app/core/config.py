@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     broker_poll_interval: float = Field(0.1, gt=0, description="embedded broker: seconds between queue polls")
     worker_concurrency: int = Field(1, ge=1, description="training processes per worker (one per GPU)")
     model_cache_size: int = Field(8, ge=1, description="models kept loaded for inference")
+    inference_threads: int = Field(
+        1, ge=1, description="torch CPU threads of `al serve`'s inference; more only pay on an idle machine"
+    )
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> Settings:

@@ -120,24 +120,34 @@ class Store:
     def __init__(self, url: str):
         self.url = url
         self._engine: Engine | None = None
+        self._read_engine: Engine | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
 
-    # An engine per process: a forked Celery child must not reuse its parent's connections.
+    # Engines per process: a forked Celery child must not reuse its parent's connections.
     @property
     def engine(self) -> Engine:
         with self._lock:
             if self._pid != os.getpid():
-                if self._engine is not None:
-                    self._engine.dispose(close=False)
-                self._engine = _make_engine(self.url)
-                self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+                for engine in {self._engine, self._read_engine} - {None}:
+                    engine.dispose(close=False)
+                sqlite = self.url.startswith("sqlite")
+                self._engine = _make_engine(self.url, write=True)
+                self._read_engine = _make_engine(self.url, write=False) if sqlite else self._engine
+                self._writes = sessionmaker(self._engine, expire_on_commit=False)
+                self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
                 self._pid = os.getpid()
             return self._engine
 
     def session(self) -> Session:
-        self.engine  # noqa: B018 - makes sure this process has its own engine
-        return self._sessions()
+        """For reads: on SQLite they take no lock, so they never hold up a writer."""
+        self.engine  # noqa: B018 - makes sure this process has its own engines
+        return self._reads()
+
+    def writing(self) -> Session:
+        """For transactions that write (on SQLite they take the write lock when they begin)."""
+        self.engine  # noqa: B018
+        return self._writes()
 
     def create_tables(self) -> None:
         try:
@@ -147,8 +157,8 @@ class Store:
 
     def ping(self) -> bool:
         try:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
+            with self.session() as s:
+                s.execute(select(1))
             return True
         except Exception:
             return False
@@ -156,7 +166,7 @@ class Store:
     # --- datasets -------------------------------------------------------------------
 
     def add_dataset(self, row: DatasetRow) -> DatasetRow:
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             s.add(row)
         return row
 
@@ -184,7 +194,7 @@ class Store:
             releases=0,
         )
         try:
-            with self.session() as s, s.begin():
+            with self.writing() as s, s.begin():
                 s.add(row)
             return row, True
         except IntegrityError:
@@ -214,7 +224,7 @@ class Store:
 
     def request_cancel(self, job_id: str) -> JobRow | None:
         """A queued job is cancelled at once; a running one is asked to stop at its next step."""
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             s.execute(
                 update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
                 .values(status="cancelled", finished_at=time.time())
@@ -232,7 +242,7 @@ class Store:
     def take_lease(self, job_id: str, owner: str, lease_seconds: float) -> Claim | None:
         """Atomically start an attempt: only if the job is not finished and nobody holds a live lease."""
         now = time.time()
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             taken = s.execute(
                 update(JobRow)
                 .where(
@@ -254,7 +264,7 @@ class Store:
 
     def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> str | None:
         """Renew the lease; the job's status, or None when the lease was lost to another attempt."""
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             renewed = s.execute(
                 update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner)
                 .values(lease_expires_at=time.time() + lease_seconds)
@@ -263,7 +273,7 @@ class Store:
 
     def record_progress(self, job_id: str, owner: str, **values) -> bool:
         """Progress fields, written only by the attempt holding the lease."""
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             return bool(
                 s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner).values(**values))
                 .rowcount
@@ -271,7 +281,7 @@ class Store:
 
     def record_epoch(self, job_id: str, owner: str, metrics: dict) -> None:
         """The metrics of an epoch; a resumed attempt that redoes an epoch replaces its row."""
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             if not s.scalar(select(func.count()).where(JobRow.id == job_id, JobRow.lease_owner == owner)):
                 return
             existing = s.get(EpochRow, (job_id, metrics["epoch"]))
@@ -289,7 +299,7 @@ class Store:
         """End a job (only by the lease holder, when owner is given); a succeeded job registers its model."""
         for _ in range(5):  # two jobs of one name may take the same next version; retry on that conflict
             try:
-                with self.session() as s, s.begin():
+                with self.writing() as s, s.begin():
                     condition = [JobRow.id == job_id, JobRow.status.not_in(TERMINAL)]
                     if owner is not None:
                         condition.append(JobRow.lease_owner == owner)
@@ -312,7 +322,7 @@ class Store:
     def release(self, job_id: str, owner: str) -> str | None:
         """The lease holder gives the job back: queued again (or cancelled, if that was asked meanwhile)."""
         now = time.time()
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             job = s.scalars(select(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner,
                                                  JobRow.status.in_(("running", "cancelling")))).first()
             if job is None:
@@ -337,7 +347,7 @@ class Store:
         values = dict(status=new_status, lease_owner=None, lease_expires_at=None, enqueued_at=time.time())
         if new_status == "cancelled":
             values["finished_at"] = time.time()
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             done = s.execute(
                 update(JobRow).where(
                     JobRow.id == job.id, JobRow.status == job.status,
@@ -354,7 +364,7 @@ class Store:
         """
         now = time.time()
         cutoff = now - older_than
-        with self.session() as s, s.begin():
+        with self.writing() as s, s.begin():
             busy = s.scalar(select(func.count()).where(
                 JobRow.status.in_(("running", "cancelling")), JobRow.lease_expires_at >= now
             ))
@@ -388,7 +398,7 @@ class Store:
             return s.scalars(query.limit(1)).first()
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, write: bool) -> Engine:
     if url.startswith("sqlite"):
         # No pool: a process holds no SQLite connection between sessions, so a Celery pool process
         # forked meanwhile cannot inherit SQLite's in-process lock state (the lock would never be freed).
@@ -403,10 +413,10 @@ def _make_engine(url: str) -> Engine:
             conn.isolation_level = None  # transactions begin below, not in the driver
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn):
-            # Take the write lock up front: a read-then-write transaction could otherwise fail with
-            # SQLITE_BUSY, without waiting, when another process wrote in between.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):
+            # Writers take the write lock up front: a read-then-write transaction could otherwise fail
+            # with SQLITE_BUSY, without waiting, when another process wrote in between.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -96,7 +96,7 @@ def bench_pipeline(args) -> None:
         for arch in args.archs:
             for depth in args.depths:
                 rows += bench_model(args, data, arch, depth, raw)
-    model_rows = schedule_model_rows(raw)
+    model_rows = schedule_model_rows(raw, args.batch_size)
     kind = "cuda" if args.devices and args.devices[0].startswith("cuda") else "cpu"  # CPU and GPU tables side by side
     publish(
         name=f"pipeline-{kind}",
@@ -112,8 +112,8 @@ def bench_pipeline(args) -> None:
     publish(
         name=f"pipeline-model-{kind}",
         title="Pipelined AL: the schedule model, from measured stage times, on L devices",
-        columns=["arch", "net", "stages L", "batches per sync M", "predicted x sequential",
-                 "measured x sequential"],
+        columns=["arch", "components", "stages L", "batches per sync M", "predicted samples/s",
+                 "predicted x sequential", "measured samples/s", "measured x sequential"],
         rows=model_rows,
         notes=MODEL_NOTES,
         raw={"settings": vars_of(args)},
@@ -200,30 +200,37 @@ def table_row(arch, depth, label, stages, result, al_one, best_sequential, units
     return row
 
 
-def schedule_model_rows(raw: list[dict]) -> list[dict]:
-    """Predicted speed-up of L stages over one, for each model, from its measured sequential time.
+def schedule_model_rows(raw: list[dict], batch_size: int) -> list[dict]:
+    """Predicted throughput of L stages on L devices for each model, from its measured times.
 
-    A stage here is an equal share of the measured 1-thread sequential batch time (a deeper net of
-    the same components, one per device); the measured column holds the 2-stage threads run.
+    Per mini-batch: W, the 1-thread sequential time, and h, what the 2-stage threads run's stages
+    spent beyond W together (hand-off, contention). L stages take W / L + h / 2 each; the
+    schedule model turns that into a time per sync window. The measured column holds the
+    threads runs (on this machine's cores, so 4 stages on 2 cores cannot match the prediction).
     """
     rows = []
-    for one in (r for r in raw if r["run"] == "AL sequential, 1 thread"):
+    for arch, depth in dict.fromkeys((r["arch"], r["components"]) for r in raw):
+        runs = [r for r in raw if r["arch"] == arch and r["components"] == depth]
+        one = median_run([r for r in runs if r["run"] == "AL sequential, 1 thread(s)"])
+        by_stages: dict[int, list[dict]] = {}
+        for r in runs:
+            if r["run"] == "AL threads":
+                by_stages.setdefault(len(r["stages"]), []).append(r)
+        measured = {n: median_run(rs) for n, rs in by_stages.items()}
         batches = one["batches"]
-        batch_seconds = one["seconds"] / batches
-        measured = {len(r["stages"]): r["samples_per_second"] / one["samples_per_second"] for r in raw
-                    if r["run"] == "AL threads" and r["arch"] == one["arch"] and r["components"] == one["components"]}
+        work = one["seconds"] / batches
+        overhead = max(0.0, sum(measured[2]["busy_seconds"]) / batches - work) if 2 in measured else 0.0
         for stages in MODEL_STAGES:
-            sequential = predicted_seconds([batch_seconds], batches)
-            piped = predicted_seconds([batch_seconds / stages] * stages, batches)
-            net = f"{one['components']} components" if stages <= one["components"] else f"{stages} such components"
-            rows.append({
-                "arch": one["arch"],
-                "net": net,
-                "stages L": stages,
-                "batches per sync M": batches,
-                "predicted x sequential": f"{sequential / piped:.2f}",
-                "measured x sequential": f"{measured[stages]:.2f}" if stages in measured else "",
-            })
+            stage_seconds = [work / stages + (overhead / 2 if stages > 1 else 0.0)] * stages
+            predicted = batches * batch_size / predicted_seconds(stage_seconds, batches)
+            row = {"arch": arch, "components": depth, "stages L": stages, "batches per sync M": batches,
+                   "predicted samples/s": f"{predicted:.0f}",
+                   "predicted x sequential": f"{predicted / one['samples_per_second']:.2f}"}
+            if stages in measured:
+                throughput = measured[stages]["samples_per_second"]
+                row["measured samples/s"] = f"{throughput:.0f}"
+                row["measured x sequential"] = f"{throughput / one['samples_per_second']:.2f}"
+            rows.append(row)
     return rows
 
 
@@ -255,10 +262,11 @@ NOTES = (
     "(<= 1.5)."
 )
 MODEL_NOTES = (
-    "Predicted: T = sum(t) + (M - 1) max(t) for L equal stages made from the measured one-thread sequential "
-    "batch time, one device per stage, M = mini-batches between syncs (one epoch here); the ceiling is "
-    "L M / (M + L - 1). It leaves out transfers and per-message overhead, which the measured column includes "
-    "(threads mode on this machine's cores; 4 stages on 2 cores cannot exceed 2x)."
+    "Predicted: a sync window of M mini-batches (one epoch here) takes T = sum(t) + (M - 1) max(t) on L "
+    "devices, one stage each; t = W / L + h / 2 per stage, with W the measured one-thread sequential time "
+    "per mini-batch and h what the two stages of the measured 2-stage threads run spent beyond W (hand-off, "
+    "contention). Without h the speed-up is the ceiling L M / (M + L - 1). Measured: the threads runs, on "
+    "this machine's cores, so 4 stages on 2 cores are bounded by 2x whatever the model says for 4 devices."
 )
 
 

@@ -83,7 +83,9 @@ def cmd_train(args) -> None:
     }
     callbacks = [] if args.quiet else [ProgressBar()]
     result = train(args.dataset, args.out, args.preset, model, training, callbacks, resume=args.resume)
-    _emit({**result, "model": str(args.out)}, args.json)
+    if result["status"] != "stage worker":  # a torchrun rank > 0 trains a stage and writes no model
+        result = {**result, "model": str(args.out)}
+    _emit(result, args.json)
 
 
 def cmd_eval(args) -> None:

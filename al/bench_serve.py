@@ -39,6 +39,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS")}
         env["AL_DATA_DIR"] = str(data_dir)
         env["AL_INFERENCE_THREADS"] = str(inference_threads)
+        env["AL_QUEUE"] = f"al.bench.{os.getpid()}"  # never a message of another service sharing the Redis
         if redis_url:
             env["REDIS_URL"] = redis_url
         self.log = data_dir.parent / "serve.log"

@@ -44,6 +44,14 @@ def fresh_redis() -> str:
     return REDIS_URL
 
 
+def drop_queue(env: dict[str, str]) -> None:
+    """Remove a test's queue and kombu's bindings for it from the test database."""
+    import redis
+
+    client, queue = redis.Redis.from_url(REDIS_URL), env["AL_QUEUE"]
+    client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+
+
 def service_env(data_dir: Path, redis_url: str | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
     env.update(FAST, AL_DATA_DIR=str(data_dir), AL_QUEUE=f"al.test.{uuid.uuid4().hex}", PYTHONUNBUFFERED="1",

@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_support import TINY_MODEL, digits_rows, fresh_redis, service_env, use_env
+from service_support import TINY_MODEL, digits_rows, drop_queue, fresh_redis, service_env, use_env
 
 from al.config import ModelConfig, TrainConfig
 from al.run import train
@@ -50,6 +50,7 @@ def make_client(tmp_path, monkeypatch, trained_model_dir, **extra) -> TestClient
 def client(tmp_path, monkeypatch, trained_model_dir):
     with make_client(tmp_path, monkeypatch, trained_model_dir) as c:
         yield c
+    drop_queue({"AL_QUEUE": c.app.state.service.settings.queue})
 
 
 def detail(response) -> str:

@@ -7,15 +7,26 @@ import json
 
 import httpx
 import pytest
-from service_support import TINY_MODEL, digits_npz, digits_rows, free_port, fresh_redis, service_env, start_server
+from service_support import (
+    TINY_MODEL,
+    digits_npz,
+    digits_rows,
+    drop_queue,
+    free_port,
+    fresh_redis,
+    service_env,
+    start_server,
+)
 
 
 @pytest.fixture
 def server(tmp_path):
     port = free_port()
-    process = start_server(service_env(tmp_path / "data", fresh_redis()), tmp_path / "serve.log", port)
+    env = service_env(tmp_path / "data", fresh_redis())
+    process = start_server(env, tmp_path / "serve.log", port)
     yield f"http://127.0.0.1:{port}", process
     process.stop()
+    drop_queue(env)
 
 
 def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:

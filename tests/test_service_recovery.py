@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import (
     TINY_MODEL,
+    drop_queue,
     free_port,
     fresh_redis,
     service_env,
@@ -59,6 +60,7 @@ def redis_service(tmp_path, monkeypatch):
     env = service_env(tmp_path / "data", fresh_redis())
     with TestClient(create_app(use_env(monkeypatch, env))) as client:
         yield env, client
+    drop_queue(env)
 
 
 def test_killed_worker_job_resumes_from_checkpoint_exactly_once(redis_service, tmp_path):

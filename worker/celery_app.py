@@ -25,13 +25,15 @@ def make_celery(settings: Settings) -> Celery:
         # (worker/reconcile.py) requeues such a job, so nothing depends on redelivery here.
         queue = settings.broker_dir / "queue"
         processed = settings.broker_dir / "processed"
-        for folder in (queue, processed):
+        control = settings.broker_dir / "control"  # kombu's default is ./control in the working directory
+        for folder in (queue, processed, control):
             folder.mkdir(parents=True, exist_ok=True)
         broker = "filesystem://"
         transport_options = {
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),
             "processed_folder": str(processed),
+            "control_folder": str(control),
             "polling_interval": settings.broker_poll_interval,
         }
     app = Celery("al", broker=broker, set_as_current=False)

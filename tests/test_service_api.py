@@ -141,6 +141,7 @@ def test_v2_nested_data_selected_output_and_metadata(client):
     assert response.status_code == 200, response.text
     [output] = response.json()["outputs"]
     assert output["name"] == "probabilities" and output["shape"] == [2, 10] and len(output["data"]) == 20
+    assert "id" not in response.json() and "parameters" not in output  # unset fields are omitted, never null
     assert client.get("/v2/models/digits/versions/1").json()["outputs"][0]["datatype"] == "INT64"
     assert client.get("/v2/models/digits/versions/2/ready").status_code == 404
     assert client.get("/v2").json()["name"] == "associated-learning"

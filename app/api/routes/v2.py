@@ -121,12 +121,15 @@ def model_version_ready(name: str, version: int, service: ServiceDep) -> dict:
     return {"name": name, "version": str(version), "ready": True}
 
 
-@router.post("/models/{name}/infer", response_model=V2InferResponse, summary="Infer with the latest version")
+# Unset optional fields (id, parameters) are left out rather than sent as null, as the protocol shows them.
+@router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True,
+             summary="Infer with the latest version")
 async def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
     return await service.models.run(infer, service, name, None, body)
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, summary="Infer with a version")
+@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
+             response_model_exclude_none=True, summary="Infer with a version")
 async def model_version_infer(
     name: str, version: int, body: V2InferRequest, service: ServiceDep
 ) -> V2InferResponse:

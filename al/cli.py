@@ -165,13 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from al.checkpoint import ModelError
-    from al.data import DataError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ModelError, ValueError) as e:
+    except ValueError as e:  # DataError, ModelError and config errors: the message names the problem
         print(f"al {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

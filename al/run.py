@@ -15,7 +15,6 @@ from al.checkpoint import (
     model_config_json,
     read_metrics,
     save_model,
-    write_atomic,
 )
 from al.config import build_configs
 from al.data import DataError, Dataset, load_dataset, prepare_splits
@@ -98,6 +97,3 @@ def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = 
         "epochs": len(read_metrics(model_dir)),
     }
 
-
-def write_json(path: Path, value) -> None:
-    write_atomic(path, json.dumps(value, indent=2) + "\n")

@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     device: str = "auto"
-    # Pipelined AL (spec section 4, al/pipeline.py): stages of consecutive components train at once.
+    # Pipelined AL (spec section 4, al/pipeline/): stages of consecutive components train at once.
     pipeline: str = "sequential"  # sequential | threads | processes
     devices: list[str] | None = None  # one per stage, e.g. ["cpu", "cpu"]; None: the cores or GPUs, up to the depth
     stages: str | None = None  # components per stage, e.g. "0-1,2-3"; None: balanced by measured time

@@ -19,6 +19,7 @@ from al.checkpoint import (
 from al.config import build_configs
 from al.data import DataError, Dataset, load_dataset, prepare_splits
 from al.model import build_network
+from al.pipeline import ProcessesRunner, pipeline_runner
 from al.train import Callback, Trainer
 
 
@@ -57,7 +58,8 @@ def train(
     config = model_config_json(
         model_cfg, train_cfg, preset, data.input_shape, data.classes, splits.normalization, data.name
     )
-    trainer = Trainer(net, model_cfg, train_cfg, splits, [*callbacks, SaveEachEpoch(out, config)])
+    runner = pipeline_runner(train_cfg)
+    trainer = Trainer(net, model_cfg, train_cfg, splits, [*callbacks, SaveEachEpoch(out, config)], runner=runner)
     checkpoint = out / TRAINING_STATE
     if resume and checkpoint.is_file() and (out / CONFIG).is_file():
         saved = json.loads((out / CONFIG).read_text())
@@ -67,6 +69,8 @@ def train(
     elif (out / CONFIG).exists() and not resume:
         raise ValueError(f"{out} already holds a model; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(runner, ProcessesRunner) and runner.is_worker:
+        return runner.serve(trainer.work)  # a torchrun rank > 0 trains its stage; rank 0 does all else
     return trainer.fit()
 
 

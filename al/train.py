@@ -2,6 +2,8 @@
 
 The trainer talks to the outside world only through callbacks (progress,
 cancellation, checkpoints), so a CLI, a Celery task or a test can drive it.
+How the mini-batches reach the components is a runner's business (al/local.py):
+`SequentialRunner` below, or a pipeline runner from al/pipeline/.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,7 +19,8 @@ import torch.nn.functional as F
 
 from al.config import ModelConfig, TrainConfig
 from al.data import Splits
-from al.model import ALNet, Component
+from al.local import Batches, ComponentTrainer, Record, Runner, Work, lr_multiplier, train_components
+from al.model import ALNet
 
 TRAIN_ACCURACY_SAMPLES = 5000  # train accuracy is measured on this many fixed samples
 EVAL_BATCH = 1024
@@ -26,62 +30,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def lr_multiplier(schedule: str, step: int, total_steps: int) -> float:
-    """Learning-rate factor at `step`; a pure function of the step, so resuming needs no scheduler state."""
-    progress = step / max(total_steps, 1)
-    if schedule == "step":  # R1: x0.1 at 40/60/80 % of the steps, then x0.5 at 90 %
-        factor = 0.1 ** sum(progress >= p for p in (0.4, 0.6, 0.8))
-        return factor * (0.5 if progress >= 0.9 else 1.0)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return 1.0
-
-
-class ComponentTrainer:
-    """One component with its two optimizers: f/b learn from A_i, g/h from R_i."""
-
-    def __init__(self, component: Component, index: int, model_cfg: ModelConfig, train_cfg: TrainConfig):
-        self.component = component
-        self.first = index == 0
-        self.model_cfg, self.train_cfg = model_cfg, train_cfg
-        encoder_side = [*component.encoder.parameters(), *component.bridge.parameters()]
-        target_side = [*component.target_encoder.parameters(), *component.decoder.parameters()]
-        self.encoder_lr = train_cfg.lr
-        self.target_lr = train_cfg.lr * train_cfg.target_lr_factor
-        self.encoder_optimizer = torch.optim.Adam(encoder_side, lr=self.encoder_lr)
-        self.target_optimizer = torch.optim.Adam(target_side, lr=self.target_lr)
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.encoder_optimizer, self.target_optimizer]
-
-    def step(self, s_prev, t_prev, labels, lr_factor: float):
-        """Train on one mini-batch; returns (sg(s_i), sg(t_i), A_i, R_i) for the next component."""
-        cfg = self.train_cfg
-        for optimizer, base in ((self.encoder_optimizer, self.encoder_lr), (self.target_optimizer, self.target_lr)):
-            for group in optimizer.param_groups:
-                group["lr"] = base * lr_factor
-        s, t, associated, autoencoder = self.component.local_losses(
-            s_prev, t_prev, labels, self.first, self.model_cfg.h1_loss, cfg.detach_target
-        )
-        loss = cfg.associated_weight * associated + cfg.autoencoder_weight * autoencoder
-        self.encoder_optimizer.zero_grad(set_to_none=True)
-        self.target_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.encoder_optimizer.step()
-        self.target_optimizer.step()
-        return s.detach(), t.detach(), associated.detach(), autoencoder.detach()
-
-
-def train_components(locals: list[ComponentTrainer], s, t, labels, lr_factor: float):
-    """One mini-batch through consecutive components: (sg(s), sg(t), [A_i, R_i for each component])."""
-    losses = []
-    for local in locals:
-        s, t, associated, autoencoder = local.step(s, t, labels, lr_factor)
-        losses += [associated, autoencoder]
-    return s, t, losses
 
 
 class Callback:
@@ -96,6 +44,17 @@ class Callback:
     def on_train_end(self, trainer: Trainer, result: dict) -> None: ...
 
 
+class SequentialRunner:
+    """Every component in turn on the trainer's thread: the reference the pipeline runners match bit for bit."""
+
+    def run(self, work: Work, batches: Batches, record: Record) -> None:
+        for step, x, y in batches:
+            record(work.train_step(step, x, y))
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     def __init__(
         self,
@@ -105,6 +64,7 @@ class Trainer:
         splits: Splits,
         callbacks: list[Callback] = (),
         device: str | None = None,
+        runner: Runner | None = None,
     ):
         self.device = resolve_device(device or train_cfg.device)
         self.net = net.to(self.device)
@@ -125,11 +85,9 @@ class Trainer:
         self._loss_sums = self._zero_losses()
         self._epoch_seconds = 0.0
         self._stop = False
-        self.pipeline = None
-        if train_cfg.pipeline != "sequential":
-            from al.pipeline import Pipeline  # imports this module
-
-            self.pipeline = Pipeline(self)
+        self.runner = runner or SequentialRunner()
+        self.work = Work(self.locals if train_cfg.method == "al" else [], net.num_classes, self.device,
+                         self.total_steps, self.train_step)
 
     # --- the outside world ---------------------------------------------------------
 
@@ -163,9 +121,17 @@ class Trainer:
             idx = order[b * size : (b + 1) * size]
             yield self.train_x[idx], self.train_y[idx]
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """One mini-batch through every component (AL) or the whole net (BP); the losses."""
-        lr_factor = lr_multiplier(self.cfg.schedule, self.global_step, self.total_steps)
+    def remaining_batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(global step, x, y) for the rest of the current epoch; ends early once a stop is requested."""
+        start = self.global_step
+        for i, (x, y) in enumerate(self.batches(self.epoch, self.step_in_epoch)):
+            if self._stop:
+                return
+            yield start + i, x, y
+
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """One mini-batch through every component (AL) or the whole net (BP) at global `step`; the losses."""
+        lr_factor = lr_multiplier(self.cfg.schedule, step, self.total_steps)
         if self.cfg.method == "bp":
             for group in self.optimizers[0].param_groups:
                 group["lr"] = self.cfg.lr * lr_factor
@@ -185,26 +151,18 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until cfg.epochs are done or a callback asks to stop; the final result."""
-        if self.pipeline is not None and self.pipeline.is_worker:
-            return self.pipeline.serve()  # a torchrun rank > 0 trains its stage; rank 0 does all else
         self.net.train()
         self._emit("on_train_start")
         try:
             while self.epoch < self.cfg.epochs and not self._stop:
                 started = time.perf_counter()
-                if self.pipeline is None:
-                    for x, y in self.batches(self.epoch, self.step_in_epoch):
-                        self.record_step(self.train_step(x, y))
-                        if self._stop:
-                            break
-                else:
-                    self.pipeline.train_batches()  # returns with every stage synced: an epoch end or a stop
+                # Returns with the model whole again: at the epoch's end, or at a stop.
+                self.runner.run(self.work, self.remaining_batches(), self.record_step)
                 self._epoch_seconds += time.perf_counter() - started
                 if self.step_in_epoch == self.steps_per_epoch:
                     self._end_epoch()
         finally:
-            if self.pipeline is not None:
-                self.pipeline.close()
+            self.runner.close()
         result = self.result()
         self._emit("on_train_end", result)
         return result

@@ -1,4 +1,4 @@
-"""Pipelined AL (al/pipeline.py): exact against the sequential loop, failures stop the run, checkpoints cross modes.
+"""Pipelined AL (al/pipeline/): exact against the sequential loop, failures stop the run, checkpoints cross modes.
 
 Every run here uses one intra-op thread per stage and one in the sequential run:
 with the same kernels on the same thread count, the pipeline must reproduce the
@@ -22,7 +22,7 @@ from al.checkpoint import load_model
 from al.config import build_configs
 from al.data import load_dataset, prepare_splits
 from al.model import build_network
-from al.pipeline import PipelineError, balance_by_time, parse_stages
+from al.pipeline import PipelineError, balance_by_time, parse_stages, pipeline_runner
 from al.run import train
 from al.train import Callback, Trainer
 
@@ -49,7 +49,7 @@ def make_trainer(model: dict, callbacks=(), **training) -> Trainer:
     torch.manual_seed(train_cfg.seed)
     splits = prepare_splits(DIGITS, train_cfg.val_fraction, train_cfg.seed)
     net = build_network(model_cfg, DIGITS.input_shape, DIGITS.num_classes, "al")
-    return Trainer(net, model_cfg, train_cfg, splits, callbacks)
+    return Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=pipeline_runner(train_cfg))
 
 
 _sequential_cache: dict = {}
@@ -84,16 +84,16 @@ def test_pipelined_run_ends_bit_identical_to_sequential(one_thread, arch, stages
     piped = make_trainer(MODELS[arch], pipeline=mode, devices=["cpu"] * stages, stages=STAGES[stages])
     result = piped.fit()
     assert result["status"] == "completed"
-    assert piped.pipeline.stats["stages"][-1].startswith(f"stage {stages - 1}")
+    assert piped.runner.stats["stages"][-1].startswith(f"stage {stages - 1}")
     assert_same_training(reference, piped)
 
 
 def test_default_split_is_balanced_by_measured_time_and_still_exact(one_thread):
     piped = make_trainer(MODELS["mlp"], pipeline="threads", devices=["cpu", "cpu"])
     piped.fit()
-    seconds = piped.pipeline.component_seconds
+    seconds = piped.runner.component_seconds
     assert len(seconds) == 4 and all(s > 0 for s in seconds)
-    groups = [s.components for s in piped.pipeline.stages]
+    groups = [s.components for s in piped.runner.stages]
     assert groups == balance_by_time(seconds, 2)
     assert_same_training(sequential("mlp"), piped)
 
@@ -150,7 +150,7 @@ class KillStage(Callback):
 
     def on_step(self, trainer):
         if trainer.step_in_epoch == self.at_step:
-            os.kill(trainer.pipeline.worker_pids[0], signal.SIGKILL)
+            os.kill(trainer.runner.worker_pids[0], signal.SIGKILL)
 
 
 def test_a_killed_stage_process_stops_the_run_with_an_error():
@@ -174,7 +174,7 @@ def test_a_callback_error_reaches_the_caller_unchanged_and_ends_the_stages(mode)
                            stages=STAGES[2])
     with pytest.raises(KeyError, match="raised by a callback"):
         trainer.fit()
-    assert trainer.pipeline.worker_pids == []  # no stage process outlives the run
+    assert trainer.runner.worker_pids == []  # no stage process outlives the run
 
 
 # --- checkpoints and resume across modes ----------------------------------------------

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from al.bench.report import destination, publish
+
 ROW_COUNTS = (1, 64)
 CLIENT_COUNTS = (1, 32)
 MODEL = "bench"
@@ -187,8 +189,6 @@ def bare_forward(model_dir: Path, rows: list[list[float]], iterations: int, thre
 def bench_serve(args) -> None:
     from sklearn.datasets import load_digits
 
-    from al.bench import publish
-
     samples = load_digits().data.tolist()
     load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure here
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,6 +230,7 @@ def bench_serve(args) -> None:
         "p50 overhead ms": f"server-recorded {statistics.median(recorded) * 1000:.0f}",
     })
     publish(
+        destination(args),
         name="serve-redis" if args.redis_url else "serve",
         title=f"Service ({broker} broker): predict latency over HTTP next to the bare forward, and submit-to-running",
         columns=["measure", "clients", "p50 ms", "p99 ms", "requests/s", "bare forward p50 / p99 ms",
@@ -254,8 +255,9 @@ def bench_serve(args) -> None:
     )
 
 
-def add_parser(kinds) -> None:
-    p = kinds.add_parser("serve", help="HTTP predict latency next to the bare forward; submit-to-running time")
+def add_parser(kinds, common) -> None:
+    p = kinds.add_parser("serve", parents=[common],
+                         help="HTTP predict latency next to the bare forward; submit-to-running time")
     p.add_argument("--requests", type=int, default=400, help="timed requests per case (default 400)")
     p.add_argument("--jobs", type=int, default=5, help="jobs submitted one at a time (default 5)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of each bench job (default 1)")

@@ -1,6 +1,6 @@
 """`al bench pipeline`: what pipelined AL buys over sequential AL and BP, measured, and a model of it.
 
-Every run is a fresh Python process (`python -m al.bench_pipeline RUN_JSON`), so that its peak
+Every run is a fresh Python process (`python -m al.bench.pipeline RUN_JSON`), so that its peak
 memory is its own and no thread setting leaks between runs. A run trains two epochs and reports
 the second: the first pays for spawning stages, profiling and first-call allocations.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from al.bench.report import destination, publish
 
 MODEL_STAGES = (1, 2, 4, 8, 16)
 
@@ -39,6 +40,8 @@ def one_run(spec: dict) -> dict:
     from al.config import build_configs
     from al.data import load_dataset, prepare_splits
     from al.model import build_network
+    from al.pipeline import pipeline_runner
+    from al.pipeline.launch import peak_rss_bytes
     from al.train import Trainer
 
     torch.set_num_threads(spec["threads"])
@@ -48,27 +51,23 @@ def one_run(spec: dict) -> dict:
     torch.manual_seed(train_cfg.seed)
     splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
     net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
-    trainer = Trainer(net, model_cfg, train_cfg, splits)
+    trainer = Trainer(net, model_cfg, train_cfg, splits, runner=pipeline_runner(train_cfg))
     trainer.fit()
     seconds = trainer.history[-1]["seconds"]
     result = {"samples_per_second": len(splits.train_x) / seconds, "seconds": seconds,
               "batches": trainer.steps_per_epoch, "peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available():  # this process's GPUs only: a processes run's workers are not counted
         result["peak_cuda_bytes"] = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
-    if trainer.pipeline is not None:
-        stats = trainer.pipeline.stats
+    if train_cfg.pipeline != "sequential":
+        stats = trainer.runner.stats
         result.update(stages=stats["stages"], busy_seconds=stats["busy_seconds"],
                       idle_fraction=stats["idle_fraction"], pipeline_seconds=stats["wall_seconds"],
                       peak_rss_bytes=sum(stats["peak_rss_bytes"]))  # every stage process together
     return result
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def run_in_fresh_process(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "al.bench_pipeline", json.dumps(spec)],
+    done = subprocess.run([sys.executable, "-m", "al.bench.pipeline", json.dumps(spec)],
                           capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark run {spec} failed:\n{done.stderr[-3000:]}")
@@ -88,8 +87,6 @@ def subset_file(dataset: str, samples: int, directory: Path) -> Path:
 
 
 def bench_pipeline(args) -> None:
-    from al.bench import publish
-
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = str(subset_file(args.dataset, args.samples, Path(tmp)))
@@ -99,6 +96,7 @@ def bench_pipeline(args) -> None:
     model_rows = schedule_model_rows(raw, args.batch_size)
     kind = "cuda" if args.devices and args.devices[0].startswith("cuda") else "cpu"  # CPU and GPU tables side by side
     publish(
+        destination(args),
         name=f"pipeline-{kind}",
         title=f"Pipelined AL: {args.dataset} ({args.samples} samples), batch {args.batch_size}, epoch 2 of 2, "
         f"median of {args.repeats}",
@@ -110,6 +108,7 @@ def bench_pipeline(args) -> None:
              "load_average": open("/proc/loadavg").read().split()[:3]},
     )
     publish(
+        destination(args),
         name=f"pipeline-model-{kind}",
         title="Pipelined AL: the schedule model, from measured stage times, on L devices",
         columns=["arch", "components", "stages L", "batches per sync M", "predicted samples/s",
@@ -270,8 +269,9 @@ MODEL_NOTES = (
 )
 
 
-def add_parser(kinds) -> None:
-    p = kinds.add_parser("pipeline", help="pipelined AL (threads, processes) against sequential AL and BP")
+def add_parser(kinds, common) -> None:
+    p = kinds.add_parser("pipeline", parents=[common],
+                         help="pipelined AL (threads, processes) against sequential AL and BP")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--samples", type=int, default=8192, help="training samples (an epoch)")
     p.add_argument("--batch-size", type=int, default=128)

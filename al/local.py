@@ -1,0 +1,103 @@
+"""Local updates: one component with its own two optimizers, the learning-rate clock, and what a runner is.
+
+The trainer (al/train.py) and the pipeline's stages (al/pipeline/) both train components through
+this module, so neither imports the other: the trainer hands a runner its `Work`, and the runner
+hands back the losses of each mini-batch that every component has trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from al.config import ModelConfig, TrainConfig
+from al.model import Component
+
+
+def lr_multiplier(schedule: str, step: int, total_steps: int) -> float:
+    """Learning-rate factor at `step`; a pure function of the step, so resuming needs no scheduler state."""
+    progress = step / max(total_steps, 1)
+    if schedule == "step":  # R1: x0.1 at 40/60/80 % of the steps, then x0.5 at 90 %
+        factor = 0.1 ** sum(progress >= p for p in (0.4, 0.6, 0.8))
+        return factor * (0.5 if progress >= 0.9 else 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+class ComponentTrainer:
+    """One component with its two optimizers: f/b learn from A_i, g/h from R_i."""
+
+    def __init__(self, component: Component, index: int, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        self.component = component
+        self.first = index == 0
+        self.model_cfg, self.train_cfg = model_cfg, train_cfg
+        encoder_side = [*component.encoder.parameters(), *component.bridge.parameters()]
+        target_side = [*component.target_encoder.parameters(), *component.decoder.parameters()]
+        self.encoder_lr = train_cfg.lr
+        self.target_lr = train_cfg.lr * train_cfg.target_lr_factor
+        self.encoder_optimizer = torch.optim.Adam(encoder_side, lr=self.encoder_lr)
+        self.target_optimizer = torch.optim.Adam(target_side, lr=self.target_lr)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.encoder_optimizer, self.target_optimizer]
+
+    def step(self, s_prev, t_prev, labels, lr_factor: float):
+        """Train on one mini-batch; returns (sg(s_i), sg(t_i), A_i, R_i) for the next component."""
+        cfg = self.train_cfg
+        for optimizer, base in ((self.encoder_optimizer, self.encoder_lr), (self.target_optimizer, self.target_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * lr_factor
+        s, t, associated, autoencoder = self.component.local_losses(
+            s_prev, t_prev, labels, self.first, self.model_cfg.h1_loss, cfg.detach_target
+        )
+        loss = cfg.associated_weight * associated + cfg.autoencoder_weight * autoencoder
+        self.encoder_optimizer.zero_grad(set_to_none=True)
+        self.target_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.encoder_optimizer.step()
+        self.target_optimizer.step()
+        return s.detach(), t.detach(), associated.detach(), autoencoder.detach()
+
+
+def train_components(locals: list[ComponentTrainer], s, t, labels, lr_factor: float):
+    """One mini-batch through consecutive components: (sg(s), sg(t), [A_i, R_i for each component])."""
+    losses = []
+    for local in locals:
+        s, t, associated, autoencoder = local.step(s, t, labels, lr_factor)
+        losses += [associated, autoencoder]
+    return s, t, losses
+
+
+# Components by index: all of them (rank 0, the threads mode) or a stage's own (a stage process)
+Locals = list[ComponentTrainer] | dict[int, ComponentTrainer]
+# (global step, x, y): one mini-batch and the step that sets its learning rate
+Batches = Iterable[tuple[int, torch.Tensor, torch.Tensor]]
+Record = Callable[[list[torch.Tensor]], None]
+
+
+@dataclass
+class Work:
+    """What a runner needs of the trainer to train mini-batches, and nothing more."""
+
+    locals: list[ComponentTrainer]  # AL's components with their optimizers; empty for BP
+    num_classes: int
+    device: torch.device  # the trainer's: where the model lives between runs and the losses are recorded
+    total_steps: int  # the learning-rate schedule's horizon
+    train_step: Callable[[int, torch.Tensor, torch.Tensor], list[torch.Tensor]]  # the whole model on one batch
+
+
+class Runner(Protocol):
+    """How the mini-batches of an epoch reach the components: in turn (sequential) or in stages at once."""
+
+    def run(self, work: Work, batches: Batches, record: Record) -> None:
+        """Train on `batches` in order and call `record(losses)` once for each, in order, when every
+        component has trained on it; return with the model whole again on `work.device`."""
+
+    def close(self) -> None:
+        """Release what the runner holds between runs (threads, processes); the trainer calls it once, at the end."""

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,6 +75,12 @@ def save_model(directory: str | os.PathLike, net: ALNet, config: dict, history: 
     write_atomic(directory / CONFIG, json.dumps(config, indent=2) + "\n")
 
 
+class Prediction(NamedTuple):
+    classes: list  # the predicted class value of each row
+    probabilities: list[list[float]]  # of every class, per row
+    depths: list[int]  # the depth k of the path f_1..f_k -> b_k -> h_k..h_1 that answered each row
+
+
 class LoadedModel:
     """A trained model ready for inference: raw inputs in, class values out."""
 
@@ -95,8 +102,9 @@ class LoadedModel:
             n *= d
         return n
 
-    def predict(self, x, depth: int | None = None) -> tuple[list, list[list[float]]]:
-        """Class values and probabilities for raw samples of shape (N, *input_shape) or (N, features)."""
+    def predict(self, x, depth: int | None = None, exit_confidence: float | None = None) -> Prediction:
+        """Class values, probabilities and the depth each row used, for raw samples of shape
+        (N, *input_shape) or (N, features); see ALNet.predict for `exit_confidence`."""
         x = torch.as_tensor(x, dtype=torch.float32)
         if x.ndim < 2 or x[0].numel() != self.num_features:
             raise ValueError(
@@ -105,10 +113,12 @@ class LoadedModel:
             )
         if not torch.isfinite(x).all():
             raise ValueError("inputs contain NaN or infinity")
+        if exit_confidence is not None and not 0 <= exit_confidence <= 1:
+            raise ValueError(f"exit_confidence must be between 0 and 1, got {exit_confidence}")
         x = self.normalization.apply(x.reshape(len(x), *self.input_shape))
         device = next(self.net.parameters()).device
-        indices, probabilities = self.net.predict(x.to(device), depth)
-        return [self.classes[i] for i in indices.tolist()], probabilities.cpu().tolist()
+        indices, probabilities, depths = self.net.predict(x.to(device), depth, exit_confidence)
+        return Prediction([self.classes[i] for i in indices.tolist()], probabilities.cpu().tolist(), depths.tolist())
 
 
 def load_model(directory: str | os.PathLike, device: str = "cpu") -> LoadedModel:

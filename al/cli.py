@@ -100,7 +100,7 @@ def cmd_predict(args) -> None:
 
     model = load_model(args.model)
     x = read_inputs(Path(args.input))
-    predictions, probabilities = model.predict(x, args.depth)
+    predictions, probabilities, _ = model.predict(x, args.depth)
     if args.json:
         print(json.dumps({"predictions": predictions, "probabilities": probabilities}))
     else:
@@ -158,10 +158,30 @@ def build_parser() -> argparse.ArgumentParser:
     from al import bench
 
     bench.add_parser(sub)
-    from app.cli import add_parsers as add_service_parsers
 
-    add_service_parsers(sub)
+    p = sub.add_parser("serve", help="the HTTP API and a training worker (see docs/service.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--no-worker", action="store_true", help="the API only (also AL_EMBEDDED_WORKER=0)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="a training worker alone (REDIS_URL, or the embedded broker in AL_DATA_DIR)")
+    p.set_defaults(func=cmd_worker)
     return parser
+
+
+def cmd_serve(args) -> None:
+    from app.serve import serve
+    from service.settings import get_settings
+
+    serve(get_settings(), args.host, args.port, args.no_worker)
+
+
+def cmd_worker(args) -> None:
+    from service.settings import get_settings
+    from worker.main import run_worker
+
+    run_worker(get_settings())
 
 
 def main(argv: list[str] | None = None) -> int:

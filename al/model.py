@@ -81,16 +81,24 @@ class ALNet(nn.Module):
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Class scores through f_1..f_k -> b_k -> h_k..h_1."""
-        k = self.depth if depth is None else depth
-        if not 1 <= k <= self.depth:
-            raise ValueError(f"depth must be between 1 and {self.depth}, got {k}")
+        k = self.check_depth(depth)
         s = x
         for component in self.components[:k]:
             s = component.encoder(s)
+        return self.head(s, k)
+
+    def head(self, s: torch.Tensor, k: int) -> torch.Tensor:
+        """Class scores from s_k: the bridge b_k, then the decoders h_k..h_1."""
         t = self.components[k - 1].bridge(s)
         for component in reversed(self.components[:k]):
             t = component.decoder(t)
         return t
+
+    def check_depth(self, depth: int | None) -> int:
+        k = self.depth if depth is None else depth
+        if not 1 <= k <= self.depth:
+            raise ValueError(f"depth must be between 1 and {self.depth}, got {k}")
+        return k
 
     def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         if self.output == "logits":
@@ -100,10 +108,32 @@ class ALNet(nn.Module):
         return scores / scores.sum(dim=1, keepdim=True)
 
     @torch.inference_mode()
-    def predict(self, x: torch.Tensor, depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted class indices, class probabilities)."""
-        probabilities = self.probabilities(self(x, depth))
-        return probabilities.argmax(dim=1), probabilities
+    def predict(
+        self, x: torch.Tensor, depth: int | None = None, exit_confidence: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(predicted class indices, class probabilities, the depth each row used).
+
+        With `exit_confidence`, each row stops at the first depth k (up to `depth`) whose top
+        probability reaches it: every shallower path is a classifier too. s_k is computed once,
+        and only for the rows still going, so no encoder runs twice.
+        """
+        k_max = self.check_depth(depth)
+        if exit_confidence is None:
+            probabilities = self.probabilities(self(x, k_max))
+            return probabilities.argmax(dim=1), probabilities, torch.full((len(x),), k_max, device=x.device)
+        probabilities = x.new_empty(len(x), self.num_classes)
+        depths = torch.full((len(x),), k_max, device=x.device)
+        rows, s = torch.arange(len(x), device=x.device), x
+        for k in range(1, k_max + 1):
+            s = self.components[k - 1].encoder(s)
+            scores = self.probabilities(self.head(s, k))
+            done = scores.amax(dim=1) >= exit_confidence if k < k_max else torch.ones_like(rows, dtype=torch.bool)
+            probabilities[rows[done]] = scores[done]
+            depths[rows[done]] = k
+            rows, s = rows[~done], s[~done]
+            if len(rows) == 0:
+                break
+        return probabilities.argmax(dim=1), probabilities, depths
 
 
 # --- backbones: the encoders f_1..f_L and the shape of each s_i ---------------------

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from al.checkpoint import LoadedModel, load_model
-from app.store import ModelRow, Store
+from al.checkpoint import LoadedModel, Prediction, load_model
+from service.store import ModelRow, Store
 
 LATEST_TTL = 1.0  # seconds a name's latest version is remembered: a new version answers within this
 
@@ -61,7 +61,7 @@ class ModelCache:
             return model
 
 
-def predict(model: LoadedModel, x: np.ndarray, depth: int | None) -> tuple[list, list[list[float]]]:
+def predict(model: LoadedModel, x: np.ndarray, depth: int | None) -> Prediction:
     """The AL inference path (full, or the shortcut at `depth`); ValueError names any problem."""
     if depth is not None and not 1 <= depth <= model.depth:
         raise ValueError(f"depth must be between 1 and {model.depth} for this model, got {depth}")

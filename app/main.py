@@ -14,10 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from al import __version__
 from app.api.deps import Service, require_api_key
 from app.api.routes import datasets, jobs, models, v2
-from app.core.config import Settings, get_settings
 from app.inference import ModelCache
-from app.store import get_store
-from worker.celery_app import make_celery
+from service.queue import make_celery
+from service.settings import Settings, get_settings
+from service.store import get_store
 
 UPLOAD_PATHS = ("/v1/datasets",)
 

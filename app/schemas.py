@@ -102,7 +102,7 @@ class TrainingSpec(Strict):
 
 
 class PipelineSpec(Strict):
-    """Where the components train: all on one device, or as pipeline stages (al/pipeline.py)."""
+    """Where the components train: all on one device, or as pipeline stages (al/pipeline/)."""
 
     mode: Literal["sequential", "threads", "processes"] = Field(
         "sequential", description="sequential: one device; threads / processes: stages of components train at once"

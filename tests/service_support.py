@@ -63,7 +63,7 @@ def service_env(data_dir: Path, redis_url: str | None, **extra: str) -> dict[str
 
 def use_env(monkeypatch, env: dict[str, str]):
     """Settings of this process from `env`, as a subprocess would read them."""
-    from app.core.config import Settings
+    from service.settings import Settings
 
     for key in SERVICE_VARIABLES:
         monkeypatch.delenv(key, raising=False)

@@ -196,7 +196,7 @@ def test_workers_run_al_worker(services, name):
 
 def settings_env_names() -> set[str]:
     """Every environment variable the service's settings object reads."""
-    config = pytest.importorskip("app.core.config")
+    config = pytest.importorskip("service.settings")
     settings = config.Settings
     prefix = settings.model_config.get("env_prefix", "")
     names = set()
@@ -216,7 +216,7 @@ def test_service_settings_are_ones_the_service_reads(services, name):
     ours = [k for k in env_of(services[name]) if k.startswith("AL_") or k in ("REDIS_URL", "DATABASE_URL")]
     assert {"REDIS_URL", "AL_DATA_DIR"} <= set(ours)
     unknown = sorted(set(ours) - known)
-    assert not unknown, f"{name} sets {unknown}, which app.core.config.Settings does not read"
+    assert not unknown, f"{name} sets {unknown}, which service.settings.Settings does not read"
 
 
 def test_api_keys_come_from_the_host(services):

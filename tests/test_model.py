@@ -41,7 +41,8 @@ def test_inference_at_every_depth_gives_class_probabilities():
     net = _net().eval()
     x = torch.randn(5, 1, 8, 8)
     for depth in (1, 2):
-        predictions, probabilities = net.predict(x, depth)
+        predictions, probabilities, depths = net.predict(x, depth)
+        assert depths.tolist() == [depth] * 5
         assert predictions.shape == (5,)
         assert probabilities.shape == (5, 3)
         assert torch.allclose(probabilities.sum(dim=1), torch.ones(5))
@@ -67,3 +68,36 @@ def test_paper_bridge_is_two_layers_five_n_wide():
     net = _net()
     linears = [m for m in net.components[0].bridge if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(16, 40), (40, 8)]
+
+
+def _deep_net():
+    model_cfg, _ = build_configs("default", {"arch": "mlp", "widths": [16, 16, 16, 16], "target_width": 8}, {})
+    torch.manual_seed(0)
+    return build_network(model_cfg, (1, 8, 8), 3, "al").eval()
+
+
+def test_early_exit_stops_each_row_at_the_first_confident_depth():
+    net, x = _deep_net(), torch.randn(64, 1, 8, 8)
+    by_depth = [net.predict(x, k)[1] for k in range(1, 5)]
+    threshold = float(by_depth[0].amax(dim=1).median())  # about half the rows are confident at depth 1
+    _, probabilities, depths = net.predict(x, exit_confidence=threshold)
+    assert 0 < (depths == 1).sum() < 64
+    for row in range(64):
+        k = int(depths[row])
+        assert torch.allclose(probabilities[row], by_depth[k - 1][row], atol=1e-6)
+        assert all(by_depth[j][row].max() < threshold for j in range(k - 1))  # no shallower exit was confident
+        assert k == 4 or by_depth[k - 1][row].max() >= threshold
+
+
+def test_early_exit_at_threshold_zero_is_exactly_depth_one_and_unreached_is_exactly_the_full_path():
+    net, x = _deep_net(), torch.randn(32, 1, 8, 8)
+    first, full = net.predict(x, 1), net.predict(x)
+    at_zero = net.predict(x, exit_confidence=0.0)
+    assert torch.equal(at_zero[0], first[0]) and torch.equal(at_zero[1], first[1])
+    assert at_zero[2].tolist() == [1] * 32
+    highest = max(float(net.predict(x, k)[1].amax()) for k in range(1, 4))
+    never = net.predict(x, exit_confidence=highest + 1e-6)
+    assert torch.equal(never[0], full[0]) and torch.equal(never[1], full[1])
+    assert never[2].tolist() == [4] * 32
+    capped = net.predict(x, depth=2, exit_confidence=highest + 1e-6)  # depth caps the exits
+    assert torch.equal(capped[1], net.predict(x, 2)[1]) and capped[2].tolist() == [2] * 32

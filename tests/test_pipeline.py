@@ -205,7 +205,7 @@ def test_a_checkpoint_from_one_mode_resumes_in_another(tmp_path, one_thread, fir
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test_accuracy"] == straight["test_accuracy"]
     model_dir = load_model(tmp_path / "resumed")  # inference needs nothing of the pipeline
-    predictions, _ = model_dir.predict(DIGITS.test_x[:8])
+    predictions = model_dir.predict(DIGITS.test_x[:8]).classes
     assert len(predictions) == 8
 
 

@@ -15,7 +15,7 @@ from al.config import ModelConfig, TrainConfig
 from al.run import train
 from app.main import create_app
 from app.schemas import PipelineSpec, TrainingSpec
-from app.store import get_store
+from service.store import get_store
 
 UPLOAD_LIMIT = 1_500_000
 REQUEST_LIMIT = 200_000
@@ -260,7 +260,7 @@ def test_api_keys_guard_all_but_health(tmp_path, monkeypatch, trained_model_dir)
 def test_production_refuses_to_start_without_keys(monkeypatch):
     from pydantic import ValidationError
 
-    from app.core.config import Settings
+    from service.settings import Settings
 
     monkeypatch.setenv("AL_ENVIRONMENT", "production")
     monkeypatch.delenv("AL_API_KEYS", raising=False)

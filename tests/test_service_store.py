@@ -11,8 +11,8 @@ import uuid
 import pytest
 from service_support import use_env
 
-from app.store import Store
-from worker.celery_app import enqueue, make_celery
+from service.queue import enqueue, make_celery
+from service.store import Store
 from worker.reconcile import reconcile_once
 from worker.tasks import run_job
 

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 from pathlib import Path
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-from app.core.config import Settings
-from app.store import get_store
-from worker.celery_app import make_celery
+from service.processes import die_with_parent
+from service.queue import make_celery
+from service.settings import Settings
+from service.store import get_store
 from worker.reconcile import start_reconciler
 from worker.tasks import SHUTDOWN_SIGNAL, SHUTTING_DOWN, register_tasks
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent dies (Linux), so no orphan keeps training a job."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def child_pids() -> list[int]:

@@ -13,9 +13,9 @@ import threading
 
 from celery import Celery
 
-from app.core.config import Settings
-from app.store import Store
-from worker.celery_app import enqueue
+from service.queue import enqueue
+from service.settings import Settings
+from service.store import Store
 
 log = logging.getLogger(__name__)
 

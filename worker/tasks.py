@@ -23,9 +23,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from al.data import BUILTIN_DATASETS
 from al.run import train
 from al.train import Callback
-from app.core.config import Settings
-from app.store import Store, get_store, worker_identity
-from worker.celery_app import TRAIN_TASK, enqueue
+from service.jobspec import training_arguments
+from service.queue import TRAIN_TASK, enqueue
+from service.settings import Settings
+from service.store import Store, get_store, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -110,33 +111,12 @@ def dataset_source(store: Store, settings: Settings, dataset: str) -> str:
     return str(settings.data_dir / row.path)
 
 
-def training_arguments(spec: dict) -> tuple[dict, dict]:
-    """The job spec's model and training dicts as al.run.train takes them (ValueError if they conflict)."""
-    training = dict(spec.get("training") or {})
-    if spec.get("method"):
-        training["method"] = spec["method"]
-    pipeline = dict(spec.get("pipeline") or {})
-    mode, devices = pipeline.pop("mode", "sequential"), pipeline.pop("devices", None)
-    if mode == "sequential":
-        if pipeline:
-            raise ValueError(f"pipeline {', '.join(sorted(pipeline))} apply to the threads and processes modes only")
-        if devices and len(devices) > 1:
-            raise ValueError("sequential mode trains on one device; name one, or use mode threads or processes")
-        if devices:
-            if training.get("device", devices[0]) != devices[0]:
-                raise ValueError("training.device and pipeline.devices disagree")
-            training["device"] = devices[0]
-    else:  # TrainConfig's pipeline fields (al/pipeline.py)
-        training.update(pipeline, pipeline=mode, devices=devices)
-    return dict(spec.get("model") or {}), training
-
-
 def allow_child_processes() -> None:
     """Let the `processes` pipeline mode start its stage processes from a Celery pool process.
 
     Pool processes are daemonic, and multiprocessing refuses children to a daemon; their authkey is
     billiard's type, which multiprocessing's spawn refuses to pickle. The pool process still dies with
-    its worker (die_with_parent); the stages end on their own when a peer stops (al/pipeline.py's timeouts).
+    its worker (die_with_parent); the stages end on their own when a peer stops (the timeouts in al/pipeline/).
     """
     process = multiprocessing.current_process()
     process._config["daemon"] = False

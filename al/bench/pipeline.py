@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from al.bench.report import destination, publish
+from al.bench.runs import build_trainer, case_model, run_in_fresh_process, subset_file
 
 MODEL_STAGES = (1, 2, 4, 8, 16)
 
@@ -37,53 +36,21 @@ def predicted_seconds(stage_seconds: list[float], batches: int, cores: int | Non
 
 def one_run(spec: dict) -> dict:
     """Train as `spec` says in this process; throughput of the second epoch, stage times, peak memory."""
-    from al.config import build_configs
-    from al.data import load_dataset, prepare_splits
-    from al.model import build_network
-    from al.pipeline import pipeline_runner
     from al.pipeline.launch import peak_rss_bytes
-    from al.train import Trainer
 
-    torch.set_num_threads(spec["threads"])
-    data = load_dataset(spec["data"])
-    training = {**spec["training"], "epochs": 2, "val_fraction": 0.05}
-    model_cfg, train_cfg = build_configs("default", spec["model"], training)
-    torch.manual_seed(train_cfg.seed)
-    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
-    net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
-    trainer = Trainer(net, model_cfg, train_cfg, splits, runner=pipeline_runner(train_cfg))
+    trainer = build_trainer(spec, epochs=2, val_fraction=0.05)
     trainer.fit()
     seconds = trainer.history[-1]["seconds"]
-    result = {"samples_per_second": len(splits.train_x) / seconds, "seconds": seconds,
+    result = {"samples_per_second": len(trainer.train_x) / seconds, "seconds": seconds,
               "batches": trainer.steps_per_epoch, "peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available():  # this process's GPUs only: a processes run's workers are not counted
         result["peak_cuda_bytes"] = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
-    if train_cfg.pipeline != "sequential":
+    if trainer.cfg.pipeline != "sequential":
         stats = trainer.runner.stats
         result.update(stages=stats["stages"], busy_seconds=stats["busy_seconds"],
                       idle_fraction=stats["idle_fraction"], pipeline_seconds=stats["wall_seconds"],
                       peak_rss_bytes=sum(stats["peak_rss_bytes"]))  # every stage process together
     return result
-
-
-def run_in_fresh_process(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "al.bench.pipeline", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark run {spec} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def subset_file(dataset: str, samples: int, directory: Path) -> Path:
-    """The first `samples` training samples of a dataset as an .npz, so that runs load little."""
-    from al.data import load_dataset
-
-    data = load_dataset(dataset)
-    x = np.concatenate([data.train_x[:samples], data.test_x[: samples // 4]])
-    y = np.concatenate([data.train_y[:samples], data.test_y[: samples // 4]])
-    path = directory / f"{dataset}-{samples}.npz"
-    np.savez(path, x=x, y=np.asarray(data.classes)[y])
-    return path
 
 
 def bench_pipeline(args) -> None:
@@ -123,15 +90,12 @@ def bench_model(args, data: str, arch: str, depth: int, raw: list[dict]) -> list
     """BP, sequential AL on 1 and all threads, and AL threads/processes for one model; its table rows."""
     cores = os.cpu_count() or 1
     device = args.devices[0] if args.devices else "cpu"
-    model = {
-        "mlp": {"arch": "mlp", "widths": [args.mlp_width] * depth, "target_width": args.mlp_width // 4},
-        "cnn": {"arch": "cnn", "widths": [16, 32, 32, 64][:depth], "target_width": 128, "bridge_pool": 4},
-    }[arch]
+    model = case_model(arch, depth, args.mlp_width)
 
     def measure(label, threads, **training):
         spec = {"data": data, "model": model, "threads": threads,
                 "training": {"batch_size": args.batch_size, "device": device, "schedule": "none", **training}}
-        result = run_in_fresh_process(spec)
+        result = run_in_fresh_process("al.bench.pipeline", spec)
         raw.append({"arch": arch, "components": depth, "run": label, "spec": spec, **result})
         print(f"{arch} L={depth} {label}: {result['samples_per_second']:.0f} samples/s", file=sys.stderr)
         return result

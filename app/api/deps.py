@@ -11,9 +11,9 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.core.config import Settings
 from app.inference import ModelCache
-from app.store import Store
+from service.settings import Settings
+from service.store import Store
 
 
 @dataclass

@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 from al.data import BUILTIN_DATASETS, DataError, load_dataset, read_samples, split_samples
 from app.api.deps import ServiceDep, iso
 from app.schemas import DatasetList, DatasetPublic
-from app.store import DatasetRow, new_id
+from service.store import DatasetRow, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -16,9 +16,9 @@ from al.config import build_configs
 from al.data import BUILTIN_DATASETS
 from app.api.deps import ServiceDep, iso
 from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
-from app.store import TERMINAL, JobRow
-from worker.celery_app import enqueue
-from worker.tasks import training_arguments
+from service.jobspec import training_arguments
+from service.queue import enqueue
+from service.store import TERMINAL, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)

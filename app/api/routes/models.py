@@ -9,7 +9,7 @@ from al.checkpoint import LoadedModel, ModelError
 from app.api.deps import Service, ServiceDep, iso
 from app.inference import predict
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
-from app.store import ModelRow
+from service.store import ModelRow
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -62,7 +62,7 @@ def run_predict(service: Service, name: str, version: int | None, body: PredictR
     if len({len(values) for values in body.inputs}) > 1:
         raise HTTPException(422, "inputs: every row must have the same number of values")
     try:
-        predictions, probabilities = predict(model, np.asarray(body.inputs, dtype=np.float32), body.depth)
+        predictions, probabilities, _ = predict(model, np.asarray(body.inputs, dtype=np.float32), body.depth)
     except ValueError as e:  # wrong feature count, depth out of range
         raise HTTPException(422, str(e)) from None
     return PredictResponse(predictions=predictions, probabilities=probabilities, model=row.name, version=row.version)

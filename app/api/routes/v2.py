@@ -77,7 +77,7 @@ def infer(service: Service, name: str, version: int | None, body: V2InferRequest
     if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool)):
         raise HTTPException(400, f"parameter depth must be an integer, got {depth!r}")
     try:
-        predictions, probabilities = predict(model, x.reshape(tensor.shape[0], -1).astype(np.float32), depth)
+        predictions, probabilities, _ = predict(model, x.reshape(tensor.shape[0], -1).astype(np.float32), depth)
     except ValueError as e:  # wrong feature count, NaN or infinity, depth out of range
         raise HTTPException(400, f"input {tensor.name!r}: {e}") from None
     rows = len(predictions)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from app.core.config import Settings
+from service.settings import Settings
 
 TRAIN_TASK = "al.train_job"
 

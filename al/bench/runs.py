@@ -1,0 +1,59 @@
+"""What the training benchmarks share: a dataset subset on disk, a trainer built from a JSON run spec, and
+each run in a fresh Python process, so that its peak memory is its own and no thread setting leaks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def subset_file(dataset: str, samples: int, directory: Path) -> Path:
+    """The first `samples` training samples of a dataset as an .npz, so that runs load little."""
+    from al.data import load_dataset
+
+    data = load_dataset(dataset)
+    x = np.concatenate([data.train_x[:samples], data.test_x[: samples // 4]])
+    y = np.concatenate([data.train_y[:samples], data.test_y[: samples // 4]])
+    path = directory / f"{dataset}-{samples}.npz"
+    np.savez(path, x=x, y=np.asarray(data.classes)[y])
+    return path
+
+
+def case_model(arch: str, depth: int, mlp_width: int) -> dict:
+    """The model of a benchmark case: `depth` components of the architecture."""
+    return {
+        "mlp": {"arch": "mlp", "widths": [mlp_width] * depth, "target_width": mlp_width // 4},
+        "cnn": {"arch": "cnn", "widths": [16, 32, 32, 64][:depth], "target_width": 128, "bridge_pool": 4},
+    }[arch]
+
+
+def build_trainer(spec: dict, callbacks=(), **training):
+    """The trainer of a run spec {"data", "model", "training", "threads", "preset"?}, with `training` on top."""
+    from al.config import build_configs
+    from al.data import load_dataset, prepare_splits
+    from al.model import build_network
+    from al.pipeline import pipeline_runner
+    from al.train import Trainer
+
+    torch.set_num_threads(spec["threads"])
+    data = load_dataset(spec["data"])
+    model_cfg, train_cfg = build_configs(spec.get("preset", "default"), spec["model"],
+                                         {**spec["training"], **training})
+    torch.manual_seed(train_cfg.seed)
+    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
+    net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
+    return Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=pipeline_runner(train_cfg))
+
+
+def run_in_fresh_process(module: str, spec: dict) -> dict:
+    """`python -m module SPEC_JSON`, whose last line of output is the run's JSON result."""
+    done = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark run {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

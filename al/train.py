@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from al.config import ModelConfig, TrainConfig
 from al.data import Splits
-from al.local import Batches, ComponentTrainer, Record, Runner, Work, lr_multiplier, train_components
+from al.local import Batches, ComponentTrainer, Record, Runner, Work, adam, lr_multiplier, train_components
 from al.model import ALNet
 
 TRAIN_ACCURACY_SAMPLES = 5000  # train accuracy is measured on this many fixed samples
@@ -78,7 +78,7 @@ class Trainer:
             self.locals = [ComponentTrainer(c, i, model_cfg, train_cfg) for i, c in enumerate(net.components)]
             self.optimizers = [o for local in self.locals for o in local.optimizers]
         else:
-            self.optimizers = [torch.optim.Adam(net.parameters(), lr=train_cfg.lr)]
+            self.optimizers = [adam(net.parameters(), train_cfg.lr)]
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # batches of the current epoch already trained
         self.history: list[dict] = []

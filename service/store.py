@@ -4,6 +4,9 @@ It is the source of truth for every job; the broker only carries "train job X" m
 Every state change that two processes could race on is one conditional UPDATE, so it is
 atomic on both databases: taking a lease, renewing it, finishing, requeueing.
 Times are Unix seconds (float) so that SQLite and PostgreSQL compare them alike.
+
+Over 400 lines on purpose: the three tables and every conditional UPDATE on them stay in one
+file, so that a reader checks each state transition against the others in one place.
 """
 
 from __future__ import annotations

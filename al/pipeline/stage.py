@@ -58,9 +58,11 @@ def move(local: ComponentTrainer, device: str) -> None:
     """A component and its optimizer state onto a device (parameters keep their identity)."""
     local.component.to(device)
     for optimizer in local.optimizers:
+        step_moves = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
         for state in optimizer.state.values():
             for key, value in state.items():
-                if isinstance(value, torch.Tensor) and key != "step":  # Adam keeps `step` on the CPU
+                # The for-loop Adam keeps `step` on the CPU; the fused one beside its parameter.
+                if isinstance(value, torch.Tensor) and (key != "step" or step_moves):
                     state[key] = value.to(device)
 
 

@@ -266,5 +266,6 @@ class Trainer:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        # weights_only: a checkpoint is data, never code to unpickle.
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        # weights_only: a checkpoint is data, never code to unpickle. Loaded on the CPU: the RNG states must
+        # stay CPU byte tensors, and load_state_dict puts weights and optimizer state on the model's device.
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

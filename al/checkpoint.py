@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -97,25 +99,29 @@ class LoadedModel:
 
     @property
     def num_features(self) -> int:
-        n = 1
-        for d in self.input_shape:
-            n *= d
-        return n
+        return math.prod(self.input_shape)
 
-    def predict(self, x, depth: int | None = None, exit_confidence: float | None = None) -> Prediction:
-        """Class values, probabilities and the depth each row used, for raw samples of shape
-        (N, *input_shape) or (N, features); see ALNet.predict for `exit_confidence`."""
-        x = torch.as_tensor(x, dtype=torch.float32)
-        if x.ndim < 2 or x[0].numel() != self.num_features:
+    def checked(self, x, depth: int | None = None, exit_confidence: float | None = None) -> np.ndarray:
+        """Raw samples of shape (N, *input_shape) or (N, features) as float32 rows of the input shape;
+        ValueError names whatever does not fit this model."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.num_features:
             raise ValueError(
                 f"each input must have {self.num_features} values (shape {list(self.input_shape)}), "
                 f"got shape {list(x.shape[1:])}"
             )
-        if not torch.isfinite(x).all():
+        if not np.isfinite(x).all():
             raise ValueError("inputs contain NaN or infinity")
+        if depth is not None and not 1 <= depth <= self.depth:
+            raise ValueError(f"depth must be between 1 and {self.depth} for this model, got {depth}")
         if exit_confidence is not None and not 0 <= exit_confidence <= 1:
             raise ValueError(f"exit_confidence must be between 0 and 1, got {exit_confidence}")
-        x = self.normalization.apply(x.reshape(len(x), *self.input_shape))
+        return x.reshape(len(x), *self.input_shape)
+
+    def predict(self, x, depth: int | None = None, exit_confidence: float | None = None) -> Prediction:
+        """Class values, probabilities and the depth each row used (see `checked` for x, and
+        ALNet.predict for `exit_confidence`)."""
+        x = self.normalization.apply(torch.from_numpy(self.checked(x, depth, exit_confidence)))
         device = next(self.net.parameters()).device
         indices, probabilities, depths = self.net.predict(x.to(device), depth, exit_confidence)
         return Prediction([self.classes[i] for i in indices.tolist()], probabilities.cpu().tolist(), depths.tolist())

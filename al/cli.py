@@ -42,6 +42,10 @@ class ProgressBar(Callback):
         self.stream.flush()
 
 
+EXIT_CONFIDENCE_HELP = ("early exit: a sample stops at the first depth (up to --depth) whose top probability "
+                        "reaches X (0..1)")
+
+
 def _widths(text: str) -> list[int]:
     try:
         return [int(w) for w in text.split(",")]
@@ -91,7 +95,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from al.run import evaluate
 
-    _emit(evaluate(args.model, args.dataset, args.depth, args.split), args.json)
+    _emit(evaluate(args.model, args.dataset, args.depth, args.split, args.exit_confidence), args.json)
 
 
 def cmd_predict(args) -> None:
@@ -100,9 +104,9 @@ def cmd_predict(args) -> None:
 
     model = load_model(args.model)
     x = read_inputs(Path(args.input))
-    predictions, probabilities, _ = model.predict(x, args.depth)
+    predictions, probabilities, depths = model.predict(x, args.depth, args.exit_confidence)
     if args.json:
-        print(json.dumps({"predictions": predictions, "probabilities": probabilities}))
+        print(json.dumps({"predictions": predictions, "probabilities": probabilities, "depths": depths}))
     else:
         for p, probs in zip(predictions, probabilities):
             print(f"{p}\t{max(probs):.4f}")
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--depth", type=int, default=None, help="shortcut inference at depth K (default: full)")
     p.add_argument("--split", choices=("test", "all"), default="test")
+    p.add_argument("--exit-confidence", type=float, default=None, metavar="X",
+                   help=EXIT_CONFIDENCE_HELP + "; the result adds mean_depth")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -152,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True, help=".npz with array x, or .csv")
     p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--exit-confidence", type=float, default=None, metavar="X",
+                   help=EXIT_CONFIDENCE_HELP + "; --json gives the depth of each row")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 

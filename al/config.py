@@ -86,9 +86,10 @@ PRESETS: dict[str, Preset] = {
     # `al bench accuracy` backs this choice (docs/benchmarks.md).
     "default": Preset(train={"lr": 1e-3, "schedule": "cosine"}),
     # Lean and quick to start: one-layer bridges (R1's two-layer 5n bridges are most of an MLP's
-    # FLOPs) and tanh codes and bridges, with which AL learns from its first epoch where sigmoid
-    # codes sit near chance for two. `al bench time-to-accuracy` measures it (docs/benchmarks.md).
-    "lean": Preset(model={"bridge_depth": 1, "target_activation": "tanh", "bridge_activation": "tanh"},
+    # FLOPs), tanh codes and bridges, with which AL learns from its first epoch where sigmoid codes
+    # sit near chance for one or two, and ReLU encoders. `al bench time-to-accuracy` measures it.
+    "lean": Preset(model={"bridge_depth": 1, "target_activation": "tanh", "bridge_activation": "tanh",
+                          "encoder_activation": "relu"},
                    train={"lr": 2e-3, "schedule": "cosine"}),
 }
 

@@ -74,8 +74,10 @@ def train(
     return trainer.fit()
 
 
-def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = None, split: str = "test") -> dict:
-    """Accuracy of a saved model on a dataset's test split (or on all of its samples)."""
+def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = None, split: str = "test",
+             exit_confidence: float | None = None) -> dict:
+    """Accuracy of a saved model on a dataset's test split (or on all of its samples); with `exit_confidence`,
+    each sample stops at the first depth whose top probability reaches it, and `mean_depth` says how deep they went."""
     model = load_model(model_dir)
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     if split == "all":
@@ -89,15 +91,19 @@ def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = 
         raise DataError(f"labels {', '.join(unknown[:5])} are not classes of this model ({model.classes})")
     if tuple(x.shape[1:]) != model.input_shape:
         raise DataError(f"samples have shape {list(x.shape[1:])}, the model expects {list(model.input_shape)}")
-    predictions = []
+    predictions, depths = [], []
     for i in range(0, len(x), 4096):
-        predictions += model.predict(x[i : i + 4096], depth)[0]
+        chunk_predictions, _, chunk_depths = model.predict(x[i : i + 4096], depth, exit_confidence)
+        predictions += chunk_predictions
+        depths += chunk_depths
     correct = sum(str(p) == str(t) for p, t in zip(predictions, labels))
-    return {
+    result = {
         "test_accuracy": correct / len(x),
         "samples": len(x),
         "depth": depth or model.depth,
         "method": model.config["method"],
         "epochs": len(read_metrics(model_dir)),
     }
-
+    if exit_confidence is not None:
+        result.update(exit_confidence=exit_confidence, mean_depth=float(np.mean(depths)))
+    return result

@@ -6,34 +6,47 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
 
 from al.checkpoint import LoadedModel, Prediction, load_model
+from app.batching import Batcher
+from service.settings import Settings
 from service.store import ModelRow, Store
 
 LATEST_TTL = 1.0  # seconds a name's latest version is remembered: a new version answers within this
 
 
 class ModelCache:
-    """Loaded models, and one thread that runs every inference.
+    """Loaded models, and one thread that runs every inference, fed by a batcher.
 
     One thread, always the same: torch's intra-op thread pool belongs to the calling thread, and
     calling from ever-changing pool threads cost more than the forward itself for small batches.
+    That thread sets its own torch thread count: OpenMP's is per thread, and a thread that never
+    sets it gets one per core, whose spinning workers cost more than they save on a busy machine.
     """
 
-    def __init__(self, data_dir: Path, size: int, store: Store):
-        self.data_dir, self.size, self.store = data_dir, size, store
-        self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+    def __init__(self, settings: Settings, store: Store):
+        self.data_dir, self.size, self.store = settings.data_dir, settings.model_cache_size, store
+        self._models: OrderedDict[tuple[str, int], tuple[ModelRow, LoadedModel]] = OrderedDict()
         self._latest: dict[str, tuple[float, ModelRow]] = {}
+        self._finding: dict[tuple[str, int | None], asyncio.Future] = {}
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="al-inference")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="al-inference",
+                                      initializer=torch.set_num_threads, initargs=(settings.inference_threads,))
+        self.batcher = Batcher(executor, settings.batch_max_size, settings.batch_wait_ms / 1000)
 
-    async def run(self, function, *args):
-        """`function(*args)` on the inference thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+    async def predict(self, row: ModelRow, model: LoadedModel, x: np.ndarray, depth: int | None,
+                      exit_confidence: float | None) -> Prediction:
+        """The AL inference path (full, or up to `depth`, exiting early at `exit_confidence`), batched with
+        concurrent requests of the same settings; ValueError names any problem with this request."""
+        x = model.checked(x, depth, exit_confidence)  # before it joins a batch: its error is its own
+        key = (row.name, row.version, depth, exit_confidence)
+        return await self.batcher.predict(key, model, x, depth, exit_confidence)
 
     def registered(self, name: str, version: int | None) -> ModelRow | None:
         """The registry's row; the latest version of a name is looked up at most every LATEST_TTL seconds."""
@@ -48,21 +61,48 @@ class ModelCache:
             self._latest[name] = (now, row)
         return row
 
+    async def find(self, name: str, version: int | None,
+                   find_model: Callable[[], tuple[ModelRow, LoadedModel]]) -> tuple[ModelRow, LoadedModel]:
+        """The row and the model: at hand, or from `find_model()` (store, disk) in a worker thread, called
+        once for all the requests that want the same name and version meanwhile. A name's latest version
+        is re-read every LATEST_TTL seconds in the background: requests go on with the one known meanwhile."""
+        found = self.at_hand(name, version)
+        stale = version is None and found is not None and time.monotonic() - self._latest[name][0] >= LATEST_TTL
+        if found is None or stale:
+            key = (name, version)
+            if key not in self._finding:
+                self._finding[key] = asyncio.ensure_future(run_in_threadpool(find_model))
+                self._finding[key].add_done_callback(lambda done: self._found(key, done))
+            if found is None:
+                return await asyncio.shield(self._finding[key])  # a waiter that goes away leaves it to the others
+        return found
+
+    def _found(self, key: tuple[str, int | None], done: asyncio.Future) -> None:
+        del self._finding[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: a failed background re-read matters only to requests that waited for it
+
+    def at_hand(self, name: str, version: int | None) -> tuple[ModelRow, LoadedModel] | None:
+        """The row and the model when neither the store nor the disk is needed (so the event loop may ask)."""
+        if version is None:
+            if name not in self._latest:
+                return None
+            version = self._latest[name][1].version
+        with self._lock:
+            found = self._models.get((name, version))
+            if found is not None:
+                self._models.move_to_end((name, version))
+            return found
+
     def get(self, row: ModelRow) -> LoadedModel:
         key = (row.name, row.version)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
-                return self._models[key]
-            model = load_model(self.data_dir / row.path)
-            self._models[key] = model
+                return self._models[key][1]
+        model = load_model(self.data_dir / row.path)  # outside the lock: loaded models answer meanwhile
+        with self._lock:
+            self._models[key] = (row, model)
             if len(self._models) > self.size:
                 self._models.popitem(last=False)
-            return model
-
-
-def predict(model: LoadedModel, x: np.ndarray, depth: int | None) -> Prediction:
-    """The AL inference path (full, or the shortcut at `depth`); ValueError names any problem."""
-    if depth is not None and not 1 <= depth <= model.depth:
-        raise ValueError(f"depth must be between 1 and {model.depth} for this model, got {depth}")
-    return model.predict(x, depth)
+        return model

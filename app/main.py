@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.datasets_dir.mkdir(exist_ok=True)
     store = get_store(settings.store_url)
-    model_cache = ModelCache(settings.data_dir, settings.model_cache_size, store)
+    model_cache = ModelCache(settings, store)
     service = Service(settings, store, make_celery(settings), model_cache)
     metrics = Metrics(store)
 

@@ -209,11 +209,17 @@ class PredictRequest(Strict):
     depth: int | None = Field(
         None, ge=1, le=MAX_COMPONENTS, description="shortcut inference at this depth (default: all)"
     )
+    exit_confidence: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="early exit: each row stops at the first depth (up to `depth`) whose top probability "
+        "reaches this (default: none, every row takes the full path)",
+    )
 
 
 class PredictResponse(BaseModel):
     predictions: list[Any] = Field(description="the predicted class value of each row")
     probabilities: list[list[float]] = Field(description="per row, the probability of each class in `classes` order")
+    depths: list[int] = Field(description="per row, the depth k of the path that answered it")
     model: str = Field(description="the model's name")
     version: int = Field(description="the version that answered")
 
@@ -244,15 +250,17 @@ class V2InferInput(V2Tensor):
 
 
 class V2RequestedOutput(BaseModel):
-    name: str = Field(max_length=256, description="predictions | probabilities")
+    name: str = Field(max_length=256, description="predictions | probabilities | depths")
     parameters: dict[str, Any] | None = Field(None, description="unused")
 
 
 class V2InferRequest(BaseModel):
     id: str | None = Field(None, max_length=256, description="echoed in the response")
-    parameters: dict[str, Any] | None = Field(None, description='{"depth": k} for shortcut inference')
+    parameters: dict[str, Any] | None = Field(
+        None, description='{"depth": k} for shortcut inference, {"exit_confidence": c} (0..1) for early exit'
+    )
     inputs: list[V2InferInput] = Field(min_length=1, max_length=1, description="one input tensor")
-    outputs: list[V2RequestedOutput] | None = Field(None, max_length=2, description="default: both outputs")
+    outputs: list[V2RequestedOutput] | None = Field(None, max_length=3, description="default: every output")
 
 
 class V2InferResponse(BaseModel):
@@ -260,7 +268,9 @@ class V2InferResponse(BaseModel):
     model_version: str | None = Field(None, description="the version that answered")
     id: str | None = Field(None, description="the request's id")
     parameters: dict[str, Any] | None = Field(None, description="unused")
-    outputs: list[V2Tensor] = Field(description="predictions [rows] (class values) and probabilities [rows, classes]")
+    outputs: list[V2Tensor] = Field(
+        description="predictions [rows] (class values), probabilities [rows, classes], depths [rows] (depth used)"
+    )
 
 
 class V2TensorMetadata(BaseModel):
@@ -274,7 +284,7 @@ class V2ModelMetadata(BaseModel):
     versions: list[str] = Field(description="its versions")
     platform: str = Field(description="what runs it")
     inputs: list[V2TensorMetadata] = Field(description="the one input: raw features per row")
-    outputs: list[V2TensorMetadata] = Field(description="predictions and probabilities")
+    outputs: list[V2TensorMetadata] = Field(description="predictions, probabilities and depths")
 
 
 class V2ServerMetadata(BaseModel):

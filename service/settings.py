@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         1, ge=1, description="torch CPU threads of `al serve`'s inference; more only pay on an idle machine"
     )
+    # Dynamic batching: concurrent predict requests for the same model version, depth and exit_confidence
+    # share one forward on the inference thread (app/batching.py).
+    batch_max_size: int = Field(
+        64, ge=1, description="rows per batched forward; 1 turns batching off (a larger request runs alone)"
+    )
+    batch_wait_ms: float = Field(
+        0.0, ge=0, le=1000,
+        description="ms a request waits for others to join when the inference thread is idle (0: it runs at once); "
+        "while the thread is busy, requests gather into the next batch anyway",
+    )
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> Settings:

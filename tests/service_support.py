@@ -53,7 +53,7 @@ def drop_queue(env: dict[str, str]) -> None:
 
 
 def service_env(data_dir: Path, redis_url: str | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES and not k.startswith("AL_")}
     env.update(FAST, AL_DATA_DIR=str(data_dir), AL_QUEUE=f"al.test.{uuid.uuid4().hex}", PYTHONUNBUFFERED="1",
                **extra)
     if redis_url:
@@ -65,7 +65,7 @@ def use_env(monkeypatch, env: dict[str, str]):
     """Settings of this process from `env`, as a subprocess would read them."""
     from service.settings import Settings
 
-    for key in SERVICE_VARIABLES:
+    for key in [*SERVICE_VARIABLES, *(k for k in os.environ if k.startswith("AL_") and k not in env)]:
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         if key.startswith("AL_") or key in SERVICE_VARIABLES:
@@ -168,3 +168,31 @@ def digits_rows(n: int) -> list[list[float]]:
     from sklearn.datasets import load_digits
 
     return load_digits().data[:n].tolist()
+
+
+def registered_model_client(tmp_path, monkeypatch, model_dir: Path, **extra: str):
+    """A TestClient of the app (settings from service_env + `extra`) whose registry holds the model in
+    `model_dir` as "digits" version 1."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = use_env(monkeypatch, service_env(tmp_path / "data", fresh_redis(), **extra))
+    client = TestClient(create_app(settings))
+    register_model(settings, model_dir)
+    return client
+
+
+def register_model(settings, model_dir: Path) -> None:
+    """The model in `model_dir` as the next version of "digits", registered as a finished job would:
+    through the store's lease and finish."""
+    from service.store import get_store
+
+    store = get_store(settings.store_url)
+    job, _ = store.create_job("digits", {"dataset": "digits"}, 1, None, None)
+    claim = store.take_lease(job.id, "test", 60)
+    target = settings.jobs_dir / job.id
+    target.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    assert store.finish(job.id, claim.owner, "succeeded", result={"status": "completed"}, model_path=f"jobs/{job.id}")

@@ -79,3 +79,15 @@ def test_bp_trains_the_same_topology(tmp_path):
     proc = al("train", "--dataset", "digits", "--method", "bp", "--epochs", "3", "--json", "--out", str(tmp_path / "m"))
     result = last_json(proc)
     assert result["method"] == "bp" and result["test_accuracy"] >= 0.8
+
+
+def test_early_exit_from_the_command_line(digits_model, tmp_path):
+    out, _, _ = digits_model
+    result = last_json(al("eval", "--model", str(out), "--dataset", "digits", "--exit-confidence", "0", "--json"))
+    assert (result["exit_confidence"], result["mean_depth"]) == (0, 1)  # every sample confident enough at depth 1
+    np.savez(tmp_path / "inputs.npz", x=load_digits().data[:50])
+    inputs = ("--model", str(out), "--input", str(tmp_path / "inputs.npz"))
+    result = last_json(al("predict", *inputs, "--exit-confidence", "0.9", "--json"))
+    assert len(result["depths"]) == 50 and set(result["depths"]) <= {1, 2}
+    proc = al("predict", *inputs, "--exit-confidence", "2", check=False)
+    assert proc.returncode == 2 and "exit_confidence must be between 0 and 1" in proc.stderr

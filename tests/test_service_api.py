@@ -9,13 +9,11 @@ import io
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_support import TINY_MODEL, digits_rows, drop_queue, fresh_redis, service_env, use_env
+from service_support import TINY_MODEL, digits_rows, drop_queue, registered_model_client
 
 from al.config import ModelConfig, TrainConfig
 from al.run import train
-from app.main import create_app
 from app.schemas import PipelineSpec, TrainingSpec
-from service.store import get_store
 
 UPLOAD_LIMIT = 1_500_000
 REQUEST_LIMIT = 200_000
@@ -30,20 +28,8 @@ def trained_model_dir(tmp_path_factory):
 
 
 def make_client(tmp_path, monkeypatch, trained_model_dir, **extra) -> TestClient:
-    env = service_env(tmp_path / "data", fresh_redis(), AL_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
-                      AL_MAX_REQUEST_BYTES=str(REQUEST_LIMIT), **extra)
-    settings = use_env(monkeypatch, env)
-    client = TestClient(create_app(settings))
-    # Register the trained model as a finished job would: through the store's own lease and finish.
-    store = get_store(settings.store_url)
-    job, _ = store.create_job("digits", {"dataset": "digits"}, 1, None, None)
-    claim = store.take_lease(job.id, "test", 60)
-    target = settings.jobs_dir / job.id
-    target.mkdir(parents=True)
-    for f in trained_model_dir.iterdir():
-        (target / f.name).write_bytes(f.read_bytes())
-    assert store.finish(job.id, claim.owner, "succeeded", result={"status": "completed"}, model_path=f"jobs/{job.id}")
-    return client
+    return registered_model_client(tmp_path, monkeypatch, trained_model_dir, AL_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+                                   AL_MAX_REQUEST_BYTES=str(REQUEST_LIMIT), **extra)
 
 
 @pytest.fixture

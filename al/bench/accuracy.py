@@ -13,6 +13,8 @@ def bench_accuracy(args) -> None:
     from al.run import train
 
     data = load_dataset(args.dataset)
+    # The presets name the table unless it is `default` alone, whose tables came first.
+    name = "-".join(["accuracy", args.dataset, args.arch, *sorted(set(args.presets) - {"default"})])
     runs: dict[str, list[dict]] = {}
     for preset in args.presets:
         for method in ("al", "bp"):
@@ -27,10 +29,10 @@ def bench_accuracy(args) -> None:
                 print(f"{key} seed {seed}: test_accuracy {result['test_accuracy']:.4f} "
                       f"({result['train_seconds']:.1f}s)", file=sys.stderr)
                 # After every run, so that an interrupted benchmark still publishes what it measured.
-                publish_accuracy(destination(args), args.dataset, args.arch, args.epochs, runs)
+                publish_accuracy(destination(args), name, args.dataset, args.arch, args.epochs, runs)
 
 
-def publish_accuracy(where: Destination, dataset: str, arch: str, epochs: int, runs: dict[str, list[dict]],
+def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epochs: int, runs: dict[str, list[dict]],
                      **record) -> None:
     """The table of `runs` (method/preset -> per-seed results with test_accuracy, train_seconds, epochs)."""
     rows = []
@@ -47,7 +49,7 @@ def publish_accuracy(where: Destination, dataset: str, arch: str, epochs: int, r
         })
     publish(
         where,
-        name=f"accuracy-{dataset}-{arch}",
+        name=name,
         title=f"Accuracy: AL vs BP, {dataset}, {arch}, {epochs} epochs",
         columns=["method / preset", "test accuracy % (last epoch)", "seconds / epoch", "runs"],
         rows=rows,

@@ -1,23 +1,27 @@
-"""`al bench serve`: latency and throughput of POST /v1/models/{name}/predict on loopback next to the
-bare in-process forward of the same model, and the time from POST /v1/jobs to `running`.
+"""`al bench serve`: latency and throughput of POST /v1/models/{name}/predict on loopback, with dynamic
+batching off and on, next to the bare in-process forward of the same model, and the time from
+POST /v1/jobs to `running`.
 
 It starts a real `al serve` (API + worker) on a free port with a throw-away data directory, trains
-the model through the service itself, measures with keep-alive HTTP clients in threads, and stops
-the server. Every loop is bounded by --requests / --jobs.
+the model through the service itself, and starts a second one (API only) on the same data directory
+with the other batching setting. Each case is measured on both servers back to back, so load from
+elsewhere on the machine hits both alike, with keep-alive HTTP clients (coroutines). Every loop is
+bounded by --requests / --jobs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +31,8 @@ import numpy as np
 from al.bench.report import destination, publish
 
 ROW_COUNTS = (1, 64)
-CLIENT_COUNTS = (1, 32)
+CLIENT_COUNTS = (1, 8, 32)
+BATCHING = {"off": {"AL_BATCH_MAX_SIZE": "1"}, "on": {}}  # on: the settings' defaults
 MODEL = "bench"
 # After each job the worker replaces its pool process (max_tasks_per_child=1): on a busy 2-core
 # machine the new one took up to about 3 s to be ready. Waiting this long makes the next job meet
@@ -38,17 +43,19 @@ IDLE_WAIT = 5.0
 class Server:
     """`al serve` in a session of its own on a free loopback port."""
 
-    def __init__(self, data_dir: Path, redis_url: str | None, inference_threads: int):
+    def __init__(self, data_dir: Path, redis_url: str | None, inference_threads: int, label: str, extra: dict):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS") and not k.startswith("AL_BATCH_")}
         env["AL_DATA_DIR"] = str(data_dir)
         env["AL_INFERENCE_THREADS"] = str(inference_threads)
         env["AL_QUEUE"] = f"al.bench.{os.getpid()}"  # never a message of another service sharing the Redis
+        env.update(extra)
         if redis_url:
             env["REDIS_URL"] = redis_url
-        self.log = data_dir.parent / "serve.log"
+        self.log = data_dir.parent / f"serve-{label}.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "al.cli", "serve", "--port", str(self.port)],
@@ -129,40 +136,38 @@ def submit_to_running(server: Server, jobs: int, epochs: int) -> dict:
 
 
 def predict_latency(server: Server, rows: list[list[float]], clients: int, requests: int) -> dict:
-    """`requests` timed POSTs spread over `clients` threads, each with its own keep-alive connection."""
+    """`requests` timed POSTs spread over `clients` keep-alive connections, each sending its next request
+    when the last is answered. The clients are coroutines in one thread: Python threads would wait for
+    each other's GIL, and that wait, not the server, made the tail at 32 of them."""
+    return asyncio.run(_predict_latency(server.port, rows, clients, max(requests // clients, 10)))
+
+
+async def _predict_latency(port: int, rows: list[list[float]], clients: int, per_client: int) -> dict:
     body = json.dumps({"inputs": rows}).encode()
-    path = f"/v1/models/{MODEL}/predict"
-    per_client = max(requests // clients, 10)
-    latencies: list[float] = []
-    lock, ready = threading.Lock(), threading.Barrier(clients + 1)
-    failures: list[str] = []
+    request = (f"POST /v1/models/{MODEL}/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+               f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
 
-    def client() -> None:
-        conn, mine = server.connection(), []
-        for _ in range(5):  # warm-up: connection, model cache, allocator
-            call(conn, "POST", path, body)
-        ready.wait()
-        for _ in range(per_client):
-            t0 = time.perf_counter()
-            status, answer = call(conn, "POST", path, body)
-            mine.append(time.perf_counter() - t0)
-            if status != 200:
-                failures.append(f"{status}: {answer}")
-                break
-        conn.close()
-        with lock:
-            latencies.extend(mine)
+    async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, times: int) -> list[float]:
+        seconds = []
+        for _ in range(times):
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            answer = await reader.readexactly(int(re.search(rb"content-length: *(\d+)", head, re.I)[1]))
+            seconds.append(time.perf_counter() - started)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"predict failed: {head.splitlines()[0].decode()}: {answer.decode()}")
+        return seconds
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    if failures:
-        raise RuntimeError(f"predict failed: {failures[0]}")
+    connections = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(clients)))
+    try:
+        await asyncio.gather(*(post(*c, 5) for c in connections))  # warm-up: connections, model cache, allocator
+        started = time.perf_counter()
+        latencies = [s for mine in await asyncio.gather(*(post(*c, per_client) for c in connections)) for s in mine]
+        wall = time.perf_counter() - started
+    finally:
+        for _, writer in connections:
+            writer.close()
     p50, p99 = percentiles_ms(latencies)
     return {"p50_ms": p50, "p99_ms": p99, "requests_per_second": len(latencies) / wall, "requests": len(latencies)}
 
@@ -186,36 +191,49 @@ def bare_forward(model_dir: Path, rows: list[list[float]], iterations: int, thre
     return {"p50_ms": p50, "p99_ms": p99}
 
 
-def bench_serve(args) -> None:
+def measure_cases(servers: dict[str, Server], model_dir: Path, args) -> list[dict]:
+    """Each rows x clients case on every server, back to back, next to the bare forward of those rows."""
     from sklearn.datasets import load_digits
 
-    samples = load_digits().data.tolist()
+    samples, cases = load_digits().data.tolist(), []
+    for n_rows in ROW_COUNTS:
+        rows = samples[:n_rows]
+        bare = bare_forward(model_dir, rows, args.requests, args.inference_threads)
+        for clients in CLIENT_COUNTS:
+            for batching, server in servers.items():
+                served = predict_latency(server, rows, clients, args.requests)
+                cases.append({"rows": n_rows, "clients": clients, "batching": batching, "bare": bare, **served})
+                print(f"{n_rows} rows, {clients} clients, batching {batching}: p50 {served['p50_ms']:.2f} ms, "
+                      f"p99 {served['p99_ms']:.2f} ms, {served['requests_per_second']:.0f} req/s "
+                      f"(bare p50 {bare['p50_ms']:.3f} ms)", file=sys.stderr)
+    return cases
+
+
+def bench_serve(args) -> None:
     load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure here
+    servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        server = Server(data_dir, args.redis_url, args.inference_threads)
         try:
-            submitted = submit_to_running(server, args.jobs, args.epochs)
-            model_dir = data_dir / "jobs" / submitted["job"]["id"]
-            cases = []
-            for n_rows in ROW_COUNTS:
-                rows = samples[:n_rows]
-                bare = bare_forward(model_dir, rows, args.requests, args.inference_threads)
-                for clients in CLIENT_COUNTS:
-                    served = predict_latency(server, rows, clients, args.requests)
-                    cases.append({"rows": n_rows, "clients": clients, "bare": bare, **served})
-                    print(f"{n_rows} rows, {clients} clients: p50 {served['p50_ms']:.2f} ms, "
-                          f"{served['requests_per_second']:.0f} req/s (bare p50 {bare['p50_ms']:.3f} ms)",
-                          file=sys.stderr)
+            for batching, extra in BATCHING.items():  # the first one's worker trains the model; one is enough
+                worker = {"AL_EMBEDDED_WORKER": "0"} if servers else {}
+                servers[batching] = Server(data_dir, args.redis_url, args.inference_threads, batching,
+                                           {**extra, **worker})
+            submitted = submit_to_running(next(iter(servers.values())), args.jobs, args.epochs)
+            cases = measure_cases(servers, data_dir / "jobs" / submitted["job"]["id"], args)
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
     broker = "Redis" if args.redis_url else "embedded (filesystem)"
+    unbatched = {(c["rows"], c["clients"]): c["requests_per_second"] for c in cases if c["batching"] == "off"}
     rows = [{
         "measure": f"POST predict, {c['rows']} row{'s' if c['rows'] > 1 else ''}",
+        "batching": c["batching"],
         "clients": c["clients"],
         "p50 ms": f"{c['p50_ms']:.2f}",
         "p99 ms": f"{c['p99_ms']:.2f}",
         "requests/s": f"{c['requests_per_second']:.0f}",
+        "x off": f"{c['requests_per_second'] / unbatched[c['rows'], c['clients']]:.2f}",
         "bare forward p50 / p99 ms": f"{c['bare']['p50_ms']:.3f} / {c['bare']['p99_ms']:.3f}",
         "p50 overhead ms": f"{c['p50_ms'] - c['bare']['p50_ms']:.2f}",
     } for c in cases]
@@ -225,40 +243,44 @@ def bench_serve(args) -> None:
         "clients": 1,
         "p50 ms": f"{statistics.median(observed) * 1000:.0f}",
         "p99 ms": f"{max(observed) * 1000:.0f} (max of {len(observed)})",
-        "requests/s": "",
-        "bare forward p50 / p99 ms": "",
         "p50 overhead ms": f"server-recorded {statistics.median(recorded) * 1000:.0f}",
     })
     publish(
         destination(args),
         name="serve-redis" if args.redis_url else "serve",
-        title=f"Service ({broker} broker): predict latency over HTTP next to the bare forward, and submit-to-running",
-        columns=["measure", "clients", "p50 ms", "p99 ms", "requests/s", "bare forward p50 / p99 ms",
-                 "p50 overhead ms"],
+        title=f"Service ({broker} broker): predict latency and throughput over HTTP with dynamic batching off and "
+              "on, next to the bare forward, and submit-to-running",
+        columns=["measure", "batching", "clients", "p50 ms", "p99 ms", "requests/s", "x off",
+                 "bare forward p50 / p99 ms", "p50 overhead ms"],
         rows=rows,
         notes=(
-            "Loopback, one `al serve` process (uvicorn, one event loop, inference on one thread of its own) and "
-            "the clients (Python threads, keep-alive http.client) on the same machine, so at 32 clients they "
-            "share its cores. Model: the digits MLP of the default preset, trained by the service itself. "
-            "Bare forward: `LoadedModel.predict` in-process on the same rows (normalise, forward, softmax, "
-            f"to lists), the work the server does per request, back to back; both with {args.inference_threads} "
-            "torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: client-observed time from "
-            "POST /v1/jobs until GET shows `running` (10 ms polling), and the server's started_at - created_at, "
-            "after one unmeasured job that waits out the worker's start-up, each "
+            "Loopback, `al serve` (uvicorn, one event loop, inference on one thread of its own) and the clients "
+            "(coroutines in one thread, keep-alive HTTP/1.1, each sending its next request when the last is answered) "
+            "on the same machine, so at 8 and 32 clients they share its cores. Batching off: AL_BATCH_MAX_SIZE=1, "
+            "every request its own forward; on: the defaults (docs/service.md), concurrent requests share one "
+            "forward. Two servers on one data directory, each case measured on both back to back; x off: "
+            "requests/s over the same case with batching off. Model: the digits MLP of the default preset, "
+            "trained by the service itself. Bare forward: `LoadedModel.predict` in-process on the same rows "
+            "(normalise, forward, softmax, to lists), the work the server does per request, back to back; both "
+            f"with {args.inference_threads} torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: "
+            "client-observed time from POST /v1/jobs until GET shows `running` (10 ms polling), and the server's "
+            "started_at - created_at, after one unmeasured job that waits out the worker's start-up, each "
             f"{IDLE_WAIT:.0f} s after the previous job ended. "
-            "Targets (issue 4): p50 overhead <= 2 ms for one row; submit-to-running <= 1 s. "
+            "Targets: p50 overhead <= 2 ms for one row at 1 client, submit-to-running <= 1 s (issue 4); with "
+            "batching, one-row requests at 32 clients >= 3x the unbatched throughput at p99 <= 25 ms (issue 14). "
             f"Load average (1 min) when the run started: {load_at_start:.1f} on {os.cpu_count()} cores."
         ),
         raw={"cases": cases, "submit_to_running_seconds": observed, "submit_to_running_recorded_seconds": recorded,
              "broker": broker, "requests_per_case": args.requests, "load_average_at_start": load_at_start,
-             "inference_threads": args.inference_threads},
+             "inference_threads": args.inference_threads, "batching": BATCHING},
     )
 
 
 def add_parser(kinds, common) -> None:
     p = kinds.add_parser("serve", parents=[common],
-                         help="HTTP predict latency next to the bare forward; submit-to-running time")
-    p.add_argument("--requests", type=int, default=400, help="timed requests per case (default 400)")
+                         help="HTTP predict latency, batching off and on, next to the bare forward; "
+                              "submit-to-running time")
+    p.add_argument("--requests", type=int, default=1000, help="timed requests per case (default 1000)")
     p.add_argument("--jobs", type=int, default=5, help="jobs submitted one at a time (default 5)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of each bench job (default 1)")
     p.add_argument("--redis-url", default=None, help="use this Redis as the broker (default: the embedded one)")

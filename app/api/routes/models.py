@@ -7,7 +7,6 @@ from fastapi import APIRouter, HTTPException
 
 from al.checkpoint import LoadedModel, ModelError
 from app.api.deps import Service, ServiceDep, iso
-from app.inference import predict
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
 from service.store import ModelRow
 
@@ -57,26 +56,34 @@ def get_model(name: str, service: ServiceDep) -> ModelPublic:
     return model_public(service, rows)
 
 
-def run_predict(service: Service, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
-    row, model = find_model(service, name, version)
+async def model_for(service: Service, name: str, version: int | None) -> tuple[ModelRow, LoadedModel]:
+    """find_model without blocking the event loop (ModelCache.find)."""
+    return await service.models.find(name, version, lambda: find_model(service, name, version))
+
+
+async def run_predict(service: Service, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
+    row, model = await model_for(service, name, version)
     if len({len(values) for values in body.inputs}) > 1:
         raise HTTPException(422, "inputs: every row must have the same number of values")
     try:
-        predictions, probabilities, _ = predict(model, np.asarray(body.inputs, dtype=np.float32), body.depth)
+        predictions, probabilities, depths = await service.models.predict(
+            row, model, np.asarray(body.inputs, dtype=np.float32), body.depth, body.exit_confidence)
     except ValueError as e:  # wrong feature count, depth out of range
         raise HTTPException(422, str(e)) from None
-    return PredictResponse(predictions=predictions, probabilities=probabilities, model=row.name, version=row.version)
+    return PredictResponse(predictions=predictions, probabilities=probabilities, depths=depths, model=row.name,
+                           version=row.version)
 
 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Predict with the latest version",
              responses={404: {"description": "no such model"}, 422: {"description": "inputs do not fit the model"}})
 async def predict_latest(name: str, body: PredictRequest, service: ServiceDep) -> PredictResponse:
-    """The AL inference path: encoders f_1..f_k, the bridge b_k, decoders h_k..h_1 (k = `depth`, default all)."""
-    return await service.models.run(run_predict, service, name, None, body)
+    """The AL inference path: encoders f_1..f_k, the bridge b_k, decoders h_k..h_1 (k = `depth`, default all);
+    with `exit_confidence`, each row stops at the first k whose top probability reaches it."""
+    return await run_predict(service, name, None, body)
 
 
 @router.post("/{name}/versions/{version}/predict", response_model=PredictResponse, summary="Predict with a version",
              responses={404: {"description": "no such model or version"},
                         422: {"description": "inputs do not fit the model"}})
 async def predict_version(name: str, version: int, body: PredictRequest, service: ServiceDep) -> PredictResponse:
-    return await service.models.run(run_predict, service, name, version, body)
+    return await run_predict(service, name, version, body)

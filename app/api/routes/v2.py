@@ -13,8 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from al import __version__
 from app.api.deps import Service, ServiceDep, require_api_key
-from app.api.routes.models import find_model
-from app.inference import predict
+from app.api.routes.models import find_model, model_for
 from app.schemas import (
     V2Error,
     V2InferRequest,
@@ -58,12 +57,21 @@ def metadata(service: Service, name: str, version: int | None) -> V2ModelMetadat
         name=name, versions=versions, platform=PLATFORM,
         inputs=[V2TensorMetadata(name="input", datatype="FP32", shape=[-1, model.num_features])],
         outputs=[V2TensorMetadata(name="predictions", datatype=class_type, shape=[-1]),
-                 V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(model.classes)])],
+                 V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(model.classes)]),
+                 V2TensorMetadata(name="depths", datatype="INT64", shape=[-1])],
     )
 
 
-def infer(service: Service, name: str, version: int | None, body: V2InferRequest) -> V2InferResponse:
-    row, model = find_model(service, name, version)
+def parameter(body: V2InferRequest, name: str, valid, what: str):
+    """`parameters[name]`, None when absent; a 400 naming it unless `valid(value)` (a bool never is)."""
+    value = (body.parameters or {}).get(name)
+    if value is not None and (isinstance(value, bool) or not valid(value)):
+        raise HTTPException(400, f"parameter {name} must be {what}, got {value!r}")
+    return value
+
+
+async def infer(service: Service, name: str, version: int | None, body: V2InferRequest) -> V2InferResponse:
+    row, model = await model_for(service, name, version)
     tensor = body.inputs[0]
     expected = math.prod(tensor.shape)
     try:
@@ -73,11 +81,12 @@ def infer(service: Service, name: str, version: int | None, body: V2InferRequest
     if x.size != expected:
         raise HTTPException(400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} values, "
                                  f"data has {x.size}")
-    depth = (body.parameters or {}).get("depth")
-    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool)):
-        raise HTTPException(400, f"parameter depth must be an integer, got {depth!r}")
+    depth = parameter(body, "depth", lambda v: isinstance(v, int), "an integer")
+    exit_confidence = parameter(body, "exit_confidence", lambda v: isinstance(v, int | float) and 0 <= v <= 1,
+                                "a number between 0 and 1")  # NaN is not
     try:
-        predictions, probabilities, _ = predict(model, x.reshape(tensor.shape[0], -1).astype(np.float32), depth)
+        predictions, probabilities, depths = await service.models.predict(
+            row, model, x.reshape(tensor.shape[0], -1), depth, exit_confidence)
     except ValueError as e:  # wrong feature count, NaN or infinity, depth out of range
         raise HTTPException(400, f"input {tensor.name!r}: {e}") from None
     rows = len(predictions)
@@ -90,6 +99,7 @@ def infer(service: Service, name: str, version: int | None, body: V2InferRequest
             name="probabilities", shape=[rows, len(model.classes)], datatype="FP32",
             data=[p for row_probabilities in probabilities for p in row_probabilities],
         ),
+        "depths": V2Tensor(name="depths", shape=[rows], datatype="INT64", data=depths),
     }
     wanted = [o.name for o in body.outputs] if body.outputs else list(outputs)
     unknown = [w for w in wanted if w not in outputs]
@@ -125,7 +135,7 @@ def model_version_ready(name: str, version: int, service: ServiceDep) -> dict:
 @router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True,
              summary="Infer with the latest version")
 async def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
-    return await service.models.run(infer, service, name, None, body)
+    return await infer(service, name, None, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
@@ -133,4 +143,4 @@ async def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V
 async def model_version_infer(
     name: str, version: int, body: V2InferRequest, service: ServiceDep
 ) -> V2InferResponse:
-    return await service.models.run(infer, service, name, version, body)
+    return await infer(service, name, version, body)

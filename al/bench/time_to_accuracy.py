@@ -124,33 +124,35 @@ def table_rows(arch: str, depth: int, measured: dict[str, list[dict]]) -> list[d
 def curves_svg(raw: list[dict], arch: str, depth: int, seed: int = 0) -> str:
     """Validation accuracy against training seconds, one line per run of the case (seed 0)."""
     runs = [r for r in raw if r["arch"] == arch and r["components"] == depth and r["seed"] == seed]
-    width, height, left, bottom = 640, 360, 50, 40
+    width, height, left, bottom, top = 640, 360, 50, 40, 28
     x_max = max(p["seconds"] for r in runs for p in r["curve"])
     accuracies = [p["val_accuracy"] for r in runs for p in r["curve"]]
-    y_min, y_max = min(accuracies), max(accuracies)
-    y_min = min(y_min, runs[0]["target"]) - 0.01
+    y_min, y_max = min([*accuracies, runs[0]["target"]]) - 0.01, max(accuracies) + 0.005
 
     def point(p):
         x = left + (width - left - 10) * p["seconds"] / x_max
-        y = height - bottom - (height - bottom - 10) * (p["val_accuracy"] - y_min) / (y_max - y_min + 1e-9)
+        y = height - bottom - (height - bottom - top) * (p["val_accuracy"] - y_min) / (y_max - y_min)
         return f"{x:.1f},{y:.1f}"
 
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
-    target_y = point({"seconds": 0, "val_accuracy": runs[0]["target"]}).split(",")[1]
+    target_y = float(point({"seconds": 0, "val_accuracy": runs[0]["target"]}).split(",")[1])
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
              f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>',
              f'<text x="{left}" y="14">{arch}, {depth} components, seed {seed}: validation accuracy against '
              f'training seconds</text>',
+             f'<rect x="{left}" y="{top}" width="{width - left - 10}" height="{height - bottom - top}" fill="none" '
+             f'stroke="#ccc"/>',
              f'<line x1="{left}" y1="{target_y}" x2="{width - 10}" y2="{target_y}" stroke="grey" '
-             f'stroke-dasharray="4"/><text x="{width - 60}" y="{float(target_y) - 4}">target</text>',
-             f'<text x="{left}" y="{height - 8}">0 s</text>',
-             f'<text x="{width - 60}" y="{height - 8}">{x_max:.0f} s</text>',
-             f'<text x="2" y="{height - bottom}">{y_min:.2f}</text><text x="2" y="24">{y_max:.2f}</text>']
+             f'stroke-dasharray="4"/><text x="{left + 4}" y="{target_y - 4}">target</text>',
+             f'<text x="{left}" y="{height - bottom + 14}">0 s</text>',
+             f'<text x="{width - 50}" y="{height - bottom + 14}">{x_max:.0f} s</text>',
+             f'<text x="2" y="{height - bottom}">{y_min:.2f}</text><text x="2" y="{top + 8}">{y_max:.2f}</text>']
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
         points = " ".join(point(p) for p in run["curve"])
+        legend_y = height - bottom - 8 - 14 * (len(runs) - 1 - i)
         parts += [f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>',
-                  f'<text x="{left + 10}" y="{34 + 14 * i}" fill="{colour}">{run["run"]}</text>']
+                  f'<text x="{width - 230}" y="{legend_y}" fill="{colour}">{run["run"]}</text>']
     return "\n".join([*parts, "</svg>"]) + "\n"
 
 

@@ -101,6 +101,8 @@ class Work:
 class Runner(Protocol):
     """How the mini-batches of an epoch reach the components: in turn (sequential) or in stages at once."""
 
+    stats: dict  # of the last run: a pipeline's "busy_seconds" and "idle_fraction" per stage, among others
+
     def run(self, work: Work, batches: Batches, record: Record) -> None:
         """Train on `batches` in order and call `record(losses)` once for each, in order, when every
         component has trained on it; return with the model whole again on `work.device`."""

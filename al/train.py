@@ -47,6 +47,8 @@ class Callback:
 class SequentialRunner:
     """Every component in turn on the trainer's thread: the reference the pipeline runners match bit for bit."""
 
+    stats: dict = {}
+
     def run(self, work: Work, batches: Batches, record: Record) -> None:
         for step, x, y in batches:
             record(work.train_step(step, x, y))
@@ -188,6 +190,9 @@ class Trainer:
                 self.accuracy(self.splits.val_x, self.splits.val_y, depth=k) for k in range(1, self.net.depth + 1)
             ]
         metrics["samples_per_second"] = round(len(self.train_x) / max(self._epoch_seconds, 1e-9), 2)
+        for key in ("busy_seconds", "idle_fraction"):  # a pipeline's stages, over the epoch's last run
+            if key in self.runner.stats:
+                metrics[key] = [round(v, 4) for v in self.runner.stats[key]]
         self.history.append(metrics)
         self.epoch += 1
         self.step_in_epoch = 0

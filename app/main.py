@@ -15,6 +15,7 @@ from al import __version__
 from app.api.deps import Service, require_api_key
 from app.api.routes import datasets, jobs, models, v2
 from app.inference import ModelCache
+from app.ui.routes import mount_ui
 from service.queue import make_celery
 from service.settings import Settings, get_settings
 from service.store import get_store
@@ -135,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, dependencies=auth)
     app.include_router(v2.health)
     app.include_router(v2.router)
+    if settings.ui:
+        mount_ui(app)  # the dashboard at /ui
 
     @app.get("/metrics", tags=["metrics"], dependencies=auth, response_class=Response,
              summary="Prometheus metrics: requests, latencies, jobs by status")

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     )
     queue: str = Field("al.jobs", min_length=1, max_length=200, description="broker queue of training jobs")
     embedded_worker: bool = Field(True, description="`al serve` starts a worker next to the API")
+    ui: bool = Field(True, description="serve the web dashboard at /ui")
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no authentication")
 
     # Byte limits on what a client may send (the rest are in app/schemas.py, where OpenAPI shows them).

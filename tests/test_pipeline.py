@@ -71,7 +71,7 @@ def assert_same_training(a: Trainer, b: Trainer) -> None:
     for oa, ob in zip(a.optimizers, b.optimizers):
         for (pa, sa), (pb, sb) in zip(oa.state_dict()["state"].items(), ob.state_dict()["state"].items()):
             assert pa == pb and all(torch.equal(sa[k], sb[k]) for k in sa)
-    timing = ("seconds", "samples_per_second")
+    timing = ("seconds", "samples_per_second", "busy_seconds", "idle_fraction")
     strip = lambda history: [{k: v for k, v in m.items() if k not in timing} for m in history]
     assert strip(a.history) == strip(b.history)  # losses and accuracies of every epoch, exactly
 
@@ -85,6 +85,7 @@ def test_pipelined_run_ends_bit_identical_to_sequential(one_thread, arch, stages
     result = piped.fit()
     assert result["status"] == "completed"
     assert piped.runner.stats["stages"][-1].startswith(f"stage {stages - 1}")
+    assert len(piped.history[-1]["busy_seconds"]) == len(piped.history[-1]["idle_fraction"]) == stages
     assert_same_training(reference, piped)
 
 

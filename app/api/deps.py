@@ -31,17 +31,25 @@ async def get_service(request: Request) -> Service:  # async: no thread-pool hop
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 bearer = HTTPBearer(auto_error=False, description="one of the keys in AL_API_KEYS (when it is set)")
+# The dashboard's key (app/ui/): set by its key form as an HttpOnly, SameSite=Strict cookie, so the
+# dashboard's own requests, EventSource included, carry it and other sites' requests never do.
+KEY_COOKIE = "al_key"
+
+
+def known_key(keys: list[str], given: str) -> bool:
+    # compare_digest against every key: the time taken says nothing about which key came close.
+    return any([hmac.compare_digest(given.encode(), key.encode()) for key in keys])
 
 
 async def require_api_key(
-    service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request, service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     keys = service.settings.keys
     if not keys:
         return
-    given = credentials.credentials.encode() if credentials else b""
-    # compare_digest against every key: the time taken says nothing about which key came close.
-    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):
+    given = credentials.credentials if credentials else request.cookies.get(KEY_COOKIE, "")
+    if not known_key(keys, given):
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
 

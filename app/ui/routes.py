@@ -1,0 +1,179 @@
+"""The dashboard at /ui: pages rendered here (Jinja2, autoescaped), whose scripts call the API and follow
+jobs over its SSE stream. With AL_API_KEYS set, a page without a known key shows the key form only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, get_args
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader
+
+from al import __version__
+from al.config import ARCHS, METHODS, PRESETS
+from al.data import BUILTIN_DATASETS
+from app.api.deps import KEY_COOKIE, Service, ServiceDep, known_key
+from app.api.routes.datasets import dataset_public
+from app.api.routes.jobs import job_public
+from app.api.routes.models import version_public
+from app.schemas import JobCreate, PipelineSpec
+from service.store import ModelRow
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True))
+templates.env.globals["version"] = __version__
+PIPELINE_MODES = get_args(PipelineSpec.model_fields["mode"].annotation)
+PAGE = 100  # jobs listed, and offered to compare with
+
+
+class Gate(Exception):
+    """Stops a page before it reads any data: the key form, or the redirect that stores a `?key=`."""
+
+    def __init__(self, response: Response):
+        self.response = response
+
+
+def key_form(request: Request, target: str, error: str | None = None) -> HTMLResponse:
+    return templates.TemplateResponse(request, "key.html", {"target": target, "error": error}, status_code=401)
+
+
+def with_key_cookie(response: Response, request: Request, key: str) -> Response:
+    response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", secure=request.url.scheme == "https",
+                        path="/")
+    return response
+
+
+async def require_ui_key(request: Request, service: ServiceDep) -> None:
+    """Open without AL_API_KEYS; otherwise the key comes as the cookie, a bearer header or `?key=`
+    (which is kept as the cookie and dropped from the address)."""
+    keys = service.settings.keys
+    if not keys:
+        return
+    params = dict(request.query_params)
+    if "key" in params:
+        given = params.pop("key")
+        target = request.url.path + (f"?{urlencode(params)}" if params else "")
+        if not known_key(keys, given):
+            raise Gate(key_form(request, target, "unknown key"))
+        raise Gate(with_key_cookie(RedirectResponse(target, 303), request, given))
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(KEY_COOKIE, "")
+    if not known_key(keys, given):
+        raise Gate(key_form(request, str(request.url.path)))
+
+
+router = APIRouter(prefix="/ui", dependencies=[Depends(require_ui_key)], include_in_schema=False)
+key_router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+@key_router.post("/key")
+def submit_key(request: Request, service: ServiceDep, key: Annotated[str, Form(max_length=1024)],
+               target: Annotated[str, Form(max_length=2048)] = "/ui/jobs") -> Response:
+    if not target.startswith("/ui/") or target.startswith("//"):  # only back into the dashboard
+        target = "/ui/jobs"
+    if service.settings.keys and not known_key(service.settings.keys, key):
+        return key_form(request, target, "unknown key")
+    return with_key_cookie(RedirectResponse(target, 303), request, key)
+
+
+def page(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    return templates.TemplateResponse(request, template, context, status_code=status_code)
+
+
+def dataset_choices(service: Service) -> list[dict]:
+    uploads, _ = service.store.list_datasets(PAGE, 0)
+    return [{"id": name, "label": f"{name} (built-in)"} for name in BUILTIN_DATASETS] + [
+        {"id": row.id, "label": f"{row.name} ({row.id})"} for row in uploads]
+
+
+@router.get("")
+async def home() -> RedirectResponse:
+    return RedirectResponse("/ui/jobs", 303)
+
+
+@router.get("/jobs")
+def jobs_page(request: Request, service: ServiceDep) -> HTMLResponse:
+    rows, total = service.store.list_jobs(None, PAGE, 0)
+    return page(request, "jobs.html", active="jobs", total=total, datasets=dataset_choices(service),
+                archs=ARCHS, methods=METHODS, presets=list(PRESETS), modes=PIPELINE_MODES,
+                default_preset=JobCreate.model_fields["preset"].default,
+                data={"jobs": [job_public(r).model_dump() for r in rows]})
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, service: ServiceDep, job_id: str) -> HTMLResponse:
+    row = service.store.get_job(job_id)
+    if row is None:
+        return page(request, "missing.html", 404, active="jobs", message=f"There is no job {job_id!r}.")
+    job = job_public(row)
+    others = [j for j in service.store.list_jobs(None, PAGE, 0)[0] if j.id != job_id]
+    return page(request, "job.html", active="jobs", job=job, spec=json.dumps(job.spec, indent=2),
+                others=others, data={"job": job.model_dump()})
+
+
+def canvas_spec(service: Service, model, row: ModelRow) -> dict | None:
+    """A drawing canvas for image models: [1, H, W], or a square row of a digits/MNIST-like dataset.
+    `max` is the raw value of a full pixel: 16 for digits, else 1 or 255 as the data's mean suggests."""
+    shape, config = model.input_shape, model.config
+    job = service.store.get_job(row.job_id)
+    source = job.spec["dataset"] if job else config.get("dataset", "")
+    upload = service.store.get_dataset(source)
+    name = (upload.name if upload else source).lower()
+    if len(shape) == 3 and shape[0] == 1:
+        height, width = shape[1:]
+    elif len(shape) == 1 and math.isqrt(shape[0]) ** 2 == shape[0] and ("digit" in name or "mnist" in name):
+        height = width = math.isqrt(shape[0])
+    else:
+        return None
+    mean = sum(model.normalization.mean) / len(model.normalization.mean)
+    return {"height": height, "width": width, "max": 16 if "digits" in name else (1 if mean < 1 else 255)}
+
+
+def version_view(service: Service, row: ModelRow) -> dict:
+    model = service.models.get(row)
+    result = model.config.get("result") or {}
+    arch = model.config.get("model", {})
+    return {**version_public(service, row).model_dump(), "accuracy_by_depth": result.get("test_accuracy_by_depth"),
+            "parameters": sum(p.numel() for p in model.net.parameters()), "preset": model.config.get("preset"),
+            "arch": arch.get("arch"), "widths": arch.get("widths"), "canvas": canvas_spec(service, model, row)}
+
+
+@router.get("/models")
+def models_page(request: Request, service: ServiceDep) -> HTMLResponse:
+    versions = [version_view(service, row) for row in service.store.list_models()]
+    return page(request, "models.html", active="models", versions=versions)
+
+
+@router.get("/models/{name}")
+def model_page(request: Request, service: ServiceDep, name: str) -> HTMLResponse:
+    rows = service.store.list_models(name)
+    if not rows:
+        return page(request, "missing.html", 404, active="models", message=f"There is no model {name!r}.")
+    versions = [version_view(service, row) for row in rows]
+    return page(request, "model.html", active="models", name=name, versions=versions,
+                data={"name": name, "versions": versions})
+
+
+@router.get("/datasets")
+def datasets_page(request: Request, service: ServiceDep) -> HTMLResponse:
+    uploads, total = service.store.list_datasets(PAGE, 0)
+    return page(request, "datasets.html", active="datasets", builtin=BUILTIN_DATASETS, total=total,
+                uploads=[dataset_public(r) for r in uploads], max_bytes=service.settings.max_upload_bytes)
+
+
+def mount_ui(app: FastAPI) -> None:
+    """The dashboard's pages at /ui, its scripts and styles at /ui/static (open: they hold no data)."""
+    app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
+    app.include_router(key_router)
+    app.include_router(router)
+    app.add_api_route("/", home, include_in_schema=False)
+
+    @app.exception_handler(Gate)
+    async def gate(request: Request, exc: Gate) -> Response:
+        return exc.response

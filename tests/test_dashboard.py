@@ -1,0 +1,265 @@
+"""The dashboard (/ui): in a real browser (headless Chromium through Selenium) against a real `al serve`
+with its embedded broker, as after `make run`; the key gate and the package data without a browser."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+from service_support import digits_npz, free_port, service_env, start_server, use_env, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+EPOCHS = 3
+
+
+def install_chromium() -> str | None:
+    """Debian's chromium and chromium-driver, installed when missing and this is root; why not, otherwise."""
+    if CHROMIUM.exists() and CHROMEDRIVER.exists():
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver (as root)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode:
+            return f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    reason = install_chromium()
+    if reason:
+        print(f"skipping the dashboard's browser tests: {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                     "--disable-gpu", "--disable-extensions"):
+        options.add_argument(argument)
+    # The system's chromedriver, named: Selenium Manager has nothing to find or download.
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dashboard")
+    port = free_port()
+    process = start_server(service_env(folder / "data", None), folder / "serve.log", port)
+    yield f"http://127.0.0.1:{port}", process
+    process.stop()
+
+
+def wait_js(driver, script: str, timeout: float, what: str):
+    return wait_for(lambda: driver.execute_script(script), timeout, what, interval=0.2)
+
+
+def screenshot(driver, path: Path) -> None:
+    """The whole page: the window made as tall as the document first."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, max(1000, height))
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1400, 1000)
+
+
+def submit_from_form(driver, **fields: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    form = driver.find_element(By.ID, "submit")
+    for name, value in fields.items():
+        field = form.find_element(By.NAME, name)
+        if field.tag_name == "select":
+            Select(field).select_by_value(value)
+        else:
+            field.clear()
+            field.send_keys(value)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+
+def row_status(driver, name: str) -> str | None:
+    return driver.execute_script(
+        "const a = [...document.querySelectorAll('#jobs tbody tr')].find(r => r.querySelector('a').textContent"
+        " === arguments[0]); return a ? a.dataset.status : null;", name)
+
+
+def page_number(text: str) -> float:
+    return float(text[:-2]) / 100 if text.endswith(" %") else float(text)
+
+
+def check_epoch_table(driver, epochs: list[dict]) -> None:
+    """Every number of the page's epoch table is the API's, as shown (4 digits, or % to 2 decimals)."""
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#epochs tbody tr')].map(r => Object.fromEntries("
+        "[...r.cells].map(c => [c.dataset.key, c.textContent])))")
+    assert len(rows) == len(epochs)
+    for row, metrics in zip(rows, epochs):
+        assert set(row) >= {"epoch", "associated_loss", "autoencoder_loss", "val_accuracy", "train_accuracy"}
+        for key, text in row.items():
+            expected = metrics[key] if isinstance(metrics[key], list) else [metrics[key]]
+            shown = [page_number(t) for t in text.split(" / ")]
+            assert shown == pytest.approx(expected, rel=1e-3, abs=5e-5), (key, text, metrics[key])
+
+
+def draw_digit(driver) -> None:
+    """A '0': an ellipse drawn with the mouse (offsets from the canvas's centre)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    pad = driver.find_element(By.ID, "pad")
+    points = [(int(45 * math.sin(2 * math.pi * i / 24)), int(-70 * math.cos(2 * math.pi * i / 24))) for i in range(25)]
+    actions = ActionChains(driver).move_to_element_with_offset(pad, *points[0]).click_and_hold()
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        actions.move_by_offset(x1 - x0, y1 - y0)
+    actions.release().perform()
+
+
+def test_train_watch_compare_predict_cancel(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    url, process = server
+    api = httpx.Client(base_url=url, timeout=30)
+    browser.get(url)
+    assert browser.current_url == f"{url}/ui/jobs"
+
+    # A BP job to compare with (through the API), then the AL job from the form; a third one to cancel.
+    bp = api.post("/v1/jobs", json={"dataset": "digits", "name": "bp-digits", "method": "bp",
+                                    "model": {"widths": [32, 32]}, "training": {"epochs": EPOCHS}}).json()
+    submit_from_form(browser, dataset="digits", name="al-digits", widths="32,32", epochs=str(EPOCHS))
+    wait_for(lambda: row_status(browser, "al-digits"), 10, "the submitted job's row")
+    submit_from_form(browser, name="to-cancel", epochs="500", mode="threads", devices="cpu,cpu")
+    wait_for(lambda: row_status(browser, "to-cancel"), 10, "the second job's row")
+    browser.find_element(By.XPATH, "//tr[.//a[text()='to-cancel']]//button[@data-cancel]").click()
+    wait_for(lambda: row_status(browser, "to-cancel") == "cancelled", 60, "the cancel, shown from the stream")
+    # A bad spec: the API's message, as it gave it.
+    submit_from_form(browser, name="bad", widths="0", epochs="1")
+    error = wait_for(lambda: browser.find_element(By.ID, "submit-error").text, 10, "the API's error")
+    assert error.startswith("422: ") and "widths" in error
+
+    wait_for(lambda: row_status(browser, "al-digits") == "succeeded", 120, "the AL job to succeed, live in the list")
+    jobs = {j["name"]: j for j in api.get("/v1/jobs").json()["items"]}
+    al_job = jobs["al-digits"]
+    assert api.get(f"/v1/jobs/{bp['id']}").json()["status"] in ("running", "succeeded", "queued")
+
+    browser.find_element(By.LINK_TEXT, "al-digits").click()
+    wait_js(browser, f"return document.querySelectorAll('#epochs tbody tr').length === {EPOCHS}", 30, "every epoch")
+    charts = browser.execute_script(
+        "return [...document.querySelectorAll('.chart:not([hidden])')].map(c => [c.dataset.chart, +c.dataset.epochs])")
+    titles = [title for title, _ in charts]
+    assert any(t.startswith("Associated loss") for t in titles) and any(t.startswith("Autoencoder") for t in titles)
+    assert "Accuracy" in titles and all(epochs == EPOCHS for _, epochs in charts), charts
+    check_epoch_table(browser, api.get(f"/v1/jobs/{al_job['id']}/metrics").json()["epochs"])
+    al_job = api.get(f"/v1/jobs/{al_job['id']}").json()
+    bars = wait_js(browser, "return [...document.querySelectorAll('#test-depth .hbar')].map(b => b.textContent)",
+                   10, "test accuracy by depth")
+    assert [page_number(b.split(" · ")[0]) for b in bars] == pytest.approx(
+        al_job["metrics"]["test_accuracy_by_depth"], abs=5e-5)
+    assert browser.find_element(By.ID, "attempts").text == "1"
+
+    wait_for(lambda: api.get(f"/v1/jobs/{bp['id']}").json()["status"] == "succeeded", 120, "the BP job")
+    Select(browser.find_element(By.ID, "compare")).select_by_value(bp["id"])
+    wait_js(browser, "const c = document.querySelector('[data-chart=Accuracy]'); return c.dataset.series === '4'",
+            30, "the BP job's curves beside the AL job's")
+    assert browser.find_element(By.CSS_SELECTOR, "[data-chart^='Loss (BP']").is_displayed()
+    screenshot(browser, tmp_path / "dashboard-job.png")
+
+    browser.find_element(By.LINK_TEXT, "al-digits v1").click()
+    assert browser.find_element(By.ID, "pad").is_displayed()  # digits: an 8x8 drawing canvas
+    draw_digit(browser)
+    values = [float(v) for v in browser.find_element(By.ID, "inputs").get_attribute("value").split(",")]
+    assert len(values) == 64 and 8 <= max(values) <= 16 and min(values) == 0  # digits' raw range: 0..16
+    browser.find_element(By.ID, "predict").click()
+    shown = wait_js(browser, "const rows = [...document.querySelectorAll('#probabilities tbody tr')];"
+                    "return rows.length && rows.map(r => [r.querySelector('.prediction').textContent,"
+                    " [...r.querySelectorAll('td.p')].map(c => +c.textContent)])", 20, "predictions at every depth")
+    for depth, (prediction, probabilities) in enumerate(shown, 1):
+        answer = api.post("/v1/models/al-digits/predict", json={"inputs": [values], "depth": depth}).json()
+        assert prediction == str(answer["predictions"][0])
+        assert probabilities == pytest.approx(answer["probabilities"][0], abs=0.006)
+    assert len(shown) == len(al_job["metrics"]["test_accuracy_by_depth"])
+    screenshot(browser, tmp_path / "dashboard-model.png")
+    print(f"screenshots in {tmp_path}")
+    assert "Traceback" not in process.output()
+
+
+def test_upload_with_progress(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, _ = server
+    path = tmp_path / "digits.npz"
+    path.write_bytes(digits_npz())
+    browser.get(f"{url}/ui/datasets")
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))
+    browser.find_element(By.CSS_SELECTOR, "#upload button").click()
+    status = wait_for(lambda: browser.find_element(By.ID, "upload-status").text.startswith("uploaded as")
+                      and browser.find_element(By.ID, "upload-status").text, 30, "the upload")
+    dataset_id = status.removeprefix("uploaded as ")
+    assert httpx.get(f"{url}/v1/datasets/{dataset_id}").json()["rows"] == 1797
+    assert browser.find_element(By.CSS_SELECTOR, "#datasets tr.added td").text == dataset_id
+
+
+def test_keys_gate_the_dashboard(tmp_path, monkeypatch):
+    """With AL_API_KEYS, a page without a known key is the key form and nothing else; `?key=` and the form
+    store the key in a cookie, which the API then takes as it takes a bearer key."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = use_env(monkeypatch, service_env(tmp_path / "data", None, AL_API_KEYS="k1,k2"))
+    client = TestClient(create_app(settings))
+    assert client.post("/v1/jobs", json={"dataset": "digits", "name": "secret-name"},
+                       headers={"Authorization": "Bearer k1"}).status_code == 202
+    for path in ("/ui/jobs", "/ui/jobs?key=wrong", "/ui/models", "/ui/datasets"):
+        page = client.get(path)
+        assert page.status_code == 401 and 'name="key"' in page.text and "secret-name" not in page.text
+    assert client.get("/ui/static/common.js").status_code == 200  # scripts and styles hold no data
+    assert client.get("/v1/jobs").status_code == 401
+
+    stored = client.get("/ui/jobs?key=k2&dataset=digits", follow_redirects=False)
+    assert stored.status_code == 303 and stored.headers["location"] == "/ui/jobs?dataset=digits"
+    cookie = stored.headers["set-cookie"]
+    assert "al_key=k2" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert "secret-name" in client.get("/ui/jobs").text
+    assert client.get("/v1/jobs").status_code == 200  # the dashboard's own API calls and event streams
+
+    client.cookies.clear()
+    refused = client.post("/ui/key", data={"key": "nope", "target": "/ui/models"})
+    assert refused.status_code == 401 and "unknown key" in refused.text
+    taken = client.post("/ui/key", data={"key": "k1", "target": "https://elsewhere.example/"}, follow_redirects=False)
+    assert taken.status_code == 303 and taken.headers["location"] == "/ui/jobs"
+    assert client.get("/ui/models").status_code == 200
+
+
+def test_templates_and_static_files_are_package_data():
+    """A non-editable install carries every file the dashboard serves."""
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app.ui"]
+    ui = ROOT / "app" / "ui"
+    for path in [*ui.glob("templates/**/*"), *ui.glob("static/**/*")]:
+        if path.is_file():
+            relative = path.relative_to(ui)
+            assert any(relative.match(g) for g in globs), f"{relative} is not in package-data"
+
+
+def test_the_dashboard_can_be_turned_off(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    client = TestClient(create_app(use_env(monkeypatch, service_env(tmp_path / "data", None, AL_UI="0"))))
+    assert client.get("/ui/jobs").status_code == 404
+    assert client.get("/ui/static/common.js").status_code == 404
+    assert client.get("/v1/jobs").status_code == 200  # the API is still there

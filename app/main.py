@@ -63,11 +63,21 @@ class LimitsAndMetrics:
         limit = self.settings.max_upload_bytes if path in UPLOAD_PATHS else self.settings.max_request_bytes
         started = time.perf_counter()
         status = 500
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             response = error_response(path, 413, too_large_message(limit))
             await response(scope, receive, send)
             return self.record(scope, 413, started)
+        if path.startswith("/v2"):
+            if b"inference-header-content-length" in headers:
+                response = error_response(path, 400, "binary tensor data (Triton's binary_data extension) is not "
+                                          "supported: send the tensor as JSON data (binary_data=False)")
+                await response(scope, receive, send)
+                return self.record(scope, 400, started)
+            if b"content-type" not in headers:
+                # Triton's and KServe's clients send v2 JSON without a Content-Type, as their servers accept.
+                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         received = 0
 
         async def limited_receive():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 
 import numpy as np
 import pytest
@@ -117,6 +118,18 @@ def test_v2_infer_bad_inputs_are_400_with_error(client, tensor, names):
     response = client.post("/v2/models/digits/infer", json={"inputs": [{"name": "input", **tensor}]})
     assert response.status_code == 400, response.text
     assert names.lower() in response.json()["error"].lower()
+
+
+def test_v2_infer_takes_json_without_content_type_and_names_binary_data_as_unsupported(client):
+    """As Triton's own HTTP client (tritonclient.http) sends them: no Content-Type; binary tensors announced
+    by Inference-Header-Content-Length."""
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": digits_rows(1)}]})
+    plain = client.post("/v2/models/digits/infer", content=body)
+    assert plain.status_code == 200, plain.text
+    assert [o["name"] for o in plain.json()["outputs"]] == ["predictions", "probabilities", "depths"]
+    binary = client.post("/v2/models/digits/infer", content=body.encode() + b"\0" * 256,
+                         headers={"Inference-Header-Content-Length": str(len(body))})
+    assert binary.status_code == 400 and "binary_data" in binary.json()["error"]
 
 
 def test_v2_nested_data_selected_output_and_metadata(client):

@@ -422,7 +422,14 @@ def _make_engine(url: str, write: bool) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(with_installed_driver(url), pool_pre_ping=True)
+
+
+def with_installed_driver(url: str) -> str:
+    """`postgresql://` (and Heroku-style `postgres://`), the form platforms hand out, with the driver this
+    project installs: SQLAlchemy 2.1 would otherwise pick psycopg 3, which is not installed."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if sep and scheme in ("postgresql", "postgres") else url
 
 
 _stores: dict[str, Store] = {}

@@ -288,3 +288,15 @@ def test_every_library_setting_is_reachable_from_a_job_spec():
     assert set(ModelSpec.model_fields) == {f.name for f in dataclasses.fields(ModelConfig)}
     reachable = set(TrainingSpec.model_fields) | {"method", "pipeline"} | set(PipelineSpec.model_fields) - {"mode"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= reachable
+
+
+def test_numbers_too_large_for_the_database_are_refused_not_a_500(client):
+    huge = 10**30
+    for path in (f"/v1/jobs?offset={huge}", f"/v1/datasets?offset={huge}", f"/v2/models/digits/versions/{huge}",
+                 f"/v2/models/digits/versions/{huge}/ready"):
+        response = client.get(path)
+        assert response.status_code in (400, 422), (path, response.status_code, response.text)
+    rows = {"inputs": digits_rows(1)}
+    assert client.post(f"/v1/models/digits/versions/{huge}/predict", json=rows).status_code == 422
+    assert client.post(f"/v2/models/digits/versions/{huge}/infer", json={"inputs": [
+        {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": digits_rows(1)}]}).status_code == 400

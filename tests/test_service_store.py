@@ -147,3 +147,13 @@ def test_worker_gives_up_after_max_attempts_and_reconciler_requeues(tmp_path, mo
     assert run_job(store, settings, job.id, requeue=lambda job_id: enqueue(broker, job_id)) == "failed"
     job = store.get_job(job.id)
     assert job.status == "failed" and "gave up after 2 attempts" in job.error and job.attempts == 3
+
+
+def test_a_plain_postgresql_url_uses_the_installed_driver():
+    """The form most platforms hand out; SQLAlchemy 2.1 alone would look for psycopg 3 and crash at start."""
+    if not postgres_answers():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    for url in ("postgresql://postgres@127.0.0.1:5432/test", "postgres://postgres@127.0.0.1:5432/test"):
+        store = Store(url)
+        store.create_tables()
+        assert store.count_by_status() is not None

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.inference import ModelCache
@@ -29,6 +29,9 @@ async def get_service(request: Request) -> Service:  # async: no thread-pool hop
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+# Bounded so that no number a client sends overflows the database's 64-bit integers (a 500).
+VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="the model version")]
+OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 
 bearer = HTTPBearer(auto_error=False, description="one of the keys in AL_API_KEYS (when it is set)")
 # The dashboard's key (app/ui/): set by its key form as an HttpOnly, SameSite=Strict cookie, so the

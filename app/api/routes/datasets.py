@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 
 from al.data import BUILTIN_DATASETS, DataError, load_dataset, read_samples, split_samples
-from app.api.deps import ServiceDep, iso
+from app.api.deps import OffsetQuery, ServiceDep, iso
 from app.schemas import DatasetList, DatasetPublic
 from service.store import DatasetRow, new_id
 
@@ -85,7 +85,7 @@ def upload_dataset(
 def list_datasets(
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
-    offset: Annotated[int, Query(ge=0, description="items to skip")] = 0,
+    offset: OffsetQuery = 0,
 ) -> DatasetList:
     rows, total = service.store.list_datasets(limit, offset)
     return DatasetList(items=[dataset_public(r) for r in rows], total=total, limit=limit, offset=offset,

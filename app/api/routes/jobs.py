@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from al.config import build_configs
 from al.data import BUILTIN_DATASETS
-from app.api.deps import ServiceDep, iso
+from app.api.deps import OffsetQuery, ServiceDep, iso
 from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
 from service.jobspec import training_arguments
 from service.queue import enqueue
@@ -82,7 +82,7 @@ def list_jobs(
     service: ServiceDep,
     status: Annotated[JobStatus | None, Query(description="only jobs with this status")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
-    offset: Annotated[int, Query(ge=0, description="items to skip")] = 0,
+    offset: OffsetQuery = 0,
 ) -> JobList:
     rows, total = service.store.list_jobs(status, limit, offset)
     return JobList(items=[job_public(r) for r in rows], total=total, limit=limit, offset=offset)

@@ -6,7 +6,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException
 
 from al.checkpoint import LoadedModel, ModelError
-from app.api.deps import Service, ServiceDep, iso
+from app.api.deps import Service, ServiceDep, VersionPath, iso
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
 from service.store import ModelRow
 
@@ -85,5 +85,6 @@ async def predict_latest(name: str, body: PredictRequest, service: ServiceDep) -
 @router.post("/{name}/versions/{version}/predict", response_model=PredictResponse, summary="Predict with a version",
              responses={404: {"description": "no such model or version"},
                         422: {"description": "inputs do not fit the model"}})
-async def predict_version(name: str, version: int, body: PredictRequest, service: ServiceDep) -> PredictResponse:
+async def predict_version(name: str, version: VersionPath, body: PredictRequest,
+                          service: ServiceDep) -> PredictResponse:
     return await run_predict(service, name, version, body)

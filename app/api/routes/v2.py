@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from al import __version__
-from app.api.deps import Service, ServiceDep, require_api_key
+from app.api.deps import Service, ServiceDep, VersionPath, require_api_key
 from app.api.routes.models import find_model, model_for
 from app.schemas import (
     V2Error,
@@ -115,7 +115,7 @@ def model_metadata(name: str, service: ServiceDep) -> V2ModelMetadata:
 
 
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, summary="Model version metadata")
-def model_version_metadata(name: str, version: int, service: ServiceDep) -> V2ModelMetadata:
+def model_version_metadata(name: str, version: VersionPath, service: ServiceDep) -> V2ModelMetadata:
     return metadata(service, name, version)
 
 
@@ -126,7 +126,7 @@ def model_ready(name: str, service: ServiceDep) -> dict:
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="The model version is loaded and can infer")
-def model_version_ready(name: str, version: int, service: ServiceDep) -> dict:
+def model_version_ready(name: str, version: VersionPath, service: ServiceDep) -> dict:
     find_model(service, name, version)
     return {"name": name, "version": str(version), "ready": True}
 
@@ -141,6 +141,6 @@ async def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
              response_model_exclude_none=True, summary="Infer with a version")
 async def model_version_infer(
-    name: str, version: int, body: V2InferRequest, service: ServiceDep
+    name: str, version: VersionPath, body: V2InferRequest, service: ServiceDep
 ) -> V2InferResponse:
     return await infer(service, name, version, body)

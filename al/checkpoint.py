@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from al.config import ModelConfig, TrainConfig
@@ -137,7 +138,9 @@ def load_model(directory: str | os.PathLike, device: str = "cpu") -> LoadedModel
         model_cfg = ModelConfig(**config["model"])
         net = build_network(model_cfg, tuple(config["input_shape"]), len(config["classes"]), config["method"])
         net.load_state_dict(load_file(str(weights_path)))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    # A damaged directory (truncated weights, an unreadable file, a config of the wrong shape) is a ModelError
+    # like any other unusable model, never an error that reaches a server as a 500.
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as e:
         raise ModelError(f"{directory}: unusable model ({type(e).__name__}: {e})") from None
     return LoadedModel(net.to(device), config)
 

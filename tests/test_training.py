@@ -97,3 +97,17 @@ def test_detach_target_switch_changes_what_trains_the_target_encoder(tmp_path):
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert not torch.equal(wa["components.0.target_encoder.0.weight"], wb["components.0.target_encoder.0.weight"])
     assert a["epochs"] == b["epochs"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config not an object"])
+def test_a_damaged_model_directory_is_a_model_error(tmp_path, damage):
+    from al.checkpoint import CONFIG, WEIGHTS, ModelError
+
+    train("digits", tmp_path, "default", {"widths": [8, 8], "target_width": 8}, {"epochs": 1, "device": "cpu"})
+    if damage == "truncated weights":
+        weights = (tmp_path / WEIGHTS).read_bytes()
+        (tmp_path / WEIGHTS).write_bytes(weights[: len(weights) // 2])
+    else:
+        (tmp_path / CONFIG).write_text("[1, 2]")
+    with pytest.raises(ModelError, match="model"):
+        load_model(tmp_path)

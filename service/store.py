@@ -37,8 +37,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled", "pruned")  # pruned: a study's trial its pruner stopped
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned")
 
 
 class Base(DeclarativeBase):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -27,6 +29,7 @@ from service.jobspec import training_arguments
 from service.queue import TRAIN_TASK, enqueue
 from service.settings import Settings
 from service.store import Store, get_store, worker_identity
+from service.studies import trial_pruning
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +147,12 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     reporter.start_heartbeat()  # before loading the data, which can take longer than a lease
     model_dir = settings.jobs_dir / job_id
     model, training = training_arguments(job.spec)
+    study = job.spec.get("study")  # a study's trial: its pruner may stop it at an epoch's end
     try:
+        pruning = trial_pruning(settings, study) if study else None
         source = dataset_source(store, settings, job.spec["dataset"])
-        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, [reporter], resume=True)
+        callbacks = [reporter, pruning] if pruning else [reporter]
+        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True)
     except SoftTimeLimitExceeded:
         status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
     except ValueError as e:  # DataError, ModelError, config errors: the message names the problem
@@ -160,6 +166,9 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
             status = "succeeded"
         elif reporter.cancel_requested.is_set():
             status = "cancelled"
+        elif pruning and pruning.pruned_at is not None:
+            status = "pruned"
+            result = {**result, "pruned_at_epoch": pruning.pruned_at}
         elif reporter.lease_lost.is_set():
             status = None  # the attempt that holds the lease now reports
         else:
@@ -175,7 +184,9 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
             log.info("job %s: checkpointed at epoch %d step %d and requeued (worker shutting down)",
                      job_id, result["epochs"], store.get_job(job_id).step)
         return released
-    model_path = str(Path(model_dir).relative_to(settings.data_dir)) if status == "succeeded" else None
+    # A study registers only its best trial's model, under the study's name (service/studies.py).
+    registers = status == "succeeded" and not study
+    model_path = str(Path(model_dir).relative_to(settings.data_dir)) if registers else None
     store.finish(job_id, owner, status, result=result, error=error, model_path=model_path)
     log.info("job %s: %s", job_id, status)
     return status
@@ -189,4 +200,6 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             return
         allow_child_processes()
         listen_for_shutdown()
+        # Training processes side by side share the cores rather than each spinning a thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
         run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job, REQUEUE_DELAY))

@@ -164,7 +164,7 @@ class JobPublic(BaseModel):
     metrics: dict | None = Field(
         description="latest epoch's losses per component and accuracies; test accuracy when done"
     )
-    error: str | None = Field(description="why the job failed")
+    error: str | None = Field(description="why the job failed (or, for a study's trial, was pruned)")
     attempts: int = Field(description="times a worker started this job (more than 1 after a worker died)")
     resumed_from_epoch: int | None = Field(description="the checkpoint's epoch the latest attempt resumed from")
     created_at: str = Field(description="submission time, ISO 8601 UTC")
@@ -245,7 +245,8 @@ class StudyPublic(BaseModel):
     trials: list[StudyTrial] = Field(description="trials asked so far, in order")
     best: StudyTrial | None = Field(description="the complete trial with the highest objective so far")
     importances: dict[str, float] | None = Field(
-        description="importance of each switch (Optuna's default evaluator; sums to 1), once 4 trials are complete; only on GET of one study"
+        description="importance of each switch (Optuna's default evaluator; sums to 1), once 4 trials are "
+        "complete; only on GET of one study"
     )
     created_at: str = Field(description="submission time, ISO 8601 UTC")
     finished_at: str | None = Field(description="when it ended")

@@ -95,8 +95,12 @@ class Studies:
         self.settings = settings
         self.store: Store = get_store(settings.store_url)
         self.store.create_tables()  # al_studies too, now that StudyRow is defined
-        self.storage = optuna_storage(settings.store_url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        """Made on first use: checking Optuna's schema takes seconds, which a service without studies never pays."""
+        return optuna_storage(self.settings.store_url)
 
     # --- the API's side ---------------------------------------------------------------
 
@@ -115,7 +119,7 @@ class Studies:
     def list(self, limit: int, offset: int) -> tuple[list[StudyRow], int]:
         with self.store.session() as s:
             rows = s.scalars(select(StudyRow).order_by(StudyRow.created_at.desc()).limit(limit).offset(offset))
-            return list(rows), len(s.scalars(select(StudyRow.id)).all())
+            return list(rows), s.scalar(select(func.count()).select_from(StudyRow))
 
     def request_cancel(self, study_id: str) -> StudyRow | None:
         """The study asks for no more trials; the next driver pass cancels its running trials' jobs."""
@@ -184,9 +188,10 @@ class Studies:
             if job.status in TERMINAL:
                 value = objective_value(job.result) if job.status == "succeeded" else None
                 if value is not None:
-                    study.tell(trial.number, value)
+                    study.tell(trial.number, value, skip_if_finished=True)
                 else:
-                    study.tell(trial.number, state=TrialState.PRUNED if job.status == "pruned" else TrialState.FAIL)
+                    state = TrialState.PRUNED if job.status == "pruned" else TrialState.FAIL
+                    study.tell(trial.number, state=state, skip_if_finished=True)
                 continue
             still_running += 1
             if row.status == "cancelling" and job.status != "cancelling":

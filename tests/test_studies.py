@@ -121,7 +121,8 @@ def test_pruning_cancel_and_a_trial_resumed_after_its_worker_is_killed(redis_api
         assert states == [(0.01, "complete", "succeeded"), (1e-5, "pruned", "pruned"),
                           (0.01, "complete", "succeeded")], states
         bad = job_of(client, study["trials"][1]["job_id"])
-        assert bad["result"]["pruned_at_epoch"] == 1 and bad["progress"]["epoch"] == 1 and bad["model"] is None
+        assert bad["error"].startswith("pruned by its study after epoch 1") and bad["progress"]["epoch"] == 1
+        assert study["trials"][1]["result"]["pruned_at_epoch"] == 1 and bad["model"] is None
 
         # Cancel: the running trial's job is cancelled as a job is, and no further trial starts.
         cancelled = client.post("/v1/studies", json={

@@ -3,6 +3,7 @@ seconds to minutes instead of after Redis's visibility timeout (or never, with t
 
 Every worker runs one in a thread of its main process; requeueing is a conditional UPDATE,
 so when several reconcilers see the same expired lease only one of them sends the message.
+Each pass also drives the studies (service/studies.py): their trials are jobs like any other.
 """
 
 from __future__ import annotations

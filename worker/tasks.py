@@ -167,8 +167,9 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
         elif reporter.cancel_requested.is_set():
             status = "cancelled"
         elif pruning and pruning.pruned_at is not None:
-            status = "pruned"
-            result = {**result, "pruned_at_epoch": pruning.pruned_at}
+            status, result = "pruned", {**result, "pruned_at_epoch": pruning.pruned_at}
+            error = (f"pruned by its study after epoch {pruning.pruned_at}: its validation accuracy was below the "
+                     "median of the earlier trials' at that epoch")
         elif reporter.lease_lost.is_set():
             status = None  # the attempt that holds the lease now reports
         else:

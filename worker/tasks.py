@@ -7,6 +7,7 @@ trains twice at once, however often its message is delivered.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,11 @@ from service.store import Store, get_store, worker_identity
 from service.studies import trial_pruning
 
 log = logging.getLogger(__name__)
+
+# Warmed here for the same reason (seconds per job on a busy CPU): Adam's first construction imports
+# torch._dynamo, and the built-in digits dataset comes from scikit-learn.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+importlib.import_module("sklearn.datasets")
 
 # Sent to a pool process when its worker shuts down (worker/main.py): the job then checkpoints at
 # its current step and goes back to the queue instead of holding up the shutdown. (SIGUSR1 is

@@ -52,7 +52,7 @@
     const xAxis = choices
       ? { label: param, incrs: [1], values: (u, ticks) => ticks.map((t) => (Number.isInteger(t) && t >= 0 && t < choices.length ? String(choices[t]) : "")) }
       : { label: param };
-    const dots = (colour, size) => ({ stroke: colour, fill: colour, paths: () => null, points: { show: true, size } });
+    const dots = (colour, size) => ({ stroke: colour, paths: () => null, points: { show: true, size, fill: colour } });
     entry.plot = new uPlot({
       title: param, width: entry.box.clientWidth || 480, height: 220,
       scales: { x, y: { range: (u, min, max) => [Math.max(0, min - 0.02), Math.min(1, max + 0.02)] } },

@@ -52,6 +52,7 @@ def model_config_json(
     classes: list,
     normalization: Normalization,
     dataset: str,
+    dataset_fingerprint: str,
 ) -> dict:
     from al import __version__
 
@@ -60,6 +61,7 @@ def model_config_json(
         "method": train_cfg.method,
         "preset": preset,
         "dataset": dataset,
+        "dataset_fingerprint": dataset_fingerprint,
         "input_shape": list(input_shape),
         "classes": list(classes),
         "normalization": dataclasses.asdict(normalization),

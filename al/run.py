@@ -39,6 +39,22 @@ class SaveEachEpoch(Callback):
         trainer.save_checkpoint(self.directory / TRAINING_STATE)
 
 
+# Where a run computes, not what it computes (the pipeline is bit-identical to sequential training): a run
+# may resume with other values of these.
+PLACEMENT = frozenset({"device", "pipeline", "devices", "stages", "queue_depth", "stage_threads", "stage_timeout"})
+
+
+def run_changes(saved: dict, config: dict) -> list[str]:
+    """What differs between a checkpoint's run and this one: any of it would mix two runs' data or settings."""
+    changed = ["method"] if saved["method"] != config["method"] else []
+    if saved.get("dataset_fingerprint") != config["dataset_fingerprint"]:
+        changed.append("the dataset")
+    changed += [f"model.{key}" for key in config["model"] if saved["model"].get(key) != config["model"][key]]
+    changed += [f"training.{key}" for key in config["training"]
+                if key not in PLACEMENT and saved["training"].get(key) != config["training"][key]]
+    return changed
+
+
 def train(
     dataset: str | Dataset,
     out_dir: str | Path,
@@ -56,15 +72,17 @@ def train(
     splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
     net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
     config = model_config_json(
-        model_cfg, train_cfg, preset, data.input_shape, data.classes, splits.normalization, data.name
+        model_cfg, train_cfg, preset, data.input_shape, data.classes, splits.normalization, data.name,
+        data.fingerprint(),
     )
     runner = pipeline_runner(train_cfg)
     trainer = Trainer(net, model_cfg, train_cfg, splits, [*callbacks, SaveEachEpoch(out, config)], runner=runner)
     checkpoint = out / TRAINING_STATE
     if resume and checkpoint.is_file() and (out / CONFIG).is_file():
-        saved = json.loads((out / CONFIG).read_text())
-        if saved["model"] != config["model"] or saved["method"] != config["method"]:
-            raise ValueError(f"{out} holds a checkpoint of a different model or method; use another --out")
+        changed = run_changes(json.loads((out / CONFIG).read_text()), config)
+        if changed:
+            raise ValueError(f"{out} holds a checkpoint of a different run ({', '.join(changed)} changed); resume "
+                             "with the same settings and data, or use another --out")
         trainer.load_checkpoint(checkpoint)
     elif (out / CONFIG).exists() and not resume:
         raise ValueError(f"{out} already holds a model; pass --resume to continue it or choose another --out")

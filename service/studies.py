@@ -76,7 +76,7 @@ def trial_key(study_id: str, number: int) -> str:
 
 def trial_pruning(settings: Settings, study: dict) -> PruneAtEpochEnd:
     """The pruning callback of a trial's job, from its spec's `study` entry."""
-    storage = optuna_storage(settings.store_url, check_schema=False)  # the worker's reconciler checked it
+    storage = optuna_storage(settings.store_url, check_schema=False)  # checked when the API created the study
     loaded = optuna.load_study(study_name=study["id"], storage=storage, pruner=make_pruner(study.get("pruner")))
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study["id"]), study["trial"])
@@ -137,7 +137,7 @@ class Studies:
         listed = [{**trial_summary(t), **self._job_fields(jobs.get(t.number))} for t in trials]
         return {
             "trials": listed,
-            "best": None if best is None else listed[[t.number for t in trials].index(best.number)],
+            "best": None if best is None else listed[best.number],  # trials are numbered 0, 1, ... in order
             "importances": importances(study) if with_importances else None,
         }
 

@@ -35,6 +35,7 @@ from al.study import (
     trial_summary,
 )
 from service.jobspec import training_arguments
+from service.registry import published_copy
 from service.settings import Settings
 from service.store import TERMINAL, Base, JobRow, ModelRow, Store, get_store, new_id, with_installed_driver
 
@@ -230,14 +231,18 @@ class Studies:
         job = self._jobs(row.id, [best.number])[best.number]
         if job.model_name is not None:
             return
-        path = str((self.settings.jobs_dir / job.id).relative_to(self.settings.data_dir))  # as the worker's jobs
+        publish = published_copy(self.settings, self.settings.jobs_dir / job.id)
         for _ in range(5):  # two registrations of one name may take the same next version: retry
             try:
                 with self.store.writing() as s, s.begin():
                     version = (s.scalar(select(func.max(ModelRow.version)).where(ModelRow.name == row.name)) or 0) + 1
-                    s.add(ModelRow(name=row.name, version=version, job_id=job.id, path=path, created_at=time.time()))
-                    s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))
-                              .values(model_name=row.name, model_version=version))
+                    if not s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))
+                                     .values(model_name=row.name, model_version=version)).rowcount:
+                        return
+                    model = ModelRow(name=row.name, version=version, job_id=job.id, path="", created_at=time.time())
+                    s.add(model)
+                    s.flush()  # as Store.finish: a concurrent registration of this version conflicts here
+                    model.path = publish(row.name, version)
                 return
             except IntegrityError:
                 continue

@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from celery import Celery
@@ -28,6 +27,7 @@ from al.run import train
 from al.train import Callback
 from service.jobspec import training_arguments
 from service.queue import TRAIN_TASK, enqueue
+from service.registry import published_copy
 from service.settings import Settings
 from service.store import Store, get_store, worker_identity
 from service.studies import trial_pruning
@@ -158,7 +158,8 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
         pruning = trial_pruning(settings, study) if study else None
         source = dataset_source(store, settings, job.spec["dataset"])
         callbacks = [reporter, pruning] if pruning else [reporter]
-        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True)
+        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True,
+                       may_save=lambda: store.holds_lease(job_id, owner))
     except SoftTimeLimitExceeded:
         status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
     except ValueError as e:  # DataError, ModelError, config errors: the message names the problem
@@ -192,11 +193,16 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
                      job_id, result["epochs"], store.get_job(job_id).step)
         return released
     # A study registers only its best trial's model, under the study's name (service/studies.py).
-    registers = status == "succeeded" and not study
-    model_path = str(Path(model_dir).relative_to(settings.data_dir)) if registers else None
-    store.finish(job_id, owner, status, result=result, error=error, model_path=model_path)
+    publish = published_copy(settings, model_dir) if status == "succeeded" and not study else None
+    try:
+        store.finish(job_id, owner, status, result=result, error=error, publish=publish)
+    except OSError as e:  # the copy failed (a full disk): nothing was registered
+        log.exception("job %s: could not register its model", job_id)
+        status = "failed"
+        store.finish(job_id, owner, status, result=result, error=f"could not register the model: {e}")
     log.info("job %s: %s", job_id, status)
     return status
+
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:

@@ -18,7 +18,7 @@ from app.inference import ModelCache
 from app.ui.routes import mount_ui
 from service.queue import make_celery
 from service.settings import Settings, get_settings
-from service.store import get_store
+from service.store import OUTAGE, get_store
 from service.studies import Studies
 
 UPLOAD_PATHS = ("/v1/datasets",)
@@ -192,6 +192,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: HTTPException):
         return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    async def store_outage(request: Request, exc: Exception):  # the database restarts or fails over
+        return error_response(request.url.path, 503, "the job store does not answer; retry shortly",
+                              {"Retry-After": "5"})
+
+    for outage in OUTAGE:
+        app.add_exception_handler(outage, store_outage)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):

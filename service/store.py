@@ -34,11 +34,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
 TERMINAL = ("succeeded", "failed", "cancelled", "pruned")  # pruned: a study's trial its pruner stopped
+# The database does not answer (restarting, failing over, unreachable): worth retrying, never a client's fault.
+OUTAGE = (OperationalError, InterfaceError)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned")
 
 

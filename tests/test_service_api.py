@@ -54,6 +54,19 @@ def test_predict_valid_then_shortcut_depth(client):
     assert response.json()["version"] == 1 and len(response.json()["probabilities"][0]) == 10
 
 
+def test_predict_takes_rows_nested_in_the_models_input_shape(client):
+    """digits samples are 8x8 images, [1, 8, 8] for the model: uploaded as (N, 8, 8), sent as 8 lists of 8."""
+    [version] = client.get("/v1/models/digits").json()["versions"]
+    assert version["input_shape"] == [1, 8, 8] and version["features"] == 64 and version["available"]
+    flat = np.asarray(digits_rows(3))
+    answers = [client.post("/v1/models/digits/predict", json={"inputs": rows.tolist()}).json()
+               for rows in (flat, flat.reshape(3, 8, 8), flat.reshape(3, 1, 8, 8))]
+    assert answers[0]["predictions"] == answers[1]["predictions"] == answers[2]["predictions"]
+    ragged = [flat[0].reshape(8, 8).tolist(), flat[1].tolist()]
+    response = client.post("/v1/models/digits/predict", json={"inputs": ragged})
+    assert response.status_code == 422 and "same shape" in detail(response)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "names"),
     [

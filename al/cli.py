@@ -112,6 +112,17 @@ def cmd_predict(args) -> None:
             print(f"{p}\t{max(probs):.4f}")
 
 
+def cmd_study(args) -> None:
+    from al.study import run_local
+
+    space = json.loads(Path(args.space).read_text())
+    base = json.loads(Path(args.base).read_text()) if args.base else {}
+    base.setdefault("preset", args.preset)
+    callbacks = (lambda number: []) if args.quiet else (lambda number: [ProgressBar()])
+    result = run_local(args.dataset, base, space, args.trials, args.out, seed=args.seed, callbacks=callbacks)
+    _emit(result, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="al", description="Associated Learning: train, evaluate, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=EXIT_CONFIDENCE_HELP + "; --json gives the depth of each row")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("study", help="search hyperparameters with Optuna, locally (see docs/service.md, studies)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--trials", type=int, required=True, help="trials to run, one after another")
+    p.add_argument("--space", required=True, help='JSON file: {"training.lr": {"type": "float", "low": 1e-4, '
+                   '"high": 1e-2, "log": true}, ...}')
+    p.add_argument("--base", default=None, help="JSON file: the job spec's model, method, preset and training "
+                   "every trial starts from")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="when --base names none")
+    p.add_argument("--seed", type=int, default=None, help="seeds the sampler")
+    p.add_argument("--out", default="study", help="each trial's model goes to OUT/trial-N (default: ./study)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_study)
 
     from al import bench
 

@@ -13,12 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from al import __version__
 from app.api.deps import Service, require_api_key
-from app.api.routes import datasets, jobs, models, v2
+from app.api.routes import datasets, jobs, models, studies, v2
 from app.inference import ModelCache
 from app.ui.routes import mount_ui
 from service.queue import make_celery
 from service.settings import Settings, get_settings
 from service.store import OUTAGE, get_store
+from service.studies import Studies
 
 UPLOAD_PATHS = ("/v1/datasets",)
 
@@ -163,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.datasets_dir.mkdir(exist_ok=True)
     store = get_store(settings.store_url)
     model_cache = ModelCache(settings, store)
-    service = Service(settings, store, make_celery(settings), model_cache)
+    service = Service(settings, store, make_celery(settings), model_cache, Studies(settings))
     metrics = Metrics(store)
 
     app = FastAPI(
@@ -177,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router, dependencies=auth)
     app.include_router(jobs.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
+    app.include_router(studies.router, dependencies=auth)
     app.include_router(v2.health)
     app.include_router(v2.router)
     if settings.ui:

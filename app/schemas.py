@@ -118,21 +118,27 @@ class PipelineSpec(Strict):
     stage_timeout: float | None = Field(None, gt=0, le=86400, description="seconds a stage waits before the run fails")
 
 
-class JobCreate(Strict):
-    dataset: str = Field(
-        min_length=1, max_length=64, description="a built-in name (digits, mnist, ...) or an uploaded dataset's id"
-    )
-    name: str | None = Field(
-        None, pattern=NAME_PATTERN, description="model name to register on success (default: the job id)"
-    )
+class ModelAndTraining(Strict):
+    """What a model learns and how: a job spec's model, method, preset and training (a study's base)."""
+
     model: ModelSpec = Field(default_factory=ModelSpec, description="architecture fields")
     method: Literal[METHODS] = Field("al", description="al (associated learning) | bp (end-to-end backpropagation)")  # type: ignore[valid-type]
     preset: Literal[tuple(PRESETS)] = Field("default", description="named defaults: paper (R1 as published) | default")  # type: ignore[valid-type]
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="optimisation fields")
+
+
+DATASET_DESCRIPTION = "a built-in name (digits, mnist, ...) or an uploaded dataset's id"
+
+
+class JobCreate(ModelAndTraining):
+    dataset: str = Field(min_length=1, max_length=64, description=DATASET_DESCRIPTION)
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN, description="model name to register on success (default: the job id)"
+    )
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec, description="where the components run")
 
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned"]
 
 
 class Progress(BaseModel):
@@ -150,14 +156,15 @@ class ModelRef(BaseModel):
 class JobPublic(BaseModel):
     id: str = Field(description="the job id; GET /v1/jobs/{id}")
     name: str = Field(description="the model name this job registers")
-    status: JobStatus = Field(description="queued | running | succeeded | failed | cancelling | cancelled")
+    status: JobStatus = Field(description="queued | running | succeeded | failed | cancelling | cancelled | pruned "
+                              "(a study's trial that its pruner stopped early)")
     dataset: str = Field(description="the dataset id or built-in name it trains on")
     spec: dict = Field(description="the job spec as submitted")
     progress: Progress = Field(description="how far training is")
     metrics: dict | None = Field(
         description="latest epoch's losses per component and accuracies; test accuracy when done"
     )
-    error: str | None = Field(description="why the job failed")
+    error: str | None = Field(description="why the job failed (or, for a study's trial, was pruned)")
     attempts: int = Field(description="times a worker started this job (more than 1 after a worker died)")
     resumed_from_epoch: int | None = Field(description="the checkpoint's epoch the latest attempt resumed from")
     created_at: str = Field(description="submission time, ISO 8601 UTC")
@@ -176,6 +183,80 @@ class JobList(BaseModel):
 class JobMetrics(BaseModel):
     job_id: str = Field(description="the job")
     epochs: list[dict] = Field(description="one entry per completed epoch, in order")
+
+
+# --- studies ----------------------------------------------------------------------------
+
+StudyStatus = Literal["running", "cancelling", "succeeded", "failed", "cancelled"]
+SearchChoice = str | bool | int | float
+
+
+class SearchParam(Strict):
+    """One switch's range: {"type": "float"|"int", "low", "high", "log"?} or {"type": "categorical", "choices"}."""
+
+    type: Literal["float", "int", "categorical"] = Field(description="float | int (a range) | categorical (choices)")
+    low: int | float | None = Field(None, allow_inf_nan=False, description="float, int: the lowest value")
+    high: int | float | None = Field(None, allow_inf_nan=False, description="float, int: the highest value")
+    log: bool | None = Field(None, description="float, int: sample on a log scale (low > 0)")
+    choices: list[SearchChoice] | None = Field(None, min_length=1, max_length=64, description="categorical: the values")
+
+
+class PrunerSpec(Strict):
+    type: Literal["median", "none"] = Field("median", description="median: stop a trial whose validation accuracy "
+                                            "at an epoch's end is below the median of earlier trials at that epoch")
+    startup_trials: int = Field(3, ge=0, le=1000, description="trials that complete before any is pruned")
+    warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="epochs of each trial before it may be pruned")
+
+
+class StudyCreate(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$",
+                      description="the best trial's model is registered under this name")
+    dataset: str = Field(min_length=1, max_length=64, description=DATASET_DESCRIPTION)
+    base: ModelAndTraining = Field(default_factory=ModelAndTraining, description="what every trial starts from")
+    space: dict[str, SearchParam] = Field(
+        min_length=1, max_length=16,
+        description="dotted paths into the job spec (training.lr, model.encoder_activation, ...) and their ranges",
+    )
+    trials: int = Field(ge=1, le=1000, description="trials in all")
+    parallel: int = Field(1, ge=1, le=64, description="trials that train at once")
+    objective: Literal["val_accuracy"] = Field("val_accuracy", description="maximised: the last epoch's")
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec, description="stops bad trials at an epoch's end")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seeds the sampler (default: a random seed)")
+
+
+class StudyTrial(BaseModel):
+    number: int = Field(description="the trial's number, from 0")
+    state: Literal["running", "complete", "pruned", "fail", "waiting"] = Field(description="Optuna's trial state")
+    params: dict[str, Any] = Field(description="the value of each searched switch")
+    value: float | None = Field(description="the objective, once complete")
+    epochs_reported: int = Field(description="epochs whose validation accuracy the pruner has seen")
+    job_id: str | None = Field(description="the training job of this trial: GET /v1/jobs/{id}")
+    job_status: JobStatus | None = Field(description="that job's status")
+    result: dict | None = Field(description="that job's result")
+    model: ModelRef | None = Field(description="the model registered from this trial (the best ones)")
+
+
+class StudyPublic(BaseModel):
+    id: str = Field(description="the study id; GET /v1/studies/{id}")
+    name: str = Field(description="the best trial's model is registered under this name")
+    status: StudyStatus = Field(description="running | cancelling | succeeded | failed | cancelled")
+    error: str | None = Field(description="why the study failed")
+    spec: dict = Field(description="the study as submitted")
+    trials: list[StudyTrial] = Field(description="trials asked so far, in order")
+    best: StudyTrial | None = Field(description="the complete trial with the highest objective so far")
+    importances: dict[str, float] | None = Field(
+        description="importance of each switch (Optuna's default evaluator; sums to 1), once 4 trials are "
+        "complete; only on GET of one study"
+    )
+    created_at: str = Field(description="submission time, ISO 8601 UTC")
+    finished_at: str | None = Field(description="when it ended")
+
+
+class StudyList(BaseModel):
+    items: list[StudyPublic] = Field(description="newest first")
+    total: int = Field(description="studies in all")
+    limit: int = Field(description=PAGE_LIMIT)
+    offset: int = Field(description=PAGE_OFFSET)
 
 
 # --- models and prediction ----------------------------------------------------------------

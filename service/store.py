@@ -38,10 +38,10 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, Pro
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled", "pruned")  # pruned: a study's trial its pruner stopped
 # The database does not answer (restarting, failing over, unreachable): worth retrying, never a client's fault.
 OUTAGE = (OperationalError, InterfaceError)
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned")
 
 
 class Base(DeclarativeBase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -152,6 +153,17 @@ def start_server(env: dict[str, str], log: Path, port: int) -> Process:
     wait_for(ready, 60, "the server to answer", interval=0.2)
     assert server.popen.poll() is None, server.output()
     return server
+
+
+def sse_events(response) -> list[tuple[str, dict]]:
+    """(event, data) of a Server-Sent Events response (an httpx or TestClient stream), read to its end."""
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and name:
+            events.append((name, json.loads(line.split(":", 1)[1])))
+    return events
 
 
 def digits_npz() -> bytes:

@@ -212,6 +212,36 @@ def test_upload_with_progress(browser, server, tmp_path):
     assert browser.find_element(By.CSS_SELECTOR, "#datasets tr.added td").text == dataset_id
 
 
+def test_study_page_shows_trials_and_accuracy_against_each_parameter(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, process = server
+    api = httpx.Client(base_url=url, timeout=30)
+    study = api.post("/v1/studies", json={
+        "name": "digits-study", "dataset": "digits", "trials": 4, "pruner": {"type": "none"}, "seed": 0,
+        "base": {"model": {"widths": [64], "target_width": 32}, "preset": "lean", "training": {"epochs": 1}},
+        "space": {"training.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                  "model.encoder_activation": {"type": "categorical", "choices": ["relu", "tanh"]}}}).json()
+    browser.get(f"{url}/ui/studies")
+    browser.find_element(By.LINK_TEXT, "digits-study").click()
+    # Live: the page follows the study's event stream until every trial is in its table as complete.
+    wait_js(browser, "return [...document.querySelectorAll('#trials tbody tr')].filter("
+            "r => r.dataset.state === 'complete').length === 4", 180, "four complete trials on the page")
+    wait_for(lambda: api.get(f"/v1/studies/{study['id']}").json()["status"] == "succeeded", 30, "the study's end")
+    done = api.get(f"/v1/studies/{study['id']}").json()
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#trials tbody tr')].map(r => [r.querySelector('[data-key=value]')"
+        ".textContent, r.querySelector('[data-param=\"model.encoder_activation\"]').textContent])")
+    assert shown == [[f"{100 * t['value']:.2f} %", t["params"]["model.encoder_activation"]] for t in done["trials"]]
+    charts = browser.execute_script(
+        "return [...document.querySelectorAll('#charts .chart')].map(c => [c.dataset.param, +c.dataset.points])")
+    assert sorted(charts) == [["model.encoder_activation", 4], ["training.lr", 4]]
+    wait_js(browser, "return document.querySelectorAll('#importances tr').length === 2", 30, "the importances")
+    assert browser.find_element(By.LINK_TEXT, "digits-study v1").is_displayed()  # the best trial's model
+    screenshot(browser, tmp_path / "dashboard-study.png")
+    assert "Traceback" not in process.output()
+
+
 def test_keys_gate_the_dashboard(tmp_path, monkeypatch):
     """With AL_API_KEYS, a page without a known key is the key form and nothing else; `?key=` and the form
     store the key in a cookie, which the API then takes as it takes a bearer key."""

@@ -3,8 +3,6 @@ upload -> train -> status -> events -> predict (native and Open Inference Protoc
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 from service_support import (
@@ -15,6 +13,7 @@ from service_support import (
     free_port,
     fresh_redis,
     service_env,
+    sse_events,
     start_server,
 )
 
@@ -27,16 +26,6 @@ def server(tmp_path):
     yield f"http://127.0.0.1:{port}", process
     process.stop()
     drop_queue(env)
-
-
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("data:") and name:
-            events.append((name, json.loads(line.split(":", 1)[1])))
-    return events
 
 
 def test_upload_train_status_events_predict(server):

@@ -3,6 +3,7 @@ seconds to minutes instead of after Redis's visibility timeout (or never, with t
 
 Every worker runs one in a thread of its main process; requeueing is a conditional UPDATE,
 so when several reconcilers see the same expired lease only one of them sends the message.
+Each pass also drives the studies (service/studies.py): their trials are jobs like any other.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from celery import Celery
 from service.queue import enqueue
 from service.settings import Settings
 from service.store import Store
+from service.studies import Studies
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,15 @@ def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
 def start_reconciler(store: Store, app: Celery, settings: Settings) -> threading.Event:
     """A daemon thread that reconciles every settings.reconcile_interval seconds; set the event to stop it."""
     stop = threading.Event()
+    studies = Studies(settings)
 
     def loop() -> None:
         while True:
             try:
                 with _pass_lock:
                     reconcile_once(store, app, settings)
+                    # The studies' driver: it tells Optuna of ended trials and starts new ones.
+                    studies.drive(lambda job_id: enqueue(app, job_id))
             except Exception:  # the store or broker is down for a moment: try again next pass
                 log.exception("reconciler pass failed")
             if stop.wait(settings.reconcile_interval):

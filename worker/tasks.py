@@ -7,32 +7,39 @@ trains twice at once, however often its message is delivered.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
-import shutil
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
+import torch
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 # Imported in the worker's main process on purpose: forked pool children then start a job
 # without importing torch again. Importing torch does not initialise CUDA; only the task does.
-from al.checkpoint import copy_model
 from al.data import BUILTIN_DATASETS
 from al.run import train
 from al.train import Callback
 from service.jobspec import training_arguments
 from service.queue import TRAIN_TASK, enqueue
+from service.registry import published_copy
 from service.settings import Settings
 from service.store import OUTAGE, Store, get_store, worker_identity
+from service.studies import trial_pruning
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Warmed here for the same reason (seconds per job on a busy CPU): Adam's first construction imports
+# torch._dynamo, and the built-in digits dataset comes from scikit-learn.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+importlib.import_module("sklearn.datasets")
 
 # Sent to a pool process when its worker shuts down (worker/main.py): the job then checkpoints at
 # its current step and goes back to the queue instead of holding up the shutdown. (SIGUSR1 is
@@ -165,9 +172,12 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     reporter.start_heartbeat()  # before loading the data, which can take longer than a lease
     model_dir = settings.jobs_dir / job_id
     model, training = training_arguments(job.spec)
+    study = job.spec.get("study")  # a study's trial: its pruner may stop it at an epoch's end
     try:
+        pruning = trial_pruning(settings, study) if study else None
         source = dataset_source(store, settings, job.spec["dataset"])
-        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, [reporter], resume=True,
+        callbacks = [reporter, pruning] if pruning else [reporter]
+        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True,
                        may_save=lambda: patiently(settings, lambda: store.holds_lease(job_id, owner)))
     except SoftTimeLimitExceeded:
         status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
@@ -182,6 +192,10 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
             status = "succeeded"
         elif reporter.cancel_requested.is_set():
             status = "cancelled"
+        elif pruning and pruning.pruned_at is not None:
+            status, result = "pruned", {**result, "pruned_at_epoch": pruning.pruned_at}
+            error = (f"pruned by its study after epoch {pruning.pruned_at}: its validation accuracy was below the "
+                     "median of the earlier trials' at that epoch")
         elif reporter.lease_lost.is_set():
             status = None  # the attempt that holds the lease now reports
         else:
@@ -197,7 +211,8 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
             log.info("job %s: checkpointed at epoch %d step %d and requeued (worker shutting down)",
                      job_id, result["epochs"], store.get_job(job_id).step)
         return released
-    publish = published_copy(settings, model_dir) if status == "succeeded" else None
+    # A study registers only its best trial's model, under the study's name (service/studies.py).
+    publish = published_copy(settings, model_dir) if status == "succeeded" and not study else None
     try:
         patiently(settings, lambda: store.finish(job_id, owner, status, result=result, error=error, publish=publish))
     except OSError as e:  # the copy failed (a full disk): nothing was registered
@@ -208,18 +223,6 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     return status
 
 
-def published_copy(settings: Settings, model_dir: Path) -> Callable[[str, int], str]:
-    """Store.finish's `publish`: the registered version is a copy under models/<name>/<version> that no later
-    write to the job's directory (a stale attempt, say) can change."""
-    def publish(name: str, version: int) -> str:
-        destination = settings.models_dir / name / str(version)
-        # Left by a registration whose commit failed: that version number was never registered.
-        shutil.rmtree(destination, ignore_errors=True)
-        copy_model(model_dir, destination)
-        return str(destination.relative_to(settings.data_dir))
-
-    return publish
-
 
 def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=TRAIN_TASK, ignore_result=True)
@@ -229,4 +232,6 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             return
         allow_child_processes()
         listen_for_shutdown()
+        # Training processes side by side share the cores rather than each spinning a thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
         run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job, REQUEUE_DELAY))

@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.inference import ModelCache
 from service.settings import Settings
 from service.store import Store
+from service.studies import Studies
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Service:
     store: Store
     celery: Celery
     models: ModelCache
+    studies: Studies
 
 
 async def get_service(request: Request) -> Service:  # async: no thread-pool hop for a lookup

@@ -23,6 +23,7 @@ from app.api.deps import KEY_COOKIE, Service, ServiceDep, known_key
 from app.api.routes.datasets import dataset_public
 from app.api.routes.jobs import job_public
 from app.api.routes.models import version_public
+from app.api.routes.studies import study_public
 from app.schemas import JobCreate, PipelineSpec
 from service.store import ModelRow
 
@@ -161,6 +162,23 @@ def model_page(request: Request, service: ServiceDep, name: str) -> HTMLResponse
     versions = [version_view(service, row) for row in rows]
     return page(request, "model.html", active="models", name=name, versions=versions,
                 data={"name": name, "versions": versions})
+
+
+@router.get("/studies")
+def studies_page(request: Request, service: ServiceDep) -> HTMLResponse:
+    rows, total = service.studies.list(PAGE, 0)
+    return page(request, "studies.html", active="studies", total=total,
+                studies=[study_public(service, r, with_importances=False) for r in rows])
+
+
+@router.get("/studies/{study_id}")
+def study_page(request: Request, service: ServiceDep, study_id: str) -> HTMLResponse:
+    row = service.studies.get(study_id)
+    if row is None:
+        return page(request, "missing.html", 404, active="studies", message=f"There is no study {study_id!r}.")
+    study = study_public(service, row)
+    return page(request, "study.html", active="studies", study=study, spec=json.dumps(study.spec, indent=2),
+                data={"study": study.model_dump()})
 
 
 @router.get("/datasets")

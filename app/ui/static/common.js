@@ -2,7 +2,7 @@
 // What every dashboard page uses: building DOM (user data only ever as text), API calls with the API's
 // own error messages, a job's event stream, and the formats of numbers, times, status and progress.
 const AL = (() => {
-  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const TERMINAL = new Set(["succeeded", "failed", "cancelled", "pruned"]);
 
   function el(tag, props = {}, ...children) {
     const node = document.createElement(tag);

@@ -1,0 +1,235 @@
+"""Hyperparameter studies with Optuna: the search space over a job spec's switches, pruning at epoch
+ends, and a local search (`al study`). The service's studies (service/studies.py) use the same parts.
+
+A space maps dotted paths into a job spec (`training.lr`, `model.encoder_activation`) to
+`{"type": "float"|"int", "low", "high", "log"?}` or `{"type": "categorical", "choices": [...]}`.
+Every trial is a job spec: the base with the trial's values set at those paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from al.config import ACTIVATIONS, H1_LOSSES, METHODS, SCHEDULES, build_configs
+from al.train import Callback
+
+OBJECTIVES = ("val_accuracy",)
+# The switches a study may search (al/config.py): a tuple lists the allowed values; int and float take ranges.
+SEARCHABLE: dict[str, tuple | type] = {
+    "method": METHODS,
+    "model.encoder_activation": ACTIVATIONS,  # f_i
+    "model.bridge_activation": ACTIVATIONS,  # b_i
+    "model.target_activation": ACTIVATIONS,  # g_i, h_i
+    "model.bridge_depth": int,
+    "model.bridge_hidden_factor": int,  # bridge width: factor * target_width
+    "model.target_width": int,
+    "model.h1_loss": H1_LOSSES,
+    "training.lr": float,  # f and b
+    "training.target_lr_factor": float,  # g and h learn at lr * factor
+    "training.associated_weight": float,
+    "training.autoencoder_weight": float,
+    "training.schedule": SCHEDULES,
+    "training.detach_target": (True, False),
+    "training.batch_size": int,
+    "training.epochs": int,
+}
+PARAM_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "log"},
+              "categorical": {"type", "choices"}}
+MAX_CHOICES = 64
+# Importances from fewer complete trials say little.
+MIN_TRIALS_FOR_IMPORTANCE = 4
+
+
+class SpaceError(ValueError):
+    """A search space that cannot run; `field` names the bad entry (e.g. `space.training.lr`)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def check_spec_with_library(spec: dict) -> None:
+    build_configs(*spec_arguments(spec))
+
+
+def parse_space(space: dict, base: dict, check: Callable[[dict], None] = check_spec_with_library
+                ) -> dict[str, BaseDistribution]:
+    """Optuna distributions for a space; SpaceError names the first bad entry. `check(spec)` raises
+    ValueError for a spec that cannot train: it is tried with each range's ends and each choice."""
+    if not isinstance(space, dict) or not space:
+        raise SpaceError("space", "give at least one switch to search")
+    distributions = {}
+    for path, param in space.items():
+        field = f"space.{path}"
+        distribution = _distribution(field, SEARCHABLE.get(path), param)
+        values = distribution.choices if isinstance(distribution, CategoricalDistribution) else (
+            distribution.low, distribution.high)
+        for value in values:
+            try:
+                check(apply_params(base, {path: value}))
+            except ValueError as e:
+                raise SpaceError(field, f"{value!r} is not allowed: {e}") from None
+        distributions[path] = distribution
+    return distributions
+
+
+def _distribution(field: str, kind, param) -> BaseDistribution:
+    if kind is None:
+        raise SpaceError(field, f"not a switch a study can search; choose from {', '.join(SEARCHABLE)}")
+    if not isinstance(param, dict) or param.get("type") not in PARAM_KEYS:
+        raise SpaceError(field, 'give {"type": "float"|"int", "low", "high", "log"?} or '
+                                '{"type": "categorical", "choices": [...]}')
+    kind_name = "categorical" if isinstance(kind, tuple) else kind.__name__
+    unknown = sorted(set(param) - PARAM_KEYS[param["type"]])
+    if unknown:
+        raise SpaceError(field, f"unknown key(s) {', '.join(unknown)}")
+    if param["type"] == "categorical":
+        choices = param.get("choices")
+        if not isinstance(choices, list) or not 0 < len(choices) <= MAX_CHOICES:
+            raise SpaceError(field, f"choices must be a list of 1 to {MAX_CHOICES} values")
+        if len({json.dumps(c) for c in choices}) != len(choices):
+            raise SpaceError(field, "choices repeat a value")
+        for choice in choices:
+            if not _fits(kind, choice):
+                expected = ", ".join(map(json.dumps, kind)) if isinstance(kind, tuple) else f"{kind_name} values"
+                raise SpaceError(field, f"choice {choice!r} is not one of {expected}")
+        return CategoricalDistribution(choices)
+    if param["type"] != kind_name:
+        alternative = " (or categorical)" if kind_name != "categorical" else ""
+        raise SpaceError(field, f"takes type {kind_name!r}{alternative}")
+    low, high, log = param.get("low"), param.get("high"), param.get("log", False)
+    for name, value in (("low", low), ("high", high)):
+        if not _fits(kind, value):
+            raise SpaceError(field, f"{name} must be a finite {kind_name}, got {value!r}")
+    if not low < high:
+        raise SpaceError(field, f"low ({low}) must be below high ({high})")
+    if not isinstance(log, bool):
+        raise SpaceError(field, "log must be true or false")
+    if log and low <= 0:
+        raise SpaceError(field, "a log range needs low > 0")
+    return FloatDistribution(low, high, log=log) if kind is float else IntDistribution(low, high, log=log)
+
+
+def _fits(kind, value) -> bool:
+    if isinstance(kind, tuple):
+        return any(value == allowed and type(value) is type(allowed) for allowed in kind)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if kind is int else math.isfinite(value)
+
+
+def apply_params(base: dict, params: dict) -> dict:
+    """The base spec with each dotted path set to its value."""
+    spec = copy.deepcopy(base)
+    for path, value in params.items():
+        *sections, key = path.split(".")
+        target = spec
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    return spec
+
+
+def spec_arguments(spec: dict) -> tuple[str, dict, dict]:
+    """preset, model and training arguments of al.run.train for a spec without a pipeline."""
+    training = dict(spec.get("training") or {})
+    if spec.get("method"):
+        training["method"] = spec["method"]
+    return spec.get("preset", "default"), dict(spec.get("model") or {}), training
+
+
+def make_pruner(config: dict | None) -> optuna.pruners.BasePruner:
+    """`{"type": "median", "startup_trials", "warmup_epochs"}` (the default) or `{"type": "none"}`."""
+    config = config or {}
+    if config.get("type", "median") == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=config.get("startup_trials", 3),
+                                       n_warmup_steps=config.get("warmup_epochs", 0))
+
+
+class PruneAtEpochEnd(Callback):
+    """Reports each epoch's validation accuracy to the trial and stops the run when the pruner says so
+    (never after the last epoch: that run is complete)."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, trainer, metrics):
+        value = metrics.get("val_accuracy")
+        if value is None:
+            return
+        self.trial.report(value, metrics["epoch"])  # a resumed run reports an epoch again: Optuna ignores it
+        if trainer.epoch < trainer.cfg.epochs and self.trial.should_prune():
+            self.pruned_at = metrics["epoch"]
+            trainer.request_stop()
+
+
+def objective_value(result: dict | None) -> float | None:
+    value = (result or {}).get("val_accuracy")
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+def importances(study: optuna.Study) -> dict[str, float] | None:
+    """Each parameter's importance (Optuna's default evaluator), once enough trials are complete (None before)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        return None
+    try:
+        with warnings.catch_warnings():  # e.g. "importances will be equal" when every trial scored alike
+            warnings.simplefilter("ignore")
+            return {k: round(v, 4) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (ValueError, RuntimeError):  # e.g. no parameter varied across the complete trials
+        return None
+
+
+def trial_summary(trial: FrozenTrial) -> dict:
+    return {"number": trial.number, "state": trial.state.name.lower(), "params": trial.params,
+            "value": trial.value, "epochs_reported": len(trial.intermediate_values)}
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def run_local(dataset: str, base: dict, space: dict, trials: int, out_dir: str | Path, pruner: dict | None = None,
+              seed: int | None = None, callbacks: Callable[[int], list[Callback]] = lambda number: []) -> dict:
+    """Search in this process, one trial after another, each trained into out_dir/trial-N."""
+    from al.data import load_dataset
+    from al.run import train
+
+    distributions = parse_space(space, base)
+    data = load_dataset(dataset)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=make_pruner(pruner))
+    out = Path(out_dir)
+    for _ in range(trials):
+        trial = study.ask(distributions)
+        pruning = PruneAtEpochEnd(trial)
+        preset, model, training = spec_arguments(apply_params(base, trial.params))
+        result = train(data, out / f"trial-{trial.number}", preset, model, training,
+                       [pruning, *callbacks(trial.number)])
+        value = objective_value(result)
+        if pruning.pruned_at is not None:
+            study.tell(trial, state=TrialState.PRUNED)
+        elif result["status"] == "completed" and value is not None:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+    best = best_trial(study)
+    return {
+        "trials": [trial_summary(t) for t in study.get_trials(deepcopy=False)],
+        "best": None if best is None else {**trial_summary(best), "model": str(out / f"trial-{best.number}")},
+        "importances": importances(study),
+    }

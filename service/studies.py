@@ -1,0 +1,253 @@
+"""Studies: hyperparameter searches whose trials are ordinary training jobs.
+
+Optuna keeps the trials in its RDB storage, in the job store's own database; the table `al_studies`
+keeps each study's request and status. The driver (`Studies.drive`, run by every worker's reconciler)
+holds no state of its own: each pass reads the trials and their jobs, tells Optuna about the jobs that
+ended, asks for new trials up to the budget and registers the best trial's model. So a restarted
+worker, or another worker, carries on where the last pass stopped.
+
+A trial's job is found by its idempotency key `study:<study id>:<trial number>`: a pass that dies
+between asking Optuna and creating the job creates it on the next pass, never twice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import JSON, Float, Integer, String, Text, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column
+
+from al.config import build_configs
+from al.study import (
+    PruneAtEpochEnd,
+    apply_params,
+    best_trial,
+    importances,
+    make_pruner,
+    objective_value,
+    parse_space,
+    trial_summary,
+)
+from service.jobspec import training_arguments
+from service.registry import published_copy
+from service.settings import Settings
+from service.store import TERMINAL, Base, JobRow, ModelRow, Store, get_store, new_id, with_installed_driver
+
+STUDY_TERMINAL = ("succeeded", "failed", "cancelled")
+DRIVER_TURN_SECONDS = 60.0  # a driver pass that died frees its study after this
+
+
+class StudyRow(Base):
+    __tablename__ = "al_studies"  # Optuna's own tables include `studies`
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict] = mapped_column(JSON)  # dataset, base, space, trials, parallel, objective, pruner, seed
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    driver_until: Mapped[float | None] = mapped_column(Float)  # a driver pass holds the study until then
+    seed: Mapped[int] = mapped_column(Integer)
+
+
+_storages: dict[tuple[int, str], optuna.storages.RDBStorage] = {}
+
+
+def optuna_storage(url: str, check_schema: bool = True) -> optuna.storages.RDBStorage:
+    """One per process (a forked worker child must not share its parent's connections) and URL.
+    `check_schema=False` skips creating Optuna's tables and checking their version (seconds, with alembic)."""
+    key = (os.getpid(), url)
+    if key not in _storages:
+        engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        _storages[key] = optuna.storages.RDBStorage(with_installed_driver(url), engine_kwargs=engine_kwargs,
+                                                    skip_compatibility_check=not check_schema,
+                                                    skip_table_creation=not check_schema)
+    return _storages[key]
+
+
+def trial_key(study_id: str, number: int) -> str:
+    return f"study:{study_id}:{number}"
+
+
+def trial_pruning(settings: Settings, study: dict) -> PruneAtEpochEnd:
+    """The pruning callback of a trial's job, from its spec's `study` entry."""
+    storage = optuna_storage(settings.store_url, check_schema=False)  # checked when the API created the study
+    loaded = optuna.load_study(study_name=study["id"], storage=storage, pruner=make_pruner(study.get("pruner")))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study["id"]), study["trial"])
+    return PruneAtEpochEnd(optuna.trial.Trial(loaded, trial_id))
+
+
+def trial_job_spec(row: StudyRow, trial: FrozenTrial | optuna.Trial) -> dict:
+    spec = row.spec
+    return {**apply_params(spec["base"], trial.params), "dataset": spec["dataset"],
+            "name": f"{row.name}.trial-{trial.number}",
+            "study": {"id": row.id, "trial": trial.number, "pruner": spec.get("pruner")}}
+
+
+class Studies:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store: Store = get_store(settings.store_url)
+        self.store.create_tables()  # al_studies too, now that StudyRow is defined
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        """Made on first use: checking Optuna's schema takes seconds, which a service without studies never pays."""
+        return optuna_storage(self.settings.store_url)
+
+    # --- the API's side ---------------------------------------------------------------
+
+    def create(self, name: str, spec: dict) -> StudyRow:
+        row = StudyRow(id=new_id("study_"), name=name, spec=spec, status="running", created_at=time.time(),
+                       seed=spec.get("seed") if spec.get("seed") is not None else random.randrange(2**31))
+        optuna.create_study(study_name=row.id, storage=self.storage, direction="maximize")
+        with self.store.writing() as s, s.begin():
+            s.add(row)
+        return row
+
+    def get(self, study_id: str) -> StudyRow | None:
+        with self.store.session() as s:
+            return s.get(StudyRow, study_id)
+
+    def list(self, limit: int, offset: int) -> tuple[list[StudyRow], int]:
+        with self.store.session() as s:
+            rows = s.scalars(select(StudyRow).order_by(StudyRow.created_at.desc()).limit(limit).offset(offset))
+            return list(rows), s.scalar(select(func.count()).select_from(StudyRow))
+
+    def request_cancel(self, study_id: str) -> StudyRow | None:
+        """The study asks for no more trials; the next driver pass cancels its running trials' jobs."""
+        with self.store.writing() as s, s.begin():
+            s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.status == "running")
+                      .values(status="cancelling"))
+        return self.get(study_id)
+
+    def view(self, row: StudyRow, with_importances: bool = True) -> dict:
+        """Trials with their jobs, the best trial, and importances once there are enough trials."""
+        study = optuna.load_study(study_name=row.id, storage=self.storage)
+        trials = study.get_trials(deepcopy=False)
+        jobs = self._jobs(row.id, [t.number for t in trials])
+        best = best_trial(study)
+        listed = [{**trial_summary(t), **self._job_fields(jobs.get(t.number))} for t in trials]
+        return {
+            "trials": listed,
+            "best": None if best is None else listed[best.number],  # trials are numbered 0, 1, ... in order
+            "importances": importances(study) if with_importances else None,
+        }
+
+    @staticmethod
+    def _job_fields(job: JobRow | None) -> dict:
+        if job is None:
+            return {"job_id": None, "job_status": None, "result": None, "model": None}
+        model = {"name": job.model_name, "version": job.model_version} if job.model_name else None
+        return {"job_id": job.id, "job_status": job.status, "result": job.result, "model": model}
+
+    def _jobs(self, study_id: str, numbers: list[int]) -> dict[int, JobRow]:
+        keys = {trial_key(study_id, n): n for n in numbers}
+        with self.store.session() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.idempotency_key.in_(list(keys))))
+            return {keys[job.idempotency_key]: job for job in rows}
+
+    # --- the driver: every worker's reconciler runs it ------------------------------------
+
+    def drive(self, enqueue: Callable[[str], None]) -> None:
+        """One pass over every unfinished study that no other driver holds."""
+        with self.store.session() as s:
+            ids = list(s.scalars(select(StudyRow.id).where(StudyRow.status.in_(("running", "cancelling")))))
+        for study_id in ids:
+            if not self._take_turn(study_id):
+                continue
+            try:
+                self._drive(self.get(study_id), enqueue)
+            finally:
+                with self.store.writing() as s, s.begin():
+                    s.execute(update(StudyRow).where(StudyRow.id == study_id).values(driver_until=None))
+
+    def _take_turn(self, study_id: str) -> bool:
+        now = time.time()
+        with self.store.writing() as s, s.begin():
+            return bool(s.execute(update(StudyRow).where(
+                StudyRow.id == study_id, StudyRow.status.in_(("running", "cancelling")),
+                StudyRow.driver_until.is_(None) | (StudyRow.driver_until < now),
+            ).values(driver_until=now + DRIVER_TURN_SECONDS)).rowcount)
+
+    def _drive(self, row: StudyRow, enqueue: Callable[[str], None]) -> None:
+        spec = row.spec
+        study = optuna.load_study(study_name=row.id, storage=self.storage)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        jobs = self._jobs(row.id, [t.number for t in running])
+        still_running = 0
+        for trial in running:
+            job = jobs.get(trial.number) or self._start_trial(row, trial, enqueue)
+            if job.status in TERMINAL:
+                value = objective_value(job.result) if job.status == "succeeded" else None
+                if value is not None:
+                    study.tell(trial.number, value, skip_if_finished=True)
+                else:
+                    state = TrialState.PRUNED if job.status == "pruned" else TrialState.FAIL
+                    study.tell(trial.number, state=state, skip_if_finished=True)
+                continue
+            still_running += 1
+            if row.status == "cancelling" and job.status != "cancelling":
+                self.store.request_cancel(job.id)
+        self._register_best(row, study)
+        if row.status == "cancelling":
+            if not still_running:
+                self._finish(row.id, "cancelled")
+            return
+        distributions = parse_space(spec["space"], spec["base"], check=lambda _: None)  # checked when created
+        asked = len(study.trials)
+        while asked < spec["trials"] and still_running < spec["parallel"]:
+            study.sampler = optuna.samplers.TPESampler(seed=row.seed + asked)  # reproducible across passes
+            self._start_trial(row, study.ask(distributions), enqueue)
+            asked, still_running = asked + 1, still_running + 1
+        if asked >= spec["trials"] and not still_running:
+            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            self._finish(row.id, "succeeded" if complete else "failed",
+                         None if complete else "no trial completed: see the trials' jobs")
+
+    def _start_trial(self, row: StudyRow, trial: FrozenTrial | optuna.Trial, enqueue: Callable[[str], None]) -> JobRow:
+        spec = trial_job_spec(row, trial)
+        model, training = training_arguments(spec)
+        _, train_cfg = build_configs(spec.get("preset", "default"), model, training)
+        job, created = self.store.create_job(spec["name"], spec, train_cfg.epochs, trial_key(row.id, trial.number),
+                                             None)
+        if created:
+            enqueue(job.id)
+        return job
+
+    def _register_best(self, row: StudyRow, study: optuna.Study) -> None:
+        """The best trial's model as the next version of the study's name, unless it is registered already."""
+        best = best_trial(study)
+        if best is None:
+            return
+        job = self._jobs(row.id, [best.number])[best.number]
+        if job.model_name is not None:
+            return
+        publish = published_copy(self.settings, self.settings.jobs_dir / job.id)
+        for _ in range(5):  # two registrations of one name may take the same next version: retry
+            try:
+                with self.store.writing() as s, s.begin():
+                    version = (s.scalar(select(func.max(ModelRow.version)).where(ModelRow.name == row.name)) or 0) + 1
+                    if not s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))
+                                     .values(model_name=row.name, model_version=version)).rowcount:
+                        return
+                    model = ModelRow(name=row.name, version=version, job_id=job.id, path="", created_at=time.time())
+                    s.add(model)
+                    s.flush()  # as Store.finish: a concurrent registration of this version conflicts here
+                    model.path = publish(row.name, version)
+                return
+            except IntegrityError:
+                continue
+
+    def _finish(self, study_id: str, status: str, error: str | None = None) -> None:
+        with self.store.writing() as s, s.begin():
+            s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.status.not_in(STUDY_TERMINAL))
+                      .values(status=status, error=error, finished_at=time.time()))

@@ -11,12 +11,14 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from al.config import ModelConfig, TrainConfig
@@ -33,14 +35,27 @@ class ModelError(ValueError):
     """The model directory is missing or unusable; the message says why."""
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+def replace_atomically(path: str | os.PathLike, write) -> None:
+    """`write(temporary_path)`, then rename it over `path`: a crash or a full disk leaves the previous file and no
+    temporary one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    replace_atomically(path, write)
 
 
 def model_config_json(
@@ -51,6 +66,7 @@ def model_config_json(
     classes: list,
     normalization: Normalization,
     dataset: str,
+    dataset_fingerprint: str,
 ) -> dict:
     from al import __version__
 
@@ -59,6 +75,7 @@ def model_config_json(
         "method": train_cfg.method,
         "preset": preset,
         "dataset": dataset,
+        "dataset_fingerprint": dataset_fingerprint,
         "input_shape": list(input_shape),
         "classes": list(classes),
         "normalization": dataclasses.asdict(normalization),
@@ -71,11 +88,25 @@ def save_model(directory: str | os.PathLike, net: ALNet, config: dict, history: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = directory / f".{WEIGHTS}.{os.getpid()}.tmp"
-    save_file(weights, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
+    replace_atomically(directory / WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
     write_atomic(directory / METRICS, "".join(json.dumps(m) + "\n" for m in history))
     write_atomic(directory / CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def copy_model(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """The model files of `source` (not its training checkpoint) as the new directory `destination`, all or
+    nothing: copied under a temporary name, then renamed (which fails if `destination` exists)."""
+    source, destination = Path(source), Path(destination)
+    staging = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a copy that crashed
+    staging.mkdir(parents=True)
+    try:
+        for name in (WEIGHTS, CONFIG, METRICS):
+            shutil.copyfile(source / name, staging / name)
+        os.rename(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 class Prediction(NamedTuple):
@@ -128,19 +159,56 @@ class LoadedModel:
         return Prediction([self.classes[i] for i in indices.tolist()], probabilities.cpu().tolist(), depths.tolist())
 
 
-def load_model(directory: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+@dataclass
+class ModelInfo:
+    """What a registry shows of a model directory: its config.json and the size of its weights, read from the
+    safetensors header; the weights themselves are not loaded."""
+
+    config: dict
+    parameters: int
+    depth: int  # components
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.config["input_shape"])
+
+
+# A damaged directory (truncated weights, an unreadable file, a config of the wrong shape) is a ModelError like
+# any other unusable model, never an error that reaches a server as a 500.
+DAMAGE = (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError)
+
+
+def read_model_info(directory: str | os.PathLike) -> ModelInfo:
+    directory = _model_directory(directory)
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+        with safe_open(str(directory / WEIGHTS), "pt") as weights:
+            names = list(weights.keys())
+            parameters = sum(math.prod(weights.get_slice(k).get_shape()) for k in names)
+        depth = len({name.split(".")[1] for name in names if name.startswith("components.")})
+        info = ModelInfo(config, parameters, depth)
+        info.input_shape, config["classes"], config["method"], config["normalization"]  # noqa: B018 - what readers use
+    except DAMAGE as e:
+        raise ModelError(f"{directory}: unusable model ({type(e).__name__}: {e})") from None
+    return info
+
+
+def _model_directory(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG, directory / WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise ModelError(f"{directory} is not a model directory (needs {CONFIG} and {WEIGHTS})")
+    return directory
+
+
+def load_model(directory: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    directory = _model_directory(directory)
+    config_path, weights_path = directory / CONFIG, directory / WEIGHTS
     try:
         config = json.loads(config_path.read_text())
         model_cfg = ModelConfig(**config["model"])
         net = build_network(model_cfg, tuple(config["input_shape"]), len(config["classes"]), config["method"])
         net.load_state_dict(load_file(str(weights_path)))
-    # A damaged directory (truncated weights, an unreadable file, a config of the wrong shape) is a ModelError
-    # like any other unusable model, never an error that reaches a server as a 500.
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as e:
+    except DAMAGE as e:
         raise ModelError(f"{directory}: unusable model ({type(e).__name__}: {e})") from None
     return LoadedModel(net.to(device), config)
 

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     # Byte limits on what a client may send (the rest are in app/schemas.py, where OpenAPI shows them).
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="JSON request bodies")
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="dataset uploads")
+    # What one accepted job may make a worker hold: about 4x the dataset's arrays as float32 (the samples and
+    # their normalised splits) plus 16 bytes per parameter (weights, gradients, Adam's two moments).
+    max_dataset_bytes: int = Field(
+        2**30, ge=1024, description="an uploaded .npz array's size once decompressed (a zip bomb is refused unread)"
+    )
+    max_classes: int = Field(1000, ge=2, description="distinct labels of an uploaded dataset")
+    max_parameters: int = Field(50_000_000, ge=1000, description="parameters of the network a job asks for")
 
     # Long jobs (see ../shared/docs/service-notes.md): a lease per running job, renewed by a heartbeat;
     # a reconciler requeues jobs whose lease expired.
@@ -44,6 +51,10 @@ class Settings(BaseSettings):
         300.0, gt=0, description="resend the message of a job still queued after this many seconds (a lost message)"
     )
     max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times fails")
+    store_outage_seconds: float = Field(
+        120.0, ge=0, description="how long a training job waits for a job store that does not answer (a database "
+        "restart) before its attempt fails"
+    )
     visibility_timeout: int = Field(3600, ge=1, description="Redis: seconds before an unacked message is redelivered")
     job_soft_time_limit: int = Field(7 * 86400, ge=1, description="seconds a job may train")
     progress_interval: float = Field(0.5, gt=0, description="least seconds between progress writes of a job")
@@ -82,6 +93,11 @@ class Settings(BaseSettings):
     @property
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        """Registered versions, models/<name>/<version>: copies that never change."""
+        return self.data_dir / "models"
 
     @property
     def jobs_dir(self) -> Path:

@@ -36,7 +36,7 @@ URL = f"http://127.0.0.1:{PORT}"
 MODEL = {"arch": "mlp", "widths": [32], "target_width": 16}
 # A job that runs long enough to act on it mid-way: its epochs are sized from the first job's
 # epoch time (the machine may be shared), between these bounds.
-JOB_SECONDS, MIN_EPOCHS, MAX_EPOCHS = 30, 6, 60
+JOB_SECONDS, MIN_EPOCHS, MAX_EPOCHS = 20, 6, 60
 STARTED = time.monotonic()
 
 

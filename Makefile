@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test setup lint
+.PHONY: run test setup lint deploy-up deploy-down test-deploy
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,17 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The compose stack on a real Docker engine (installed and started where missing, as root), the
+# API on http://127.0.0.1:8000: local base images where Docker Hub cannot be reached, torch from a
+# local wheel, the host's CA bundle for the build. See docs/deploy.md.
+deploy-up:
+	scripts/deploy up
+
+# Removes the stack's containers, networks and volumes.
+deploy-down:
+	scripts/deploy down
+
+# Opt-in: the stack under faults, through its published port (tests/deploy/); `make test` skips it.
+test-deploy: setup
+	$(BIN)/python -m pytest -q -s -m deploy tests/deploy

@@ -45,6 +45,13 @@ def env_of(service: dict) -> dict[str, str | None]:
     return {k: (None if v is None else str(v)) for k, v in env.items()}
 
 
+def default_of(value: str, variable: str) -> str:
+    """`${VARIABLE:-default}` -> default: a value the host may override, and what it is without."""
+    match = re.fullmatch(rf"\$\{{{variable}:-([^}}]+)\}}(.*)", value)
+    assert match, f"{value!r} is not ${{{variable}:-...}}"
+    return match[1] + match[2]
+
+
 def command_of(service: dict) -> list[str]:
     cmd = service["command"]
     return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
@@ -80,9 +87,21 @@ def test_the_four_services(services):
     assert set(services) == {"redis", "api", "worker", "worker-gpu"}
 
 
+def test_no_top_level_name(compose):
+    # docker-compose 1.29 rejects it; the project is named by -p or COMPOSE_PROJECT_NAME instead
+    assert set(compose) <= {"services", "volumes", "networks"} | {k for k in compose if k.startswith("x-")}
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_base_image_is_the_hosts_choice(services, name):
+    args = services[name]["build"]["args"]
+    assert default_of(args["PYTHON_IMAGE"], "PYTHON_IMAGE") == "python:3.11-slim"
+
+
 def test_redis_persists_and_never_evicts(compose, services):
     redis = services["redis"]
-    assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
+    image = default_of(redis["image"], "REDIS_IMAGE")
+    assert image.split(":")[0] == "redis" and image.split(":")[1].startswith("7")
     cmd = command_of(redis)
     assert cmd[0] == "redis-server"
     flags = dict(zip(cmd[1::2], cmd[2::2], strict=True))
@@ -177,7 +196,9 @@ def test_app_services_use_the_compose_redis(services, name):
 
 def test_api_publishes_8000_and_runs_without_an_embedded_worker(services):
     api = services["api"]
-    assert "8000:8000" in [str(p) for p in api["ports"]]
+    (port,) = api["ports"]
+    # loopback only unless the host asks (AL_PUBLISH)
+    assert default_of(port, "AL_PUBLISH") == "127.0.0.1:8000:8000"
     assert command_of(api) == ["al", "serve", "--host", "0.0.0.0", "--port", "8000"]
     assert env_of(api).get("AL_EMBEDDED_WORKER") == "0"
     for name in ("worker", "worker-gpu"):
@@ -289,19 +310,31 @@ def test_dockerfile_cpu_by_default_cuda_by_build_arg(dockerfile):
     args = args_with_defaults(dockerfile)
     assert args.get("TORCH_VARIANT") == "cpu"
     assert args.get("TORCH_VERSION") == "2.13.0"
+    assert args.get("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
     runs = [rest for kw, rest in dockerfile if kw == "RUN"]
     torch_runs = [r for r in runs if re.search(r"pip install .*torch==", r)]
     assert len(torch_runs) == 1, torch_runs
     (torch_run,) = torch_runs
-    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in torch_run
+    # a wheel in deploy/wheels/, else the index
+    assert "--find-links /tmp/deploy/wheels" in torch_run and '--index-url "${TORCH_INDEX_URL}"' in torch_run
     assert "torch==${TORCH_VERSION}" in torch_run
-    default = substitute(torch_run, args)
+    default = substitute(substitute(torch_run, args), args)
     assert "https://download.pytorch.org/whl/cpu" in default and "torch==2.13.0" in default
-    cuda = substitute(torch_run, {**args, "TORCH_VARIANT": "cu126"})
+    cuda = substitute(substitute(torch_run, args), {**args, "TORCH_VARIANT": "cu126"})
     assert "https://download.pytorch.org/whl/cu126" in cuda
     # torch is installed before the project, so `pip install .` finds it already satisfied
     project = [i for i, r in enumerate(runs) if re.search(r"pip install (--\S+ )*\.(\s|$)", r)]
     assert project and runs.index(torch_run) < project[0]
+
+
+def test_dockerfile_site_files_stay_in_the_build_stage(dockerfile):
+    # deploy/ca (a proxy's CA) and deploy/wheels reach the build stage only
+    last_stage = max(i for i, (kw, _) in enumerate(dockerfile) if kw == "FROM")
+    copies = [(i, rest) for i, (kw, rest) in enumerate(dockerfile) if kw == "COPY"]
+    assert any(rest.startswith("deploy/ ") for i, rest in copies if i < last_stage)
+    assert not any("deploy" in rest for i, rest in copies if i > last_stage)
+    # BuildKit fetches a `# syntax=` frontend from Docker Hub, which an offline site cannot reach
+    assert not DOCKERFILE.read_text().startswith("# syntax")
 
 
 def test_dockerfile_runs_as_non_root(dockerfile):

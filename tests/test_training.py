@@ -134,3 +134,18 @@ def test_a_damaged_model_directory_is_a_model_error(tmp_path, damage):
         (tmp_path / CONFIG).write_text("[1, 2]")
     with pytest.raises(ModelError, match="model"):
         load_model(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_run_stopped_on_cuda_resumes_on_cuda(tmp_path):
+    # The checkpoint holds the CPU and CUDA RNG states; they must come back as CPU tensors
+    # (torch refuses a CUDA tensor as an RNG state), while weights and Adam moments go to the GPU.
+    training = {"epochs": 3, "batch_size": 64, "device": "cuda"}
+    first = train("digits", tmp_path, "default", SMALL, training, callbacks=[StopAfter(1, steps=5)])
+    assert first["status"] == "stopped"
+    assert "cuda_rng" in torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    second = train("digits", tmp_path, "default", SMALL, training, resume=True)
+    assert second["status"] == "completed" and second["epochs"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]

@@ -12,6 +12,7 @@ import pytest
 from service_support import use_env
 
 from service.queue import enqueue, make_celery
+from service.settings import DEFAULT_TENANT
 from service.store import Store
 from worker.reconcile import reconcile_once
 from worker.tasks import run_job
@@ -51,8 +52,8 @@ def store(request, tmp_path):
     admin.dispose()
 
 
-def new_job(store: Store, name: str = "m", key: str | None = None):
-    job, _ = store.create_job(name, {"dataset": "digits"}, 2, key, None)
+def new_job(store: Store, name: str = "m", key: str | None = None, tenant: str = DEFAULT_TENANT):
+    job, _ = store.create_job(tenant, name, {"dataset": "digits"}, 2, key, None)
     return job
 
 
@@ -103,13 +104,15 @@ def test_epochs_are_recorded_once_and_versions_count_per_name(store):
         store.record_epoch(job.id, "intruder", {"epoch": 2, "loss": 0.0})
         assert store.finish(job.id, owner, "succeeded", model_path=f"jobs/{job.id}")
     assert store.job_epochs(first.id) == [{"epoch": 1, "loss": 1.0}]
-    assert [(m.version, m.job_id) for m in store.list_models("digits")] == [(1, first.id), (2, second.id)]
-    assert store.get_model("digits").version == 2 and store.get_model("digits", 1).job_id == first.id
+    assert [(m.version, m.job_id) for m in store.list_models(DEFAULT_TENANT, "digits")] == [
+        (1, first.id), (2, second.id)]
+    assert store.get_model(DEFAULT_TENANT, "digits").version == 2
+    assert store.get_model(DEFAULT_TENANT, "digits", 1).job_id == first.id
 
 
 def test_idempotency_key_returns_the_first_job(store):
     job = new_job(store, key="abc")
-    again, created = store.create_job("other", {"dataset": "digits"}, 2, "abc", None)
+    again, created = store.create_job(DEFAULT_TENANT, "other", {"dataset": "digits"}, 2, "abc", None)
     assert not created and again.id == job.id
 
 

@@ -102,10 +102,10 @@ class JobReporter(Callback):
         self.store.record_epoch(self.job_id, self.owner, metrics)
 
 
-def dataset_source(store: Store, settings: Settings, dataset: str) -> str:
+def dataset_source(store: Store, settings: Settings, tenant: str, dataset: str) -> str:
     if dataset in BUILTIN_DATASETS:
         return dataset
-    row = store.get_dataset(dataset)
+    row = store.get_dataset(tenant, dataset)
     if row is None:
         raise ValueError(f"dataset {dataset!r} no longer exists")
     return str(settings.data_dir / row.path)
@@ -145,7 +145,7 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     model_dir = settings.jobs_dir / job_id
     model, training = training_arguments(job.spec)
     try:
-        source = dataset_source(store, settings, job.spec["dataset"])
+        source = dataset_source(store, settings, job.tenant, job.spec["dataset"])
         result = train(source, model_dir, job.spec.get("preset", "default"), model, training, [reporter], resume=True)
     except SoftTimeLimitExceeded:
         status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"

@@ -43,7 +43,7 @@ def check_disk_quota(service, tenant: str, size: int) -> None:
     quota = service.settings.disk_quota_bytes
     used = service.store.dataset_bytes(tenant)
     if used + size > quota:
-        raise HTTPException(507, f"this upload ({size} bytes) would take tenant {tenant!r}'s datasets to "
+        raise HTTPException(507, f"this upload ({size} bytes) would take the datasets of tenant {tenant!r} to "
                                  f"{used + size} bytes, past its disk quota of {quota} bytes (AL_DISK_QUOTA_BYTES); "
                                  "delete datasets it no longer needs (DELETE /v1/datasets/{id})")
 

@@ -260,3 +260,9 @@ def _he_init(net: nn.Module) -> None:
             nn.init.kaiming_normal_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+def count_parameters(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, method: str) -> int:
+    """The parameters build_network would make, counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_network(cfg, input_shape, num_classes, method).parameters())

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     # Byte limits on what a client may send (the rest are in app/schemas.py, where OpenAPI shows them).
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="JSON request bodies")
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="dataset uploads")
+    # What one accepted job may make a worker hold: about 4x the dataset's arrays as float32 (the samples and
+    # their normalised splits) plus 16 bytes per parameter (weights, gradients, Adam's two moments).
+    max_dataset_bytes: int = Field(
+        2**30, ge=1024, description="an uploaded .npz array's size once decompressed (a zip bomb is refused unread)"
+    )
+    max_classes: int = Field(1000, ge=2, description="distinct labels of an uploaded dataset")
+    max_parameters: int = Field(50_000_000, ge=1000, description="parameters of the network a job asks for")
 
     # Long jobs (see ../shared/docs/service-notes.md): a lease per running job, renewed by a heartbeat;
     # a reconciler requeues jobs whose lease expired.

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from al.cli import main
-from al.data import DataError, load_dataset, read_inputs
+import al.data
+from al.data import DataError, load_dataset, read_inputs, summarize
 
 
 def _npz(path, **arrays):
@@ -40,11 +41,51 @@ def _rng_samples(n=40, features=5, classes=3):
         (lambda p: (p / "d.txt").write_text("1 2 3"), "unknown dataset"),
     ],
 )
-def test_bad_files_raise_an_error_that_names_the_problem(tmp_path, make, message):
+@pytest.mark.parametrize("read", ["load", "summarize"])
+def test_bad_files_raise_an_error_that_names_the_problem(tmp_path, make, message, read):
+    """The same checks whether a worker loads the file or a server summarizes an upload of it."""
     make(tmp_path)
     path = next(tmp_path.iterdir())
     with pytest.raises(DataError, match=message):
-        load_dataset(str(path))
+        load_dataset(str(path)) if read == "load" else summarize(path, 2**30, 1000)
+
+
+def _summary_of_loaded(path):
+    data = load_dataset(str(path))
+    return len(data.train_x) + len(data.test_x), data.input_shape, data.classes
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: _npz(p / "d.npz", x=np.arange(40 * 6, dtype=np.uint8).reshape(40, 2, 3), y=np.arange(40) % 3),
+        lambda p: _npz(p / "d.npz", x=np.asfortranarray(np.ones((40, 5))), y=(np.arange(40) % 2).astype(str)),
+        lambda p: (p / "d.csv").write_text("a,label,b\n" + "".join(f"{i},{i % 2}{'.0' * (i % 3 == 0)},{-i}\n"
+                                                                     for i in range(300))),
+        lambda p: (p / "d.csv").write_text('x,label\n' + "".join(f'{i},"c #{i % 3}"\n' for i in range(300))),
+    ],
+)
+def test_summary_agrees_with_the_loaded_dataset(tmp_path, monkeypatch, write):
+    monkeypatch.setattr(al.data, "CSV_CHUNK_BYTES", 256)  # many chunks: the counts must add up across them
+    monkeypatch.setattr(al.data, "NPZ_CHUNK_BYTES", 64)
+    write(tmp_path)
+    path = next(tmp_path.iterdir())
+    summary = summarize(path, 2**30, 1000)
+    assert (summary.rows, summary.input_shape, summary.classes) == _summary_of_loaded(path)
+
+
+def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros((4096, 4096), dtype=np.float32), y=np.arange(4096) % 2)  # 64 MiB of zeros
+    assert path.stat().st_size < 2**20
+    with pytest.raises(DataError, match=r"array x decompresses to \d+ bytes, over the limit of 1048576"):
+        summarize(path, 2**20, 1000)
+
+
+def test_too_many_classes_are_refused(tmp_path):
+    (tmp_path / "d.csv").write_text("a,label\n" + "".join(f"{i},{i}\n" for i in range(50)))
+    with pytest.raises(DataError, match="more than 10 classes"):
+        summarize(tmp_path / "d.csv", 2**30, 10)
 
 
 def test_missing_builtin_dataset_says_where_to_put_it(tmp_path, monkeypatch):

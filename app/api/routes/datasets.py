@@ -11,8 +11,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 
-from al.data import BUILTIN_DATASETS, DataError, load_dataset, read_samples, split_samples
-from app.api.deps import AdminCaller, OffsetQuery, ServiceDep, TrainCaller, iso, remove_files
+from al.data import BUILTIN_DATASETS, DataError, Summary, summarize
+from app.api.deps import AdminCaller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
 from app.schemas import DatasetList, DatasetPublic
 from service.store import Conflict, DatasetRow, new_id
 
@@ -28,18 +28,24 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
     )
 
 
-def builtin_public(name: str) -> DatasetPublic:
+def summarize_dataset(service: Service, source: str) -> Summary:
+    """The checks of al.data, in bounded memory and under the service's limits."""
+    settings = service.settings
+    return summarize(source, settings.max_dataset_bytes, settings.max_classes)
+
+
+def builtin_public(service: Service, name: str) -> DatasetPublic:
     try:
-        data = load_dataset(name)
+        summary = summarize_dataset(service, name)  # from file headers: the samples are not loaded
     except DataError as e:  # e.g. mnist's files are not installed on this host
         raise HTTPException(404, str(e)) from None
     return DatasetPublic(
-        id=name, name=name, builtin=True, rows=len(data.train_x) + len(data.test_x), shape=list(data.input_shape),
-        features=math.prod(data.input_shape), classes=data.classes,
+        id=name, name=name, builtin=True, rows=summary.rows, shape=list(summary.input_shape),
+        features=math.prod(summary.input_shape), classes=summary.classes,
     )
 
 
-def check_disk_quota(service, tenant: str, size: int) -> None:
+def check_disk_quota(service: Service, tenant: str, size: int) -> None:
     quota = service.settings.disk_quota_bytes
     used = service.store.dataset_bytes(tenant)
     if used + size > quota:
@@ -73,15 +79,15 @@ def upload_dataset(
         with open(staged, "wb") as out:
             shutil.copyfileobj(file.file, out, COPY_CHUNK)
         try:
-            x, y = read_samples(staged)
-            classes = split_samples(x, y, original).classes  # also checks it has a train and a test split
+            summary = summarize_dataset(service, str(staged))  # also checks it has a train and a test split
         except DataError as e:
             raise HTTPException(422, str(e).replace(staged.name, original)) from None
         size = staged.stat().st_size
         os.replace(staged, final)  # only a checked file ever appears under datasets/
         row = DatasetRow(
             id=dataset_id, tenant=caller.tenant, name=original, path=str(final.relative_to(settings.data_dir)),
-            rows=len(x), shape=list(x.shape[1:]), classes=classes, size_bytes=size, created_at=time.time(),
+            rows=summary.rows, shape=list(summary.input_shape), classes=summary.classes, size_bytes=size,
+            created_at=time.time(),
         )
         try:
             service.store.add_dataset(row)
@@ -108,7 +114,7 @@ def list_datasets(
 @router.get("/{dataset_id}", response_model=DatasetPublic, summary="One dataset (uploaded id or built-in name)")
 def get_dataset(dataset_id: str, caller: TrainCaller, service: ServiceDep) -> DatasetPublic:
     if dataset_id in BUILTIN_DATASETS:
-        return builtin_public(dataset_id)
+        return builtin_public(service, dataset_id)
     row = service.store.get_dataset(caller.tenant, dataset_id)
     if row is None:
         raise no_dataset(dataset_id)

@@ -13,8 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from al.config import build_configs
-from al.data import BUILTIN_DATASETS
-from app.api.deps import AdminCaller, Caller, OffsetQuery, ServiceDep, TrainCaller, iso, remove_files
+from al.data import BUILTIN_DATASETS, DataError, summarize
+from al.model import count_parameters
+from app.api.deps import AdminCaller, Caller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
 from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
 from service.jobspec import training_arguments
 from service.queue import enqueue
@@ -47,6 +48,21 @@ def get_job_or_404(service, caller: Caller, job_id: str) -> JobRow:
     return job
 
 
+def dataset_shape(service: Service, caller: Caller, dataset: str) -> tuple[tuple[int, ...], int]:
+    """A job's dataset: its sample shape and class count; 422 if the caller's tenant has no such dataset."""
+    if dataset in BUILTIN_DATASETS:
+        try:
+            summary = summarize(dataset, service.settings.max_dataset_bytes, service.settings.max_classes)
+        except DataError as e:  # its files are not installed on this host
+            raise HTTPException(422, str(e)) from None
+        return summary.input_shape, len(summary.classes)
+    row = service.store.get_dataset(caller.tenant, dataset)
+    if row is None:
+        raise HTTPException(422, f"unknown dataset {dataset!r}: upload it with POST /v1/datasets "
+                                 f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
+    return tuple(row.shape), len(row.classes)
+
+
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a training job",
              responses={409: {"description": "the Idempotency-Key was used for a different spec"},
                         422: {"description": "the spec is invalid or names an unknown dataset"},
@@ -59,15 +75,17 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255, description="a retried POST with the same key "
                                                   "returns the job the first one created")] = None,
 ) -> JobPublic:
-    if spec.dataset not in BUILTIN_DATASETS and service.store.get_dataset(caller.tenant, spec.dataset) is None:
-        raise HTTPException(422, f"unknown dataset {spec.dataset!r}: upload it with POST /v1/datasets "
-                                 f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
+    input_shape, num_classes = dataset_shape(service, caller, spec.dataset)
     spec_dict = spec.model_dump(exclude_none=True)
-    try:  # the library's own checks, across fields
+    try:  # the library's own checks, across fields, and the network's fit to the data
         model, training = training_arguments(spec_dict)
-        _, train_cfg = build_configs(spec.preset, model, training)
+        model_cfg, train_cfg = build_configs(spec.preset, model, training)
+        parameters = count_parameters(model_cfg, input_shape, num_classes, train_cfg.method)
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None
+    if parameters > service.settings.max_parameters:
+        raise HTTPException(422, f"invalid job spec: the network would have {parameters:,} parameters, over the "
+                                 f"limit of {service.settings.max_parameters:,} (AL_MAX_PARAMETERS)")
     queued, most = service.store.queued_jobs(caller.tenant), service.settings.max_queued_jobs
     if queued >= most:
         raise HTTPException(429, f"tenant {caller.tenant!r} has {queued} queued jobs, the most AL_MAX_QUEUED_JOBS "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import shutil
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ class Caller:
 
 def known_key(keys: list[ApiKey], given: str) -> ApiKey | None:
     # compare_digest against every key, no early exit: the time taken says nothing about which key came close.
-    matches = [key for key in keys if hmac.compare_digest(given.encode(), key.token.encode())]
+    # Digests of equal length: compare_digest's time would otherwise tell a key's length.
+    given_digest = hashlib.sha256(given.encode()).digest()
+    matches = [key for key in keys if hmac.compare_digest(given_digest, hashlib.sha256(key.token.encode()).digest())]
     return matches[0] if matches else None
 
 

@@ -20,7 +20,7 @@ from service.store import ModelRow, Store
 
 LATEST_TTL = 1.0  # seconds a name's latest version is remembered: a new version answers within this
 # A model is known by its tenant, name and version: two tenants' "digits" are different models.
-Version = tuple[str, str, int]
+ModelKey = tuple[str, str, int]
 
 
 class ModelCache:
@@ -34,7 +34,7 @@ class ModelCache:
 
     def __init__(self, settings: Settings, store: Store):
         self.data_dir, self.size, self.store = settings.data_dir, settings.model_cache_size, store
-        self._models: OrderedDict[Version, tuple[ModelRow, LoadedModel]] = OrderedDict()
+        self._models: OrderedDict[ModelKey, tuple[ModelRow, LoadedModel]] = OrderedDict()
         self._latest: dict[tuple[str, str], tuple[float, ModelRow]] = {}
         self._finding: dict[tuple[str, str, int | None], asyncio.Future] = {}
         self._lock = threading.Lock()

@@ -11,12 +11,13 @@ import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from al.config import ModelConfig, TrainConfig
@@ -128,19 +129,56 @@ class LoadedModel:
         return Prediction([self.classes[i] for i in indices.tolist()], probabilities.cpu().tolist(), depths.tolist())
 
 
-def load_model(directory: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+@dataclass
+class ModelInfo:
+    """What a registry shows of a model directory: its config.json and the size of its weights, read from the
+    safetensors header; the weights themselves are not loaded."""
+
+    config: dict
+    parameters: int
+    depth: int  # components
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.config["input_shape"])
+
+
+# A damaged directory (truncated weights, an unreadable file, a config of the wrong shape) is a ModelError like
+# any other unusable model, never an error that reaches a server as a 500.
+DAMAGE = (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError)
+
+
+def read_model_info(directory: str | os.PathLike) -> ModelInfo:
+    directory = _model_directory(directory)
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+        with safe_open(str(directory / WEIGHTS), "pt") as weights:
+            names = list(weights.keys())
+            parameters = sum(math.prod(weights.get_slice(k).get_shape()) for k in names)
+        depth = len({name.split(".")[1] for name in names if name.startswith("components.")})
+        info = ModelInfo(config, parameters, depth)
+        info.input_shape, config["classes"], config["method"], config["normalization"]  # noqa: B018 - what readers use
+    except DAMAGE as e:
+        raise ModelError(f"{directory}: unusable model ({type(e).__name__}: {e})") from None
+    return info
+
+
+def _model_directory(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG, directory / WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise ModelError(f"{directory} is not a model directory (needs {CONFIG} and {WEIGHTS})")
+    return directory
+
+
+def load_model(directory: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    directory = _model_directory(directory)
+    config_path, weights_path = directory / CONFIG, directory / WEIGHTS
     try:
         config = json.loads(config_path.read_text())
         model_cfg = ModelConfig(**config["model"])
         net = build_network(model_cfg, tuple(config["input_shape"]), len(config["classes"]), config["method"])
         net.load_state_dict(load_file(str(weights_path)))
-    # A damaged directory (truncated weights, an unreadable file, a config of the wrong shape) is a ModelError
-    # like any other unusable model, never an error that reaches a server as a 500.
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as e:
+    except DAMAGE as e:
         raise ModelError(f"{directory}: unusable model ({type(e).__name__}: {e})") from None
     return LoadedModel(net.to(device), config)
 

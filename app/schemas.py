@@ -186,12 +186,17 @@ class ModelVersionPublic(BaseModel):
     version: int = Field(description="version of that name, counting from 1")
     job_id: str = Field(description="the job that trained it")
     created_at: str = Field(description="registration time, ISO 8601 UTC")
-    input_shape: list[int] = Field(description="shape of one sample")
-    features: int = Field(description="values per input row")
-    classes: list[Any] = Field(description="class values, in the order of `probabilities`")
-    depth: int = Field(description="components; predict's `depth` may be 1..depth")
-    method: str = Field(description="al | bp")
-    test_accuracy: float | None = Field(description="accuracy on the dataset's test split after the last epoch")
+    available: bool = Field(description="its files can be read; if not, `error` says why and predict answers 503")
+    error: str | None = Field(None, description="why the version cannot be used")
+    input_shape: list[int] | None = Field(None, description="shape of one sample; predict takes rows of this "
+                                          "shape or flat rows of `features` values")
+    features: int | None = Field(None, description="values per input row")
+    classes: list[Any] | None = Field(None, description="class values, in the order of `probabilities`")
+    depth: int | None = Field(None, description="components; predict's `depth` may be 1..depth")
+    method: str | None = Field(None, description="al | bp")
+    parameters: int | None = Field(None, description="trainable and buffer values in its weights")
+    test_accuracy: float | None = Field(None, description="accuracy on the dataset's test split after the last "
+                                        "epoch")
 
 
 class ModelPublic(BaseModel):
@@ -200,11 +205,18 @@ class ModelPublic(BaseModel):
     versions: list[ModelVersionPublic] = Field(description="every version, oldest first")
 
 
+Values = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_FEATURES)]
+# One sample: its features flat, or nested in the model's input shape (e.g. 28 lists of 28 for [1, 28, 28]
+# images uploaded as (N, 28, 28)); up to the 3 dimensions of (C, H, W).
+Sample = Values | Annotated[list[Values], Field(min_length=1)] | Annotated[list[list[Values]], Field(min_length=1)]
+
+
 class PredictRequest(Strict):
-    inputs: list[Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_FEATURES)]] = Field(
+    inputs: list[Sample] = Field(
         min_length=1,
         max_length=MAX_PREDICT_ROWS,
-        description="rows of raw (un-normalised) features, one row per sample",
+        description="raw (un-normalised) samples, one per row: flat (the model's `features` values) or nested "
+        "in its `input_shape`",
     )
     depth: int | None = Field(
         None, ge=1, le=MAX_COMPONENTS, description="shortcut inference at this depth (default: all)"

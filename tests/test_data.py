@@ -4,8 +4,8 @@ import struct
 import numpy as np
 import pytest
 
-from al.cli import main
 import al.data
+from al.cli import main
 from al.data import DataError, load_dataset, read_inputs, summarize
 
 

@@ -60,7 +60,7 @@ def test_predict_valid_then_shortcut_depth(client):
         ('{"inputs": [[NaN' + ", 0" * 63 + "]]}", 422, "finite"),
         ('{"inputs": [[Infinity' + ", 0" * 63 + "]]}", 422, "finite"),
         ('{"inputs": [[1, 2, 3]]}', 422, "64 values"),
-        ('{"inputs": [[1, 2], [1, 2, 3]]}', 422, "same number of values"),
+        ('{"inputs": [[1, 2], [1, 2, 3]]}', 422, "every row must have the same shape"),
         ('{"inputs": []}', 422, "inputs"),
         ('{"inputs": [["a"' + ", 0" * 63 + "]]}", 422, "number"),
         ('{"inputs": [[0' + ", 0" * 63 + ']], "depth": 2}', 422, "depth must be between 1 and 1"),

@@ -17,6 +17,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 
 from al import __version__
+from al.checkpoint import read_model_info
 from al.config import ARCHS, METHODS, PRESETS
 from al.data import BUILTIN_DATASETS
 from app.api.deps import KEY_COOKIE, Caller, Service, ServiceDep, caller_for, public, reaches, scope_refused
@@ -126,10 +127,10 @@ def job_page(request: Request, caller: TrainPage, service: ServiceDep, job_id: s
                 others=others, data={"job": job.model_dump()})
 
 
-def canvas_spec(service: Service, model, row: ModelRow) -> dict | None:
+def canvas_spec(service: Service, config: dict, row: ModelRow) -> dict | None:
     """A drawing canvas for image models: [1, H, W], or a square row of a digits/MNIST-like dataset.
     `max` is the raw value of a full pixel: 16 for digits, else 1 or 255 as the data's mean suggests."""
-    shape, config = model.input_shape, model.config
+    shape = tuple(config["input_shape"])
     job = service.store.get_job(row.job_id, row.tenant)
     source = job.spec["dataset"] if job else config.get("dataset", "")
     upload = service.store.get_dataset(row.tenant, source)
@@ -140,17 +141,19 @@ def canvas_spec(service: Service, model, row: ModelRow) -> dict | None:
         height = width = math.isqrt(shape[0])
     else:
         return None
-    mean = sum(model.normalization.mean) / len(model.normalization.mean)
+    means = config["normalization"]["mean"]
+    mean = sum(means) / len(means)
     return {"height": height, "width": width, "max": 16 if "digits" in name else (1 if mean < 1 else 255)}
 
 
 def version_view(service: Service, row: ModelRow) -> dict:
-    model = service.models.get(row)
-    result = model.config.get("result") or {}
-    arch = model.config.get("model", {})
-    return {**version_public(service, row).model_dump(), "accuracy_by_depth": result.get("test_accuracy_by_depth"),
-            "parameters": sum(p.numel() for p in model.net.parameters()), "preset": model.config.get("preset"),
-            "arch": arch.get("arch"), "widths": arch.get("widths"), "canvas": canvas_spec(service, model, row)}
+    public = version_public(service, row).model_dump()
+    if not public["available"]:
+        return public
+    config = read_model_info(service.settings.data_dir / row.path).config
+    result, arch = config.get("result") or {}, config.get("model", {})
+    return {**public, "accuracy_by_depth": result.get("test_accuracy_by_depth"), "preset": config.get("preset"),
+            "arch": arch.get("arch"), "widths": arch.get("widths"), "canvas": canvas_spec(service, config, row)}
 
 
 @router.get("/models")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from fastapi import APIRouter, HTTPException
 
-from al.checkpoint import LoadedModel, ModelError
+from al.checkpoint import LoadedModel, ModelError, read_model_info
 from app.api.deps import AdminCaller, Caller, PredictCaller, Service, ServiceDep, VersionPath, iso, remove_files
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
 from service.store import ModelRow
@@ -31,12 +33,17 @@ def find_model(service: Service, caller: Caller, name: str,
 
 
 def version_public(service: Service, row: ModelRow) -> ModelVersionPublic:
-    model = service.models.get(row)
-    result = model.config.get("result") or {}
+    """From the version's config.json and weights header: a listing loads no weights, and a damaged version is
+    listed as unavailable (predict on it answers 503) instead of failing the listing."""
+    fields = dict(name=row.name, version=row.version, job_id=row.job_id, created_at=iso(row.created_at))
+    try:
+        info = read_model_info(service.settings.data_dir / row.path)
+    except ModelError as e:
+        return ModelVersionPublic(**fields, available=False, error=str(e))
     return ModelVersionPublic(
-        name=row.name, version=row.version, job_id=row.job_id, created_at=iso(row.created_at),
-        input_shape=list(model.input_shape), features=model.num_features, classes=model.classes, depth=model.depth,
-        method=model.config["method"], test_accuracy=result.get("test_accuracy"),
+        **fields, available=True, input_shape=list(info.input_shape), features=math.prod(info.input_shape),
+        classes=info.config["classes"], depth=info.depth, method=info.config["method"],
+        parameters=info.parameters, test_accuracy=(info.config.get("result") or {}).get("test_accuracy"),
     )
 
 
@@ -82,11 +89,13 @@ async def model_for(service: Service, caller: Caller, name: str,
 async def run_predict(service: Service, caller: Caller, name: str, version: int | None,
                       body: PredictRequest) -> PredictResponse:
     row, model = await model_for(service, caller, name, version)
-    if len({len(values) for values in body.inputs}) > 1:
-        raise HTTPException(422, "inputs: every row must have the same number of values")
+    try:
+        x = np.asarray(body.inputs, dtype=np.float32)
+    except ValueError:  # ragged: numpy cannot make one array of the rows
+        raise HTTPException(422, "inputs: every row must have the same shape") from None
     try:
         predictions, probabilities, depths = await service.models.predict(
-            row, model, np.asarray(body.inputs, dtype=np.float32), body.depth, body.exit_confidence)
+            row, model, x, body.depth, body.exit_confidence)
     except ValueError as e:  # wrong feature count, depth out of range
         raise HTTPException(422, str(e)) from None
     return PredictResponse(predictions=predictions, probabilities=probabilities, depths=depths, model=row.name,

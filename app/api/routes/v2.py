@@ -79,7 +79,7 @@ async def infer(service: Service, caller: Caller, name: str, version: int | None
     expected = math.prod(tensor.shape)
     try:
         x = np.asarray(tensor.data, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: an integer literal past float64
         raise HTTPException(400, f"input {tensor.name!r}: data must be numbers, flat or nested row-major") from None
     if x.size != expected:
         raise HTTPException(400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} values, "

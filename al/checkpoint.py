@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +53,7 @@ def model_config_json(
     classes: list,
     normalization: Normalization,
     dataset: str,
+    dataset_fingerprint: str,
 ) -> dict:
     from al import __version__
 
@@ -60,6 +62,7 @@ def model_config_json(
         "method": train_cfg.method,
         "preset": preset,
         "dataset": dataset,
+        "dataset_fingerprint": dataset_fingerprint,
         "input_shape": list(input_shape),
         "classes": list(classes),
         "normalization": dataclasses.asdict(normalization),
@@ -77,6 +80,22 @@ def save_model(directory: str | os.PathLike, net: ALNet, config: dict, history: 
     os.replace(tmp, directory / WEIGHTS)
     write_atomic(directory / METRICS, "".join(json.dumps(m) + "\n" for m in history))
     write_atomic(directory / CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def copy_model(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """The model files of `source` (not its training checkpoint) as the new directory `destination`, all or
+    nothing: copied under a temporary name, then renamed (which fails if `destination` exists)."""
+    source, destination = Path(source), Path(destination)
+    staging = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a copy that crashed
+    staging.mkdir(parents=True)
+    try:
+        for name in (WEIGHTS, CONFIG, METRICS):
+            shutil.copyfile(source / name, staging / name)
+        os.rename(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 class Prediction(NamedTuple):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -47,6 +48,15 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """A hash of the samples, labels, splits and classes: a resumed run checks it trains on the same data."""
+        digest = hashlib.blake2b(digest_size=16)
+        for array in (self.train_x, self.train_y, self.test_x, self.test_y):
+            digest.update(str((array.dtype.str, array.shape)).encode())
+            digest.update(np.ascontiguousarray(array).data)
+        digest.update(repr(self.classes).encode())
+        return digest.hexdigest()
 
 
 def load_dataset(source: str | os.PathLike) -> Dataset:

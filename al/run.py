@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +25,39 @@ from al.train import Callback, Trainer
 
 
 class SaveEachEpoch(Callback):
-    """A resumable checkpoint and the model files after every epoch and when the run ends."""
+    """A resumable checkpoint and the model files after every epoch and when the run ends, each time that
+    `may_save()` allows (a service: this attempt still holds the job)."""
 
-    def __init__(self, directory: Path, config: dict):
-        self.directory, self.config = directory, config
+    def __init__(self, directory: Path, config: dict, may_save: Callable[[], bool]):
+        self.directory, self.config, self.may_save = directory, config, may_save
 
-    # Model files first: a checkpoint without its config.json beside it would not resume.
     def on_epoch_end(self, trainer, metrics):
-        save_model(self.directory, trainer.net, self.config, trainer.history)
-        trainer.save_checkpoint(self.directory / TRAINING_STATE)
+        self.save(trainer, self.config)
 
     def on_train_end(self, trainer, result):
-        save_model(self.directory, trainer.net, {**self.config, "result": result}, trainer.history)
-        trainer.save_checkpoint(self.directory / TRAINING_STATE)
+        self.save(trainer, {**self.config, "result": result})
+
+    def save(self, trainer, config: dict) -> None:
+        if self.may_save():
+            # Model files first: a checkpoint without its config.json beside it would not resume.
+            save_model(self.directory, trainer.net, config, trainer.history)
+            trainer.save_checkpoint(self.directory / TRAINING_STATE)
+
+
+# Where a run computes, not what it computes (the pipeline is bit-identical to sequential training): a run
+# may resume with other values of these.
+PLACEMENT = frozenset({"device", "pipeline", "devices", "stages", "queue_depth", "stage_threads", "stage_timeout"})
+
+
+def run_changes(saved: dict, config: dict) -> list[str]:
+    """What differs between a checkpoint's run and this one: any of it would mix two runs' data or settings."""
+    changed = ["method"] if saved["method"] != config["method"] else []
+    if saved.get("dataset_fingerprint") != config["dataset_fingerprint"]:
+        changed.append("the dataset")
+    changed += [f"model.{key}" for key in config["model"] if saved["model"].get(key) != config["model"][key]]
+    changed += [f"training.{key}" for key in config["training"]
+                if key not in PLACEMENT and saved["training"].get(key) != config["training"][key]]
+    return changed
 
 
 def train(
@@ -47,8 +68,10 @@ def train(
     training: dict | None = None,
     callbacks: list[Callback] = (),
     resume: bool = False,
+    may_save: Callable[[], bool] = lambda: True,
 ) -> dict:
-    """Train a model into `out_dir`; with `resume`, continue from its checkpoint if there is one."""
+    """Train a model into `out_dir`; with `resume`, continue from its checkpoint if there is one. Each save
+    first asks `may_save()`: a worker whose lease was lost must not overwrite its successor's checkpoint."""
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     model_cfg, train_cfg = build_configs(preset, model, training)
     out = Path(out_dir)
@@ -56,15 +79,18 @@ def train(
     splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
     net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
     config = model_config_json(
-        model_cfg, train_cfg, preset, data.input_shape, data.classes, splits.normalization, data.name
+        model_cfg, train_cfg, preset, data.input_shape, data.classes, splits.normalization, data.name,
+        data.fingerprint(),
     )
     runner = pipeline_runner(train_cfg)
-    trainer = Trainer(net, model_cfg, train_cfg, splits, [*callbacks, SaveEachEpoch(out, config)], runner=runner)
+    callbacks = [*callbacks, SaveEachEpoch(out, config, may_save)]
+    trainer = Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=runner)
     checkpoint = out / TRAINING_STATE
     if resume and checkpoint.is_file() and (out / CONFIG).is_file():
-        saved = json.loads((out / CONFIG).read_text())
-        if saved["model"] != config["model"] or saved["method"] != config["method"]:
-            raise ValueError(f"{out} holds a checkpoint of a different model or method; use another --out")
+        changed = run_changes(json.loads((out / CONFIG).read_text()), config)
+        if changed:
+            raise ValueError(f"{out} holds a checkpoint of a different run ({', '.join(changed)} changed); resume "
+                             "with the same settings and data, or use another --out")
         trainer.load_checkpoint(checkpoint)
     elif (out / CONFIG).exists() and not resume:
         raise ValueError(f"{out} already holds a model; pass --resume to continue it or choose another --out")

@@ -146,6 +146,11 @@ class Settings(BaseSettings):
         return self.data_dir / "datasets"
 
     @property
+    def models_dir(self) -> Path:
+        """Registered versions, models/<name>/<version>: copies that never change."""
+        return self.data_dir / "models"
+
+    @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
 

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import (
@@ -361,43 +362,57 @@ class Store:
                 .rowcount
             )
 
-    def record_epoch(self, job_id: str, owner: str, metrics: dict) -> None:
-        """The metrics of an epoch; a resumed attempt that redoes an epoch replaces its row."""
+    def record_epoch(self, job_id: str, owner: str, metrics: dict) -> bool:
+        """The metrics of an epoch, by the lease holder only; a resumed attempt that redoes an epoch replaces
+        its row. The conditional UPDATE comes first, so a lease lost meanwhile writes nothing."""
         with self.writing() as s, s.begin():
-            if not s.scalar(select(func.count()).where(JobRow.id == job_id, JobRow.lease_owner == owner)):
-                return
+            if not s.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner)
+                .values(latest_metrics=metrics, epoch=metrics["epoch"], step=0)
+            ).rowcount:
+                return False
             existing = s.get(EpochRow, (job_id, metrics["epoch"]))
             if existing:
                 existing.metrics = metrics
             else:
                 s.add(EpochRow(job_id=job_id, epoch=metrics["epoch"], metrics=metrics))
-            s.execute(
-                update(JobRow).where(JobRow.id == job_id)
-                .values(latest_metrics=metrics, epoch=metrics["epoch"], step=0)
-            )
+            return True
+
+    def holds_lease(self, job_id: str, owner: str) -> bool:
+        with self.session() as s:
+            return bool(s.scalar(select(func.count()).where(JobRow.id == job_id, JobRow.lease_owner == owner)))
 
     def finish(self, job_id: str, owner: str | None, status: str, result: dict | None = None,
-               error: str | None = None, model_path: str | None = None) -> bool:
-        """End a job (only by the lease holder, when owner is given); a succeeded job registers its model."""
+               error: str | None = None, publish: Callable[[str, int], str] | None = None) -> bool:
+        """End a job (only by the lease holder, when owner is given). With `publish`, the job's model is
+        registered in the same transaction: `publish(name, version)` puts its files where they stay and returns
+        their path, and the version exists only if the job's own conditional update succeeded."""
         for _ in range(5):  # two jobs of one name may take the same next version; retry on that conflict
             try:
                 with self.writing() as s, s.begin():
                     condition = [JobRow.id == job_id, JobRow.status.not_in(TERMINAL)]
                     if owner is not None:
                         condition.append(JobRow.lease_owner == owner)
-                    job = s.scalars(select(JobRow).where(*condition)).first()
+                    job = s.scalars(select(JobRow).where(*condition).with_for_update()).first()
                     if job is None:
                         return False
-                    values = dict(status=status, result=result, error=error, finished_at=time.time(),
+                    now = time.time()
+                    values = dict(status=status, result=result, error=error, finished_at=now,
                                   lease_owner=None, lease_expires_at=None)
-                    if model_path is not None:
+                    if publish is not None:
                         latest = s.scalar(select(func.max(ModelRow.version))
                                           .where(ModelRow.tenant == job.tenant, ModelRow.name == job.name))
                         version = (latest or 0) + 1
-                        s.add(ModelRow(tenant=job.tenant, name=job.name, version=version, job_id=job_id,
-                                       path=model_path, created_at=time.time()))
                         values.update(model_name=job.name, model_version=version)
-                    return bool(s.execute(update(JobRow).where(*condition).values(**values)).rowcount)
+                    if not s.execute(update(JobRow).where(*condition).values(**values)).rowcount:
+                        return False  # nothing was written
+                    if publish is not None:
+                        model = ModelRow(tenant=job.tenant, name=job.name, version=version, job_id=job_id, path="",
+                                         created_at=now)
+                        s.add(model)
+                        s.flush()  # a concurrent finisher that took this version waits here, then conflicts
+                        model.path = publish(job.name, version)
+                    return True
             except IntegrityError:
                 continue
         return False
@@ -440,19 +455,11 @@ class Store:
         return new_status if done else None
 
     def stale_queued(self, older_than: float) -> list[str]:
-        """Queued jobs whose message was sent long ago and nobody took: bump them, the caller resends.
-
-        Only while no job holds a live lease: behind a long running job, waiting is normal and
-        resending would pile up duplicate messages (harmless, as each finds the job taken, but useless).
-        """
-        now = time.time()
-        cutoff = now - older_than
+        """Queued jobs whose message was sent `older_than` seconds ago and nobody took: their time is reset
+        and the caller sends them again. Each job on its own: a job waiting behind others gets a duplicate
+        message per period at most, which finds it taken or finished and does nothing."""
+        cutoff = time.time() - older_than
         with self.writing() as s, s.begin():
-            busy = s.scalar(select(func.count()).where(
-                JobRow.status.in_(("running", "cancelling")), JobRow.lease_expires_at >= now
-            ))
-            if busy:
-                return []
             ids = list(s.scalars(select(JobRow.id).where(
                 JobRow.status == "queued", JobRow.enqueued_at < cutoff, JobRow.lease_owner.is_(None)
             )))

@@ -195,5 +195,6 @@ def register_model(settings, model_dir: Path, tenant: str = "default") -> str:
     target.mkdir(parents=True)
     for f in model_dir.iterdir():
         (target / f.name).write_bytes(f.read_bytes())
-    assert store.finish(job.id, claim.owner, "succeeded", result={"status": "completed"}, model_path=f"jobs/{job.id}")
+    assert store.finish(job.id, claim.owner, "succeeded", result={"status": "completed"},
+                        publish=lambda name, version: f"jobs/{job.id}")
     return job.id

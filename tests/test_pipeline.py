@@ -10,8 +10,10 @@ differently), which is why the thread count is part of each test's set-up.
 
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +231,35 @@ def test_torchrun_ranks_train_the_stages(tmp_path, one_thread):
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "ranked"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert f'"test_accuracy": {straight["test_accuracy"]}' in done.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (when no init reaps it) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_stage_process_dies_with_its_sigkilled_parent():
+    """What every spawned stage process calls first: a Celery pool process SIGKILLed mid-job must not leave a
+    stage that is blocked on a peer (NCCL notices no dead socket) holding memory or a GPU until the timeout."""
+    stage = ("import os, time; from al.pipeline.launch import die_with_parent; die_with_parent(os.getppid()); "
+             "print('ready', flush=True); time.sleep(600)")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         f"child = subprocess.Popen([sys.executable, '-c', {stage!r}], stdout=subprocess.PIPE, text=True); "
+         "child.stdout.readline(); print(child.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.05)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive

@@ -11,11 +11,13 @@ import uuid
 import pytest
 from service_support import use_env
 
+from al.checkpoint import TRAINING_STATE, WEIGHTS, load_model
+from al.run import train
 from service.queue import enqueue, make_celery
 from service.settings import DEFAULT_TENANT
 from service.store import Store, with_installed_driver
 from worker.reconcile import reconcile_once
-from worker.tasks import run_job
+from worker.tasks import published_copy, run_job
 
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -95,7 +97,7 @@ def test_expired_lease_is_released_once_and_the_old_holder_is_locked_out(store):
     fresh = store.take_lease(job.id, "alive", 60)
     assert fresh is not None and fresh.job.attempts == 2
     assert not store.finish(job.id, old, "succeeded")  # the dead attempt can no longer finish it
-    assert store.finish(job.id, "alive", "succeeded", model_path="jobs/x")
+    assert store.finish(job.id, "alive", "succeeded", publish=lambda name, version: "jobs/x")
     assert store.get_job(job.id).model_version == 1
 
 
@@ -105,8 +107,8 @@ def test_epochs_are_recorded_once_and_versions_count_per_name(store):
         owner = store.take_lease(job.id, "w", 60).owner
         store.record_epoch(job.id, owner, {"epoch": 1, "loss": 2.0})
         store.record_epoch(job.id, owner, {"epoch": 1, "loss": 1.0})  # redone after a resume
-        store.record_epoch(job.id, "intruder", {"epoch": 2, "loss": 0.0})
-        assert store.finish(job.id, owner, "succeeded", model_path=f"jobs/{job.id}")
+        assert not store.record_epoch(job.id, "intruder", {"epoch": 2, "loss": 0.0})
+        assert store.finish(job.id, owner, "succeeded", publish=lambda name, version, job=job: f"jobs/{job.id}")
     assert store.job_epochs(first.id) == [{"epoch": 1, "loss": 1.0}]
     assert [(m.version, m.job_id) for m in store.list_models(DEFAULT_TENANT, "digits")] == [
         (1, first.id), (2, second.id)]
@@ -129,14 +131,57 @@ def test_cancel_of_a_queued_job_is_immediate_and_of_a_running_one_cooperative(st
     assert store.take_lease(queued.id, "w2", 60) is None  # a stray message for it does nothing
 
 
-def test_a_lost_message_is_resent_only_while_no_job_runs(store):
+def test_a_lost_message_is_resent_per_job_even_while_others_run(store):
     waiting, running = new_job(store), new_job(store)
-    owner = store.take_lease(running.id, "w", 60).owner
+    store.take_lease(running.id, "w", 60)
     time.sleep(0.02)
-    assert store.stale_queued(0.01) == []  # behind a running job, waiting is normal
-    store.finish(running.id, owner, "succeeded")
-    assert store.stale_queued(0.01) == [waiting.id]
+    assert store.stale_queued(0.01) == [waiting.id]  # another job's live lease holds up nothing
     assert store.stale_queued(60) == []  # bumped: not resent again at once
+
+
+def test_only_the_finish_that_ends_the_job_registers_a_version(store):
+    job = new_job(store)
+    owner = store.take_lease(job.id, "w", 60).owner
+    published = []
+
+    def publish(name, version):
+        published.append((name, version))
+        return f"models/{name}/{version}"
+
+    assert not store.finish(job.id, "stale", "succeeded", publish=publish)  # lost the lease: nothing at all
+    assert published == [] and store.list_models(DEFAULT_TENANT) == []
+
+    def full_disk(name, version):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        store.finish(job.id, owner, "succeeded", publish=full_disk)
+    assert store.list_models(DEFAULT_TENANT) == [] and store.get_job(job.id).status == "running"  # rolled back whole
+    assert store.finish(job.id, owner, "failed", error="could not register the model")
+    assert store.list_models(DEFAULT_TENANT) == [] and store.get_job(job.id).model_version is None
+
+
+def test_racing_finishes_of_one_name_publish_each_version_once(store):
+    jobs = [new_job(store, "racy") for _ in range(6)]
+    owners = [store.take_lease(job.id, f"w{i}", 60).owner for i, job in enumerate(jobs)]
+    published, barrier = [], threading.Barrier(len(jobs))
+
+    def publish(name, version):
+        published.append(version)
+        return f"models/{name}/{version}"
+
+    def finish(job, owner):
+        barrier.wait()
+        assert store.finish(job.id, owner, "succeeded", publish=publish)
+
+    threads = [threading.Thread(target=finish, args=pair) for pair in zip(jobs, owners)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    registered = [(m.version, m.path) for m in store.list_models("racy")]
+    assert registered == [(v, f"models/racy/{v}") for v in range(1, 7)]
+    assert sorted(published) == list(range(1, 7))  # never a copy for a version that was not registered
 
 
 def test_worker_gives_up_after_max_attempts_and_reconciler_requeues(tmp_path, monkeypatch):
@@ -210,7 +255,25 @@ def test_a_database_from_before_tenants_opens_with_everything_the_default_tenant
     for tenant in ("b", DEFAULT_TENANT):
         job = new_job(store, "digits", tenant=tenant)
         owner = store.take_lease(job.id, "w", 60).owner
-        assert store.finish(job.id, owner, "succeeded", model_path=f"jobs/{job.id}")
+        assert store.finish(job.id, owner, "succeeded", publish=lambda name, version, job=job: f"jobs/{job.id}")
     assert [m.version for m in store.list_models("b")] == [1]
     assert [m.version for m in store.list_models(DEFAULT_TENANT, "digits")] == [1, 2]
     store.engine.dispose()
+
+
+def test_a_registered_version_is_a_copy_that_later_writes_do_not_change(tmp_path, monkeypatch):
+    settings = use_env(monkeypatch, {"AL_DATA_DIR": str(tmp_path)})
+    job_dir = settings.jobs_dir / "job_x"
+    train("digits", job_dir, "default", {"widths": [8], "target_width": 8}, {"epochs": 1})
+    path = published_copy(settings, job_dir, "team-a")("digits", 1)
+    assert path == "models/team-a/digits/1" and not (tmp_path / path / TRAINING_STATE).exists()
+    registered = (tmp_path / path / WEIGHTS).read_bytes()
+    (job_dir / WEIGHTS).write_bytes(b"a stale attempt's write")
+    assert (tmp_path / path / WEIGHTS).read_bytes() == registered
+    assert load_model(tmp_path / path).depth == 1
+
+
+def test_an_attempt_that_may_not_save_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    train("digits", out, "default", {"widths": [8], "target_width": 8}, {"epochs": 1}, may_save=lambda: False)
+    assert not (out / WEIGHTS).exists() and not (out / TRAINING_STATE).exists()

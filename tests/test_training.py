@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from al.checkpoint import load_model
+from al.data import Dataset, load_dataset
 from al.run import evaluate, train
 from al.train import Callback
 
@@ -50,10 +51,32 @@ def test_stopped_and_resumed_run_ends_with_identical_weights(tmp_path, method, s
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
 
 
-def test_a_different_model_cannot_resume_from_the_checkpoint(tmp_path):
-    train("digits", tmp_path, "default", SMALL, {"epochs": 1})
-    with pytest.raises(ValueError, match="different model"):
-        train("digits", tmp_path, "default", {**SMALL, "widths": [8, 8]}, {"epochs": 2}, resume=True)
+@pytest.mark.parametrize(
+    ("model", "training", "dataset", "named"),
+    [
+        ({"widths": [8, 8]}, {}, "digits", "model.widths"),
+        ({}, {"batch_size": 16}, "digits", "training.batch_size"),  # a mid-epoch step would mean other samples
+        ({}, {"seed": 1}, "digits", "training.seed"),
+        ({}, {"val_fraction": 0.2}, "digits", "training.val_fraction"),
+        ({}, {}, "other", "the dataset"),
+    ],
+)
+def test_a_changed_run_cannot_resume_from_the_checkpoint(tmp_path, model, training, dataset, named):
+    digits = load_dataset("digits")
+    other = Dataset(digits.train_x[::-1].copy(), digits.train_y[::-1].copy(), digits.test_x, digits.test_y,
+                    digits.classes, "digits")  # the same name and shape, other order
+    out = tmp_path / "run"
+    train(digits, out, "default", SMALL, {"epochs": 1})
+    with pytest.raises(ValueError, match=f"different run \\({named} changed\\)"):
+        train(other if dataset == "other" else digits, out, "default", {**SMALL, **model}, {"epochs": 1, **training},
+              resume=True)
+
+
+def test_a_run_may_resume_on_another_device_or_pipeline(tmp_path):
+    train("digits", tmp_path, "default", SMALL, {"epochs": 1, "val_fraction": 0.1})
+    result = train("digits", tmp_path, "default", SMALL, {"epochs": 1, "pipeline": "threads", "device": "cpu"},
+                   resume=True)
+    assert result["epochs"] == 1
 
 
 def test_training_twice_into_one_directory_without_resume_is_refused(tmp_path):

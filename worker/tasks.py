@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import shutil
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 # Imported in the worker's main process on purpose: forked pool children then start a job
 # without importing torch again. Importing torch does not initialise CUDA; only the task does.
+from al.checkpoint import copy_model
 from al.data import BUILTIN_DATASETS
 from al.run import train
 from al.train import Callback
@@ -146,7 +148,8 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     model, training = training_arguments(job.spec)
     try:
         source = dataset_source(store, settings, job.tenant, job.spec["dataset"])
-        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, [reporter], resume=True)
+        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, [reporter], resume=True,
+                       may_save=lambda: store.holds_lease(job_id, owner))
     except SoftTimeLimitExceeded:
         status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
     except ValueError as e:  # DataError, ModelError, config errors: the message names the problem
@@ -175,10 +178,28 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
             log.info("job %s: checkpointed at epoch %d step %d and requeued (worker shutting down)",
                      job_id, result["epochs"], store.get_job(job_id).step)
         return released
-    model_path = str(Path(model_dir).relative_to(settings.data_dir)) if status == "succeeded" else None
-    store.finish(job_id, owner, status, result=result, error=error, model_path=model_path)
+    publish = published_copy(settings, model_dir, job.tenant) if status == "succeeded" else None
+    try:
+        store.finish(job_id, owner, status, result=result, error=error, publish=publish)
+    except OSError as e:  # the copy failed (a full disk): nothing was registered
+        log.exception("job %s: could not register its model", job_id)
+        status = "failed"
+        store.finish(job_id, owner, status, result=result, error=f"could not register the model: {e}")
     log.info("job %s: %s", job_id, status)
     return status
+
+
+def published_copy(settings: Settings, model_dir: Path, tenant: str) -> Callable[[str, int], str]:
+    """Store.finish's `publish`: the registered version is a copy under models/<tenant>/<name>/<version> (names
+    are per tenant) that no later write to the job's directory (a stale attempt, say) can change."""
+    def publish(name: str, version: int) -> str:
+        destination = settings.models_dir / tenant / name / str(version)
+        # Left by a registration whose commit failed: that version number was never registered.
+        shutil.rmtree(destination, ignore_errors=True)
+        copy_model(model_dir, destination)
+        return str(destination.relative_to(settings.data_dir))
+
+    return publish
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:

@@ -9,10 +9,12 @@ and rank 0 reads it into the run's failures together with the exit codes it sees
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 import pickle
 import resource
 import signal
+import sys
 import time
 from datetime import timedelta
 
@@ -42,6 +44,7 @@ from al.pipeline.transport import (
 
 ERROR_KEY = "al_pipeline/error/{}"  # in the process group's store: why a worker failed
 STARTED_KEY = "al_pipeline/started/{}"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def torchrun_rank() -> tuple[int, int] | None:
@@ -85,7 +88,7 @@ class StageProcesses:
             payload = pickle.dumps({i: on_cpu(locals[i]) for i in stage.components})
             process = context.Process(
                 target=_worker_process, name=f"al {stage}", daemon=True,
-                args=(stage.index, world, self.store.port, self.backend, stage.device, payload, timeout),
+                args=(stage.index, world, self.store.port, self.backend, stage.device, payload, timeout, os.getpid()),
             )
             process.start()
             self.workers.append(process)
@@ -201,9 +204,20 @@ def report_failure(store, rank: int, error: BaseException) -> None:
     store.set(ERROR_KEY.format(rank), text)
 
 
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when the thread that started it ends, so a SIGKILLed trainer (a Celery
+    pool process, say) leaves no stage holding memory or a GPU until the stage timeout."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _worker_process(rank: int, world: int, port: int, backend: str, device: str, payload: bytes,
-                    timeout: float) -> None:
+                    timeout: float, parent: int) -> None:
     """Entry of a spawned stage process: joins the process group and serves until rank 0 says stop."""
+    die_with_parent(parent)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=timeout))
     try:
         locals = pickle.loads(payload)

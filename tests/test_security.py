@@ -323,9 +323,12 @@ def test_a_real_run_never_logs_a_key(tmp_path):
             form = client.post("/ui/key", data={"key": keys["predict"], "target": "/ui/models"},
                                follow_redirects=True)
             assert form.status_code == 200 and "logged" in form.text
+            copy = tmp_path / "data" / "models" / DEFAULT_TENANT / "logged" / "1"
+            assert copy.is_dir()
             assert client.delete("/v1/models/logged/versions/1", headers=admin_key).status_code == 204
+            assert not copy.exists()
             assert client.delete(f"/v1/jobs/{job}", headers=admin_key).status_code == 204
-        assert not (tmp_path / "data" / "jobs" / job).exists()  # the worker's checkpoint and model, freed
+        assert not (tmp_path / "data" / "jobs" / job).exists()  # the worker's checkpoint, freed
     finally:
         server.stop()
     log = server.output()

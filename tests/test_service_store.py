@@ -179,7 +179,7 @@ def test_racing_finishes_of_one_name_publish_each_version_once(store):
         t.start()
     for t in threads:
         t.join()
-    registered = [(m.version, m.path) for m in store.list_models("racy")]
+    registered = [(m.version, m.path) for m in store.list_models(DEFAULT_TENANT, "racy")]
     assert registered == [(v, f"models/racy/{v}") for v in range(1, 7)]
     assert sorted(published) == list(range(1, 7))  # never a copy for a version that was not registered
 

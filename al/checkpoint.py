@@ -35,14 +35,27 @@ class ModelError(ValueError):
     """The model directory is missing or unusable; the message says why."""
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+def replace_atomically(path: str | os.PathLike, write) -> None:
+    """`write(temporary_path)`, then rename it over `path`: a crash or a full disk leaves the previous file and no
+    temporary one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    replace_atomically(path, write)
 
 
 def model_config_json(
@@ -75,9 +88,7 @@ def save_model(directory: str | os.PathLike, net: ALNet, config: dict, history: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = directory / f".{WEIGHTS}.{os.getpid()}.tmp"
-    save_file(weights, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
+    replace_atomically(directory / WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
     write_atomic(directory / METRICS, "".join(json.dumps(m) + "\n" for m in history))
     write_atomic(directory / CONFIG, json.dumps(config, indent=2) + "\n")
 

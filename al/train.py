@@ -12,11 +12,11 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from al.checkpoint import replace_atomically
 from al.config import ModelConfig, TrainConfig
 from al.data import Splits
 from al.local import Batches, ComponentTrainer, Record, Runner, Work, adam, lr_multiplier, train_components
@@ -265,10 +265,7 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Atomically: a crash leaves the previous checkpoint, never half of a new one."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: torch.save(self.state_dict(), tmp))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         # weights_only: a checkpoint is data, never code to unpickle. Loaded on the CPU: the RNG states must

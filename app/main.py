@@ -18,7 +18,7 @@ from app.inference import ModelCache
 from app.ui.routes import mount_ui
 from service.queue import make_celery
 from service.settings import Settings, get_settings
-from service.store import get_store
+from service.store import OUTAGE, get_store
 
 UPLOAD_PATHS = ("/v1/datasets",)
 
@@ -71,11 +71,14 @@ class LimitsAndMetrics:
             return self.record(scope, 413, started)
         if path.startswith("/v2"):
             if b"inference-header-content-length" in headers:
-                response = error_response(path, 400, "binary tensor data (Triton's binary_data extension) is not "
-                                          "supported: send the tensor as JSON data (binary_data=False)")
-                await response(scope, receive, send)
-                return self.record(scope, 400, started)
-            if b"content-type" not in headers:
+                try:
+                    scope, receive = await self.as_json(scope, receive, headers, limit)
+                except (ValueError, BodyTooLarge) as e:
+                    too_large = isinstance(e, BodyTooLarge)
+                    code, message = (413, e.detail) if too_large else (400, f"binary tensor data: {e}")
+                    await error_response(path, code, message)(scope, receive, send)
+                    return self.record(scope, code, started)
+            elif b"content-type" not in headers:
                 # Triton's and KServe's clients send v2 JSON without a Content-Type, as their servers accept.
                 scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         received = 0
@@ -98,6 +101,36 @@ class LimitsAndMetrics:
             await self.app(scope, limited_receive, send_with_status)
         finally:
             self.record(scope, status, started)
+
+    @staticmethod
+    async def as_json(scope, receive, headers: dict, limit: int):
+        """A request in Triton's binary tensor data extension, read whole (up to `limit`) and replayed to the app
+        as the JSON request it stands for."""
+        header_length = headers[b"inference-header-content-length"]
+        if not header_length.isdigit():
+            raise ValueError("Inference-Header-Content-Length must be a number of bytes")
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                raise BodyTooLarge(limit)
+        converted = v2.json_from_binary(body, int(header_length))
+        replaced = {b"inference-header-content-length", b"content-length", b"content-type"}
+        scope = {**scope, "headers": [*[(k, v) for k, v in scope["headers"] if k not in replaced],
+                                      (b"content-type", b"application/json"),
+                                      (b"content-length", str(len(converted)).encode())]}
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # a disconnect, if the client goes
+            sent = True
+            return {"type": "http.request", "body": converted, "more_body": False}
+
+        return scope, replay
 
     def record(self, scope, status: int, started: float) -> None:
         route = scope.get("route")
@@ -160,10 +193,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException):
         return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    async def store_outage(request: Request, exc: Exception):  # the database restarts or fails over
+        return error_response(request.url.path, 503, "the job store does not answer; retry shortly",
+                              {"Retry-After": "5"})
+
+    for outage in OUTAGE:
+        app.add_exception_handler(outage, store_outage)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         status = 400 if request.url.path.startswith("/v2") else 422
         return error_response(request.url.path, status, validation_message(exc))
 
     app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
+    describe_errors_as_sent(app)
     return app
+
+
+def describe_errors_as_sent(app: FastAPI) -> None:
+    """OpenAPI as the handlers above answer: a 422 is `{"detail": "<message>"}` (not FastAPI's list of
+    errors), and a v2 request that fails validation is a 400 `{"error": ...}`, never a 422."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema["components"]["schemas"]["HTTPValidationError"] = {
+                "title": "HTTPValidationError", "type": "object", "required": ["detail"],
+                "properties": {"detail": {"type": "string", "description": "what is wrong, field by field"}},
+            }
+            schema["components"]["schemas"].pop("ValidationError", None)
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v2"):
+                    for operation in operations.values():
+                        operation["responses"].pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi

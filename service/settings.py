@@ -101,6 +101,10 @@ class Settings(BaseSettings):
         300.0, gt=0, description="resend the message of a job still queued after this many seconds (a lost message)"
     )
     max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times fails")
+    store_outage_seconds: float = Field(
+        120.0, ge=0, description="how long a training job waits for a job store that does not answer (a database "
+        "restart) before its attempt fails"
+    )
     visibility_timeout: int = Field(3600, ge=1, description="Redis: seconds before an unacked message is redelivered")
     job_soft_time_limit: int = Field(7 * 86400, ge=1, description="seconds a job may train")
     progress_interval: float = Field(0.5, gt=0, description="least seconds between progress writes of a job")

@@ -38,7 +38,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -46,6 +46,8 @@ from service.settings import DEFAULT_TENANT
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running", "cancelling")
+# The database does not answer (restarting, failing over, unreachable): worth retrying, never a client's fault.
+OUTAGE = (OperationalError, InterfaceError)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
 
 

@@ -54,6 +54,19 @@ def test_predict_valid_then_shortcut_depth(client):
     assert response.json()["version"] == 1 and len(response.json()["probabilities"][0]) == 10
 
 
+def test_predict_takes_rows_nested_in_the_models_input_shape(client):
+    """digits samples are 8x8 images, [1, 8, 8] for the model: uploaded as (N, 8, 8), sent as 8 lists of 8."""
+    [version] = client.get("/v1/models/digits").json()["versions"]
+    assert version["input_shape"] == [1, 8, 8] and version["features"] == 64 and version["available"]
+    flat = np.asarray(digits_rows(3))
+    answers = [client.post("/v1/models/digits/predict", json={"inputs": rows.tolist()}).json()
+               for rows in (flat, flat.reshape(3, 8, 8), flat.reshape(3, 1, 8, 8))]
+    assert answers[0]["predictions"] == answers[1]["predictions"] == answers[2]["predictions"]
+    ragged = [flat[0].reshape(8, 8).tolist(), flat[1].tolist()]
+    response = client.post("/v1/models/digits/predict", json={"inputs": ragged})
+    assert response.status_code == 422 and "same shape" in detail(response)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "names"),
     [
@@ -120,16 +133,28 @@ def test_v2_infer_bad_inputs_are_400_with_error(client, tensor, names):
     assert names.lower() in response.json()["error"].lower()
 
 
-def test_v2_infer_takes_json_without_content_type_and_names_binary_data_as_unsupported(client):
+def test_v2_infer_takes_json_without_content_type_and_binary_tensor_data(client):
     """As Triton's own HTTP client (tritonclient.http) sends them: no Content-Type; binary tensors announced
-    by Inference-Header-Content-Length."""
+    by Inference-Header-Content-Length (tests/test_outside_clients.py runs the client itself)."""
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": digits_rows(1)}]})
     plain = client.post("/v2/models/digits/infer", content=body)
     assert plain.status_code == 200, plain.text
     assert [o["name"] for o in plain.json()["outputs"]] == ["predictions", "probabilities", "depths"]
-    binary = client.post("/v2/models/digits/infer", content=body.encode() + b"\0" * 256,
-                         headers={"Inference-Header-Content-Length": str(len(body))})
-    assert binary.status_code == 400 and "binary_data" in binary.json()["error"]
+    values = np.asarray(digits_rows(1), dtype="<f8")
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP64",
+                                     "parameters": {"binary_data_size": values.nbytes}}]})
+
+    def binary(tail: bytes, length: int = len(header)):
+        return client.post("/v2/models/digits/infer", content=header.encode() + tail,
+                           headers={"Inference-Header-Content-Length": str(length)})
+
+    assert binary(values.tobytes()).json()["outputs"] == plain.json()["outputs"]
+    for tail, length, names in [(values.tobytes()[:-8], len(header), "does not fit"),
+                                (values.tobytes() + b"\0" * 8, len(header), "belong to no input"),
+                                (values.tobytes(), len(header) + 5, "not an inference request"),
+                                (values.tobytes(), 10**9, "does not fit a body")]:
+        answer = binary(tail, length)
+        assert answer.status_code == 400 and names in answer.json()["error"], answer.text
 
 
 def test_v2_nested_data_selected_output_and_metadata(client):

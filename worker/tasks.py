@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -28,9 +29,10 @@ from al.train import Callback
 from service.jobspec import training_arguments
 from service.queue import TRAIN_TASK, enqueue
 from service.settings import Settings
-from service.store import Store, get_store, worker_identity
+from service.store import OUTAGE, Store, get_store, worker_identity
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Sent to a pool process when its worker shuts down (worker/main.py): the job then checkpoints at
 # its current step and goes back to the queue instead of holding up the shutdown. (SIGUSR1 is
@@ -47,6 +49,20 @@ def listen_for_shutdown() -> None:
     which the pool process gets when its whole process group is stopped (billiard would just exit)."""
     for signum in (SHUTDOWN_SIGNAL, signal.SIGTERM):
         signal.signal(signum, lambda *_: SHUTTING_DOWN.set())
+
+
+def patiently(settings: Settings, call: Callable[[], T]) -> T:
+    """`call()` on the store, retried while the database does not answer (a restart, a failover), for up to
+    AL_STORE_OUTAGE_SECONDS; then its error ends the attempt, and the job resumes later from its checkpoint."""
+    deadline = time.monotonic() + settings.store_outage_seconds
+    while True:
+        try:
+            return call()
+        except OUTAGE:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("the job store does not answer; retrying in 1 s")
+            time.sleep(1)
 
 
 class JobReporter(Callback):
@@ -85,10 +101,10 @@ class JobReporter(Callback):
 
     def on_train_start(self, trainer):
         resumed = trainer.global_step > 0  # a checkpoint was loaded
-        self.store.record_progress(
+        patiently(self.settings, lambda: self.store.record_progress(
             self.job_id, self.owner, epoch=trainer.epoch, epochs=trainer.cfg.epochs, step=trainer.step_in_epoch,
             steps=trainer.steps_per_epoch, resumed_from_epoch=trainer.epoch if resumed else None,
-        )
+        ))
         if resumed:
             log.info("job %s resumes at epoch %d step %d", self.job_id, trainer.epoch, trainer.step_in_epoch)
 
@@ -98,10 +114,13 @@ class JobReporter(Callback):
         now = time.monotonic()
         if now - self._last_write >= self.settings.progress_interval:
             self._last_write = now
-            self.store.record_progress(self.job_id, self.owner, epoch=trainer.epoch, step=trainer.step_in_epoch)
+            try:
+                self.store.record_progress(self.job_id, self.owner, epoch=trainer.epoch, step=trainer.step_in_epoch)
+            except OUTAGE:  # progress is a hint: training goes on, the next write catches up
+                log.warning("job %s: the job store does not answer; progress not recorded", self.job_id)
 
     def on_epoch_end(self, trainer, metrics):
-        self.store.record_epoch(self.job_id, self.owner, metrics)
+        patiently(self.settings, lambda: self.store.record_epoch(self.job_id, self.owner, metrics))
 
 
 def dataset_source(store: Store, settings: Settings, tenant: str, dataset: str) -> str:
@@ -129,7 +148,7 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     """Train a job to its end (or until cancelled, or the worker shuts down: then `requeue(job_id)`);
     the status it ended with, or None if it was not ours to run."""
     owner = worker_identity()
-    claim = store.take_lease(job_id, owner, settings.lease_seconds)
+    claim = patiently(settings, lambda: store.take_lease(job_id, owner, settings.lease_seconds))
     if claim is None:
         log.info("job %s is finished or held by a live lease elsewhere; this delivery does nothing", job_id)
         return None
@@ -149,7 +168,7 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     try:
         source = dataset_source(store, settings, job.tenant, job.spec["dataset"])
         result = train(source, model_dir, job.spec.get("preset", "default"), model, training, [reporter], resume=True,
-                       may_save=lambda: store.holds_lease(job_id, owner))
+                       may_save=lambda: patiently(settings, lambda: store.holds_lease(job_id, owner)))
     except SoftTimeLimitExceeded:
         status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
     except ValueError as e:  # DataError, ModelError, config errors: the message names the problem
@@ -172,7 +191,7 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     if status is None:
         return None
     if status == "queued":
-        released = store.release(job_id, owner)  # "cancelled" if that was asked meanwhile
+        released = patiently(settings, lambda: store.release(job_id, owner))  # "cancelled" if that was asked meanwhile
         if released == "queued":
             requeue(job_id)
             log.info("job %s: checkpointed at epoch %d step %d and requeued (worker shutting down)",
@@ -180,11 +199,11 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
         return released
     publish = published_copy(settings, model_dir, job.tenant) if status == "succeeded" else None
     try:
-        store.finish(job_id, owner, status, result=result, error=error, publish=publish)
+        patiently(settings, lambda: store.finish(job_id, owner, status, result=result, error=error, publish=publish))
     except OSError as e:  # the copy failed (a full disk): nothing was registered
         log.exception("job %s: could not register its model", job_id)
-        status = "failed"
-        store.finish(job_id, owner, status, result=result, error=f"could not register the model: {e}")
+        status, error = "failed", f"could not register the model: {e}"
+        patiently(settings, lambda: store.finish(job_id, owner, status, result=result, error=error))
     log.info("job %s: %s", job_id, status)
     return status
 

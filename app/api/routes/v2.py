@@ -5,6 +5,7 @@ Errors here are `{"error": "..."}` (see app/main.py), as the protocol says.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -25,6 +26,11 @@ from app.schemas import (
 )
 
 PLATFORM = "pytorch_associated_learning"
+# Triton's binary tensor data extension: little-endian values, back to back, in the order of the inputs.
+BINARY_DTYPES = {
+    "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1", "INT16": "<i2",
+    "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+}
 ERRORS = {400: {"model": V2Error}, 404: {"model": V2Error}}
 
 health = APIRouter(prefix="/v2/health", tags=["v2"], dependencies=[Depends(public)])
@@ -62,6 +68,39 @@ def metadata(service: Service, caller: Caller, name: str, version: int | None) -
                  V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(model.classes)]),
                  V2TensorMetadata(name="depths", datatype="INT64", shape=[-1])],
     )
+
+
+def json_from_binary(body: bytes, header_length: int) -> bytes:
+    """A request in Triton's binary tensor data extension (a JSON header of `header_length` bytes, then the
+    inputs' raw values) as the plain JSON request it stands for; ValueError names what does not fit."""
+    if not 0 < header_length <= len(body):
+        raise ValueError(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
+    try:
+        request = json.loads(body[:header_length])
+        inputs = list(request["inputs"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("the JSON header before the binary data is not an inference request") from None
+    offset = header_length
+    for tensor in inputs:
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is None:
+            continue
+        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+        if datatype not in BINARY_DTYPES:
+            raise ValueError(f"input {name!r}: binary data of datatype {datatype!r} is not supported")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(body) - offset:
+            raise ValueError(f"input {name!r}: binary_data_size {size!r} does not fit the {len(body) - offset} "
+                             "bytes left")
+        values = np.frombuffer(body[offset:offset + size], dtype=BINARY_DTYPES[datatype])
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape) or math.prod(shape) != len(values):
+            raise ValueError(f"input {name!r}: shape {shape!r} does not match {len(values)} binary values")
+        tensor["data"] = values.tolist()
+        del parameters["binary_data_size"]
+        offset += size
+    if offset != len(body):
+        raise ValueError(f"{len(body) - offset} bytes of binary data belong to no input")
+    return json.dumps(request).encode()
 
 
 def parameter(body: V2InferRequest, name: str, valid, what: str):

@@ -17,7 +17,7 @@ import numpy as np
 
 from al.checkpoint import LoadedModel, Prediction
 
-Key = tuple[str, int, int | None, float | None]  # model name, version, depth, exit_confidence
+Key = tuple[str, str, int, int | None, float | None]  # tenant, model name, version, depth, exit_confidence
 
 
 @dataclass

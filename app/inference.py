@@ -19,6 +19,8 @@ from service.settings import Settings
 from service.store import ModelRow, Store
 
 LATEST_TTL = 1.0  # seconds a name's latest version is remembered: a new version answers within this
+# A model is known by its tenant, name and version: two tenants' "digits" are different models.
+ModelKey = tuple[str, str, int]
 
 
 class ModelCache:
@@ -32,9 +34,9 @@ class ModelCache:
 
     def __init__(self, settings: Settings, store: Store):
         self.data_dir, self.size, self.store = settings.data_dir, settings.model_cache_size, store
-        self._models: OrderedDict[tuple[str, int], tuple[ModelRow, LoadedModel]] = OrderedDict()
-        self._latest: dict[str, tuple[float, ModelRow]] = {}
-        self._finding: dict[tuple[str, int | None], asyncio.Future] = {}
+        self._models: OrderedDict[ModelKey, tuple[ModelRow, LoadedModel]] = OrderedDict()
+        self._latest: dict[tuple[str, str], tuple[float, ModelRow]] = {}
+        self._finding: dict[tuple[str, str, int | None], asyncio.Future] = {}
         self._lock = threading.Lock()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="al-inference",
                                       initializer=torch.set_num_threads, initargs=(settings.inference_threads,))
@@ -45,31 +47,40 @@ class ModelCache:
         """The AL inference path (full, or up to `depth`, exiting early at `exit_confidence`), batched with
         concurrent requests of the same settings; ValueError names any problem with this request."""
         x = model.checked(x, depth, exit_confidence)  # before it joins a batch: its error is its own
-        key = (row.name, row.version, depth, exit_confidence)
+        key = (row.tenant, row.name, row.version, depth, exit_confidence)
         return await self.batcher.predict(key, model, x, depth, exit_confidence)
 
-    def registered(self, name: str, version: int | None) -> ModelRow | None:
+    def registered(self, tenant: str, name: str, version: int | None) -> ModelRow | None:
         """The registry's row; the latest version of a name is looked up at most every LATEST_TTL seconds."""
         if version is not None:
-            return self.store.get_model(name, version)
+            return self.store.get_model(tenant, name, version)
         now = time.monotonic()
-        cached = self._latest.get(name)
+        cached = self._latest.get((tenant, name))
         if cached and now - cached[0] < LATEST_TTL:
             return cached[1]
-        row = self.store.get_model(name)
+        row = self.store.get_model(tenant, name)
         if row is not None:
-            self._latest[name] = (now, row)
+            self._latest[(tenant, name)] = (now, row)
         return row
 
-    async def find(self, name: str, version: int | None,
+    def forget(self, row: ModelRow) -> None:
+        """A deleted version: out of the cache at once, so that it answers no request after its delete."""
+        with self._lock:
+            self._models.pop((row.tenant, row.name, row.version), None)
+            latest = self._latest.get((row.tenant, row.name))
+            if latest is not None and latest[1].version == row.version:
+                del self._latest[(row.tenant, row.name)]
+
+    async def find(self, tenant: str, name: str, version: int | None,
                    find_model: Callable[[], tuple[ModelRow, LoadedModel]]) -> tuple[ModelRow, LoadedModel]:
         """The row and the model: at hand, or from `find_model()` (store, disk) in a worker thread, called
         once for all the requests that want the same name and version meanwhile. A name's latest version
         is re-read every LATEST_TTL seconds in the background: requests go on with the one known meanwhile."""
-        found = self.at_hand(name, version)
-        stale = version is None and found is not None and time.monotonic() - self._latest[name][0] >= LATEST_TTL
+        found = self.at_hand(tenant, name, version)
+        stale = (version is None and found is not None
+                 and time.monotonic() - self._latest[(tenant, name)][0] >= LATEST_TTL)
         if found is None or stale:
-            key = (name, version)
+            key = (tenant, name, version)
             if key not in self._finding:
                 self._finding[key] = asyncio.ensure_future(run_in_threadpool(find_model))
                 self._finding[key].add_done_callback(lambda done: self._found(key, done))
@@ -77,25 +88,26 @@ class ModelCache:
                 return await asyncio.shield(self._finding[key])  # a waiter that goes away leaves it to the others
         return found
 
-    def _found(self, key: tuple[str, int | None], done: asyncio.Future) -> None:
+    def _found(self, key: tuple[str, str, int | None], done: asyncio.Future) -> None:
         del self._finding[key]
         if not done.cancelled():
             done.exception()  # retrieved: a failed background re-read matters only to requests that waited for it
 
-    def at_hand(self, name: str, version: int | None) -> tuple[ModelRow, LoadedModel] | None:
+    def at_hand(self, tenant: str, name: str, version: int | None) -> tuple[ModelRow, LoadedModel] | None:
         """The row and the model when neither the store nor the disk is needed (so the event loop may ask)."""
         if version is None:
-            if name not in self._latest:
+            latest = self._latest.get((tenant, name))
+            if latest is None:
                 return None
-            version = self._latest[name][1].version
+            version = latest[1].version
         with self._lock:
-            found = self._models.get((name, version))
+            found = self._models.get((tenant, name, version))
             if found is not None:
-                self._models.move_to_end((name, version))
+                self._models.move_to_end((tenant, name, version))
             return found
 
     def get(self, row: ModelRow) -> LoadedModel:
-        key = (row.name, row.version)
+        key = (row.tenant, row.name, row.version)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +15,19 @@ import uvicorn
 from app.main import create_app
 from service.processes import die_with_parent
 from service.settings import Settings
+
+# The dashboard takes a key once as `?key=` (app/ui/routes.py); uvicorn's access log shows query strings.
+KEY_PARAMETER = re.compile(r"(?<=[?&])key=[^&\s]*")
+
+
+class HideKeyParameter(logging.Filter):
+    """Access log lines with the `key` query parameter's value left out: keys are never logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: (client, method, path with query string, HTTP version, status)
+        if isinstance(record.args, tuple) and len(record.args) > 2 and isinstance(record.args[2], str):
+            record.args = (*record.args[:2], KEY_PARAMETER.sub("key=<hidden>", record.args[2]), *record.args[3:])
+        return True
 
 
 def serve(settings: Settings, host: str, port: int, no_worker: bool) -> None:
@@ -28,17 +43,23 @@ def serve(settings: Settings, host: str, port: int, no_worker: bool) -> None:
     if settings.embedded_worker and not no_worker:
         worker = subprocess.Popen([sys.executable, "-m", "al.cli", "worker"], preexec_fn=die_with_parent)
     broker = "Redis" if settings.redis_url else f"embedded ({settings.broker_dir})"
-    print(f"al serve: http://{host}:{port} (API docs at /docs); data in {settings.data_dir.resolve()}; "
+    docs = "API docs at /docs" if settings.docs_enabled else "API docs off (AL_DOCS)"
+    print(f"al serve: http://{host}:{port} ({docs}); data in {settings.data_dir.resolve()}; "
           f"broker {broker}; worker {'started' if worker else 'not started'}", flush=True)
     # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would end this
     # process on the spot, and its worker with it (die_with_parent) before the worker could hand back
     # its job. A handler that does nothing lets the `finally` below stop the worker in order.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers
+    logging.getLogger("uvicorn.access").addFilter(HideKeyParameter())
+    server = uvicorn.Server(config)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        server.run()
     finally:
         if worker is not None:
             stop_worker(worker)
+    if not server.started:  # as uvicorn.run: e.g. the port is taken
+        sys.exit(3)
 
 
 def stop_worker(worker: subprocess.Popen, grace: float = 30.0) -> None:

@@ -2,16 +2,57 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import re
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_TENANT = "default"
+# What each scope may do is app/api/deps.py's (REACHES); here only which names exist.
+SCOPES = ("predict", "train", "admin", "worker")
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # it names a directory too
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    token: str = field(repr=False)  # never in a repr, so never in a log line or a traceback
+    scope: str
+    tenant: str
+
+
+def parse_api_keys(text: str) -> list[ApiKey]:
+    """`TOKEN` (an admin key of the default tenant), `TOKEN:SCOPE` or `TOKEN:SCOPE:TENANT`, comma-separated.
+    Errors name an entry by its position and never quote it: it may hold a token."""
+    keys: dict[str, ApiKey] = {}
+    entries = [e.strip() for e in text.split(",")]
+    for position, entry in enumerate(entries, 1):
+        if not entry:
+            continue  # "a, b," as before
+        where = f"AL_API_KEYS entry {position}"
+        parts = [p.strip() for p in entry.split(":")]
+        if len(parts) > 3:
+            raise ValueError(f"{where}: use TOKEN, TOKEN:SCOPE or TOKEN:SCOPE:TENANT (a token has no ':')")
+        token, scope, tenant = parts + ["admin", DEFAULT_TENANT][len(parts) - 1:]
+        if not token:
+            raise ValueError(f"{where}: the token is empty")
+        if scope not in SCOPES:
+            raise ValueError(f"{where}: the scope must be one of {', '.join(SCOPES)}")
+        if not TENANT_PATTERN.fullmatch(tenant):
+            raise ValueError(f"{where}: a tenant is 1 to 64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+        if token in keys:
+            raise ValueError(f"{where}: its token is also in an earlier entry")
+        keys[token] = ApiKey(token, scope, tenant)
+    return list(keys.values())
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AL_", extra="ignore")
+    # hide_input: a validation error never prints the values (AL_API_KEYS holds secrets)
+    model_config = SettingsConfigDict(env_prefix="AL_", extra="ignore", hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = Field(
         "development", description="production refuses to start without API keys"
@@ -30,7 +71,16 @@ class Settings(BaseSettings):
     queue: str = Field("al.jobs", min_length=1, max_length=200, description="broker queue of training jobs")
     embedded_worker: bool = Field(True, description="`al serve` starts a worker next to the API")
     ui: bool = Field(True, description="serve the web dashboard at /ui")
-    api_keys: str = Field("", description="comma-separated bearer tokens; empty = no authentication")
+    api_keys: str = Field(
+        "", description="comma-separated TOKEN[:SCOPE[:TENANT]] bearer keys; empty = no authentication, "
+        "everything belongs to the default tenant"
+    )
+    docs: bool | None = Field(None, description="serve /docs, /redoc and /openapi.json; unset = only in development")
+    # Quotas per tenant: backpressure, so that one tenant cannot fill the queue or the disk for everyone.
+    max_queued_jobs: int = Field(100, ge=1, description="queued jobs a tenant may have; past it, 429")
+    disk_quota_bytes: int = Field(
+        10 * 2**30, ge=1, description="bytes of uploaded datasets a tenant may keep; an upload past it, 507"
+    )
 
     # Byte limits on what a client may send (the rest are in app/schemas.py, where OpenAPI shows them).
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="JSON request bodies")
@@ -78,13 +128,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> Settings:
+        self.keys  # noqa: B018 - a malformed AL_API_KEYS stops the start here, naming the entry
         if self.environment == "production" and not self.keys:
             raise ValueError("AL_ENVIRONMENT=production needs AL_API_KEYS")
         return self
 
+    @cached_property
+    def keys(self) -> list[ApiKey]:
+        return parse_api_keys(self.api_keys)
+
     @property
-    def keys(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+    def docs_enabled(self) -> bool:
+        return self.docs if self.docs is not None else self.environment == "development"
 
     @property
     def store_url(self) -> str:

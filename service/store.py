@@ -1,6 +1,8 @@
 """The job store: jobs, datasets and the model registry in one SQL database (SQLite or PostgreSQL).
 
 It is the source of truth for every job; the broker only carries "train job X" messages.
+Every dataset, job and model belongs to a tenant (the tenant of the key that made it); the API
+asks for rows by tenant, the worker by id.
 Every state change that two processes could race on is one conditional UPDATE, so it is
 atomic on both databases: taking a lease, renewing it, finishing, requeueing.
 Times are Unix seconds (float) so that SQLite and PostgreSQL compare them alike.
@@ -28,8 +30,10 @@ from sqlalchemy import (
     Text,
     case,
     create_engine,
+    delete,
     event,
     func,
+    inspect,
     select,
     update,
 )
@@ -38,7 +42,10 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, Pro
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from service.settings import DEFAULT_TENANT
+
 TERMINAL = ("succeeded", "failed", "cancelled", "pruned")  # pruned: a study's trial its pruner stopped
+ACTIVE = ("queued", "running", "cancelling")
 # The database does not answer (restarting, failing over, unreachable): worth retrying, never a client's fault.
 OUTAGE = (OperationalError, InterfaceError)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned")
@@ -48,9 +55,19 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict: JSON, list: JSON}
 
 
+def tenant_column(primary_key: bool = False) -> Mapped[str]:
+    # The server default is what an older database's rows get when the column is added (upgrade_schema).
+    return mapped_column(String(64), primary_key=primary_key, server_default=DEFAULT_TENANT)
+
+
+class Conflict(Exception):
+    """The request contradicts the store's state (a dataset in use, a job not finished); the message says how."""
+
+
 class DatasetRow(Base):
     __tablename__ = "datasets"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = tenant_column()
     name: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)  # relative to the data directory
     rows: Mapped[int] = mapped_column(Integer)
@@ -63,6 +80,7 @@ class DatasetRow(Base):
 class JobRow(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = tenant_column()
     name: Mapped[str] = mapped_column(String(64))
     spec: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -99,6 +117,7 @@ class EpochRow(Base):
 
 class ModelRow(Base):
     __tablename__ = "models"
+    tenant: Mapped[str] = tenant_column(primary_key=True)  # model names are per tenant
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
@@ -156,10 +175,16 @@ class Store:
         return self._writes()
 
     def create_tables(self) -> None:
-        try:
-            Base.metadata.create_all(self.engine)
-        except (OperationalError, ProgrammingError, IntegrityError):
-            Base.metadata.create_all(self.engine)  # another process created them at the same moment
+        """The tables, and an older database's brought up to date."""
+        for attempt in range(2):
+            try:
+                Base.metadata.create_all(self.engine)
+                with self.engine.begin() as conn:
+                    upgrade_schema(conn)
+                return
+            except (OperationalError, ProgrammingError, IntegrityError):
+                if attempt:  # the first failure: another process created or upgraded them at the same moment
+                    raise
 
     def ping(self) -> bool:
         try:
@@ -176,26 +201,51 @@ class Store:
             s.add(row)
         return row
 
-    def get_dataset(self, dataset_id: str) -> DatasetRow | None:
+    def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRow | None:
         with self.session() as s:
-            return s.get(DatasetRow, dataset_id)
+            return s.scalars(select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.tenant == tenant)).first()
 
-    def list_datasets(self, limit: int, offset: int) -> tuple[list[DatasetRow], int]:
+    def list_datasets(self, tenant: str, limit: int, offset: int) -> tuple[list[DatasetRow], int]:
         with self.session() as s:
-            total = s.scalar(select(func.count()).select_from(DatasetRow))
-            rows = s.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc()).limit(limit).offset(offset))
+            total = s.scalar(select(func.count()).where(DatasetRow.tenant == tenant))
+            rows = s.scalars(select(DatasetRow).where(DatasetRow.tenant == tenant)
+                             .order_by(DatasetRow.created_at.desc()).limit(limit).offset(offset))
             return list(rows), total
+
+    def dataset_bytes(self, tenant: str) -> int:
+        """What a tenant's uploads take on disk (its disk quota counts these)."""
+        with self.session() as s:
+            return s.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0))
+                            .where(DatasetRow.tenant == tenant))
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> DatasetRow | None:
+        """Remove a dataset's row (the caller removes its file); None if the tenant has no such dataset.
+        Conflict while a job that has not finished trains on it."""
+        with self.writing() as s, s.begin():
+            row = s.scalars(select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.tenant == tenant)
+                            .with_for_update()).first()
+            if row is None:
+                return None
+            users = list(s.scalars(select(JobRow.id).where(
+                JobRow.tenant == tenant, JobRow.status.in_(ACTIVE), JobRow.spec["dataset"].as_string() == dataset_id
+            ).limit(5)))
+            if users:
+                raise Conflict(f"dataset {dataset_id} is in use by job(s) {', '.join(users)}, which have not "
+                               "finished; cancel them or wait")
+            s.delete(row)
+        return row
 
     # --- jobs: the API's side ---------------------------------------------------------
 
     def create_job(
-        self, name: str | None, spec: dict, epochs: int, idempotency_key: str | None, request_hash: str | None
+        self, tenant: str, name: str | None, spec: dict, epochs: int, idempotency_key: str | None,
+        request_hash: str | None,
     ) -> tuple[JobRow, bool]:
         """The new job, or the one created earlier with the same idempotency key (created=False)."""
         now = time.time()
         job_id = new_id("job_")
         row = JobRow(
-            id=job_id, name=name or job_id, spec=spec, status="queued", idempotency_key=idempotency_key,
+            id=job_id, tenant=tenant, name=name or job_id, spec=spec, status="queued", idempotency_key=idempotency_key,
             request_hash=request_hash, epoch=0, epochs=epochs, step=0, created_at=now, enqueued_at=now, attempts=0,
             releases=0,
         )
@@ -207,14 +257,20 @@ class Store:
             if idempotency_key is None:
                 raise
             with self.session() as s:
-                return s.scalars(select(JobRow).where(JobRow.idempotency_key == idempotency_key)).one(), False
+                earlier = s.scalars(select(JobRow).where(JobRow.idempotency_key == idempotency_key)).one()
+            if earlier.tenant != tenant:  # keys are unique across tenants; say nothing of the other one's job
+                raise Conflict("this Idempotency-Key is taken; send another (a random UUID)") from None
+            return earlier, False
 
-    def get_job(self, job_id: str) -> JobRow | None:
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRow | None:
+        """The job; with `tenant` (as the API asks), only if it is that tenant's."""
         with self.session() as s:
-            return s.get(JobRow, job_id)
+            job = s.get(JobRow, job_id)
+        return job if job is not None and tenant in (None, job.tenant) else None
 
-    def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JobRow], int]:
-        query, count = select(JobRow), select(func.count()).select_from(JobRow)
+    def list_jobs(self, tenant: str, status: str | None, limit: int, offset: int) -> tuple[list[JobRow], int]:
+        mine = JobRow.tenant == tenant
+        query, count = select(JobRow).where(mine), select(func.count()).where(mine)
         if status:
             query, count = query.where(JobRow.status == status), count.where(JobRow.status == status)
         with self.session() as s:
@@ -237,6 +293,29 @@ class Store:
             )
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running").values(status="cancelling"))
         return self.get_job(job_id)
+
+    def queued_jobs(self, tenant: str) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).where(JobRow.tenant == tenant, JobRow.status == "queued"))
+
+    def delete_job(self, tenant: str, job_id: str) -> JobRow | None:
+        """Remove a finished job and its epochs (the caller removes its directory); None if the tenant has
+        no such job. Conflict while it has not finished, or while a model version it made is registered."""
+        with self.writing() as s, s.begin():
+            job = s.scalars(select(JobRow).where(JobRow.id == job_id, JobRow.tenant == tenant)
+                            .with_for_update()).first()
+            if job is None:
+                return None
+            if job.status not in TERMINAL:
+                raise Conflict(f"job {job_id} is {job.status}; cancel it (POST /v1/jobs/{job_id}/cancel) and "
+                               "delete it once it has finished")
+            model = s.scalars(select(ModelRow).where(ModelRow.job_id == job_id)).first()
+            if model is not None:
+                raise Conflict(f"job {job_id} made model {model.name!r} version {model.version}, which is "
+                               f"registered; delete it first (DELETE /v1/models/{model.name}/versions/{model.version})")
+            s.execute(delete(EpochRow).where(EpochRow.job_id == job_id))
+            s.delete(job)
+        return job
 
     def count_by_status(self) -> dict[str, int]:
         with self.session() as s:
@@ -323,13 +402,15 @@ class Store:
                     values = dict(status=status, result=result, error=error, finished_at=now,
                                   lease_owner=None, lease_expires_at=None)
                     if publish is not None:
-                        latest = s.scalar(select(func.max(ModelRow.version)).where(ModelRow.name == job.name))
+                        latest = s.scalar(select(func.max(ModelRow.version))
+                                          .where(ModelRow.tenant == job.tenant, ModelRow.name == job.name))
                         version = (latest or 0) + 1
                         values.update(model_name=job.name, model_version=version)
                     if not s.execute(update(JobRow).where(*condition).values(**values)).rowcount:
                         return False  # nothing was written
                     if publish is not None:
-                        model = ModelRow(name=job.name, version=version, job_id=job_id, path="", created_at=now)
+                        model = ModelRow(tenant=job.tenant, name=job.name, version=version, job_id=job_id, path="",
+                                         created_at=now)
                         s.add(model)
                         s.flush()  # a concurrent finisher that took this version waits here, then conflicts
                         model.path = publish(job.name, version)
@@ -393,20 +474,50 @@ class Store:
 
     # --- models -------------------------------------------------------------------------
 
-    def list_models(self, name: str | None = None) -> list[ModelRow]:
-        query = select(ModelRow).order_by(ModelRow.name, ModelRow.version)
+    def list_models(self, tenant: str, name: str | None = None) -> list[ModelRow]:
+        query = select(ModelRow).where(ModelRow.tenant == tenant).order_by(ModelRow.name, ModelRow.version)
         if name is not None:
             query = query.where(ModelRow.name == name)
         with self.session() as s:
             return list(s.scalars(query))
 
-    def get_model(self, name: str, version: int | None = None) -> ModelRow | None:
-        query = select(ModelRow).where(ModelRow.name == name)
+    def get_model(self, tenant: str, name: str, version: int | None = None) -> ModelRow | None:
+        query = select(ModelRow).where(ModelRow.tenant == tenant, ModelRow.name == name)
         query = query.where(ModelRow.version == version) if version is not None else query.order_by(
             ModelRow.version.desc()
         )
         with self.session() as s:
             return s.scalars(query.limit(1)).first()
+
+    def delete_model(self, tenant: str, name: str, version: int) -> ModelRow | None:
+        """Unregister a model version (the caller removes its directory); None if the tenant has no such one."""
+        with self.writing() as s, s.begin():
+            row = s.get(ModelRow, (tenant, name, version))
+            if row is not None:
+                s.delete(row)
+        return row
+
+
+def upgrade_schema(conn) -> None:
+    """A database made before tenants: add the tenant columns, so that every row it holds is the default
+    tenant's, and put the tenant into the models' key. SQLite cannot change a key, so it copies the table."""
+    schema = inspect(conn)
+    if "tenant" in {c["name"] for c in schema.get_columns("models")}:
+        return  # the models table is upgraded last: with it, everything is
+    column = f"tenant VARCHAR(64) NOT NULL DEFAULT '{DEFAULT_TENANT}'"
+    for table in ("datasets", "jobs"):
+        if "tenant" not in {c["name"] for c in schema.get_columns(table)}:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column}")
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("ALTER TABLE models RENAME TO models_before_tenants")
+        ModelRow.__table__.create(conn)
+        conn.exec_driver_sql(f"INSERT INTO models (tenant, name, version, job_id, path, created_at) SELECT "
+                             f"'{DEFAULT_TENANT}', name, version, job_id, path, created_at FROM models_before_tenants")
+        conn.exec_driver_sql("DROP TABLE models_before_tenants")
+    else:
+        conn.exec_driver_sql(f"ALTER TABLE models ADD COLUMN {column}")
+        conn.exec_driver_sql(f"ALTER TABLE models DROP CONSTRAINT {schema.get_pk_constraint('models')['name']}")
+        conn.exec_driver_sql("ALTER TABLE models ADD PRIMARY KEY (tenant, name, version)")
 
 
 def _make_engine(url: str, write: bool) -> Engine:

@@ -37,7 +37,17 @@ from al.study import (
 from service.jobspec import training_arguments
 from service.registry import published_copy
 from service.settings import Settings
-from service.store import TERMINAL, Base, JobRow, ModelRow, Store, get_store, new_id, with_installed_driver
+from service.store import (
+    TERMINAL,
+    Base,
+    JobRow,
+    ModelRow,
+    Store,
+    get_store,
+    new_id,
+    tenant_column,
+    with_installed_driver,
+)
 
 STUDY_TERMINAL = ("succeeded", "failed", "cancelled")
 DRIVER_TURN_SECONDS = 60.0  # a driver pass that died frees its study after this
@@ -46,6 +56,7 @@ DRIVER_TURN_SECONDS = 60.0  # a driver pass that died frees its study after this
 class StudyRow(Base):
     __tablename__ = "al_studies"  # Optuna's own tables include `studies`
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = tenant_column()  # its trial jobs and its registered model are this tenant's
     name: Mapped[str] = mapped_column(String(64))
     spec: Mapped[dict] = mapped_column(JSON)  # dataset, base, space, trials, parallel, objective, pruner, seed
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -105,22 +116,26 @@ class Studies:
 
     # --- the API's side ---------------------------------------------------------------
 
-    def create(self, name: str, spec: dict) -> StudyRow:
-        row = StudyRow(id=new_id("study_"), name=name, spec=spec, status="running", created_at=time.time(),
+    def create(self, tenant: str, name: str, spec: dict) -> StudyRow:
+        row = StudyRow(id=new_id("study_"), tenant=tenant, name=name, spec=spec, status="running", created_at=time.time(),
                        seed=spec.get("seed") if spec.get("seed") is not None else random.randrange(2**31))
         optuna.create_study(study_name=row.id, storage=self.storage, direction="maximize")
         with self.store.writing() as s, s.begin():
             s.add(row)
         return row
 
-    def get(self, study_id: str) -> StudyRow | None:
+    def get(self, study_id: str, tenant: str | None = None) -> StudyRow | None:
+        """The study; with `tenant` (as the API asks), only if it is that tenant's."""
         with self.store.session() as s:
-            return s.get(StudyRow, study_id)
+            row = s.get(StudyRow, study_id)
+        return row if row is not None and tenant in (None, row.tenant) else None
 
-    def list(self, limit: int, offset: int) -> tuple[list[StudyRow], int]:
+    def list(self, tenant: str, limit: int, offset: int) -> tuple[list[StudyRow], int]:
+        mine = StudyRow.tenant == tenant
         with self.store.session() as s:
-            rows = s.scalars(select(StudyRow).order_by(StudyRow.created_at.desc()).limit(limit).offset(offset))
-            return list(rows), s.scalar(select(func.count()).select_from(StudyRow))
+            rows = s.scalars(select(StudyRow).where(mine).order_by(StudyRow.created_at.desc()).limit(limit)
+                             .offset(offset))
+            return list(rows), s.scalar(select(func.count()).select_from(StudyRow).where(mine))
 
     def request_cancel(self, study_id: str) -> StudyRow | None:
         """The study asks for no more trials; the next driver pass cancels its running trials' jobs."""
@@ -217,8 +232,8 @@ class Studies:
         spec = trial_job_spec(row, trial)
         model, training = training_arguments(spec)
         _, train_cfg = build_configs(spec.get("preset", "default"), model, training)
-        job, created = self.store.create_job(spec["name"], spec, train_cfg.epochs, trial_key(row.id, trial.number),
-                                             None)
+        job, created = self.store.create_job(row.tenant, spec["name"], spec, train_cfg.epochs,
+                                             trial_key(row.id, trial.number), None)
         if created:
             enqueue(job.id)
         return job
@@ -231,15 +246,17 @@ class Studies:
         job = self._jobs(row.id, [best.number])[best.number]
         if job.model_name is not None:
             return
-        publish = published_copy(self.settings, self.settings.jobs_dir / job.id)
+        publish = published_copy(self.settings, self.settings.jobs_dir / job.id, row.tenant)
         for _ in range(5):  # two registrations of one name may take the same next version: retry
             try:
                 with self.store.writing() as s, s.begin():
-                    version = (s.scalar(select(func.max(ModelRow.version)).where(ModelRow.name == row.name)) or 0) + 1
+                    version = (s.scalar(select(func.max(ModelRow.version)).where(
+                        ModelRow.tenant == row.tenant, ModelRow.name == row.name)) or 0) + 1
                     if not s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))
                                      .values(model_name=row.name, model_version=version)).rowcount:
                         return
-                    model = ModelRow(name=row.name, version=version, job_id=job.id, path="", created_at=time.time())
+                    model = ModelRow(tenant=row.tenant, name=row.name, version=version, job_id=job.id, path="",
+                                     created_at=time.time())
                     s.add(model)
                     s.flush()  # as Store.finish: a concurrent registration of this version conflicts here
                     model.path = publish(row.name, version)

@@ -195,13 +195,13 @@ def registered_model_client(tmp_path, monkeypatch, model_dir: Path, **extra: str
     return client
 
 
-def register_model(settings, model_dir: Path) -> None:
-    """The model in `model_dir` as the next version of "digits", registered as a finished job would:
-    through the store's lease and finish."""
+def register_model(settings, model_dir: Path, tenant: str = "default") -> str:
+    """The model in `model_dir` as the next version of the tenant's "digits", registered as a finished job
+    would: through the store's lease and finish. Its job's id."""
     from service.store import get_store
 
     store = get_store(settings.store_url)
-    job, _ = store.create_job("digits", {"dataset": "digits"}, 1, None, None)
+    job, _ = store.create_job(tenant, "digits", {"dataset": "digits"}, 1, None, None)
     claim = store.take_lease(job.id, "test", 60)
     target = settings.jobs_dir / job.id
     target.mkdir(parents=True)
@@ -209,3 +209,4 @@ def register_model(settings, model_dir: Path) -> None:
         (target / f.name).write_bytes(f.read_bytes())
     assert store.finish(job.id, claim.owner, "succeeded", result={"status": "completed"},
                         publish=lambda name, version: f"jobs/{job.id}")
+    return job.id

@@ -14,7 +14,8 @@ from service_support import use_env
 from al.checkpoint import TRAINING_STATE, WEIGHTS, load_model
 from al.run import train
 from service.queue import enqueue, make_celery
-from service.store import Store
+from service.settings import DEFAULT_TENANT
+from service.store import Store, with_installed_driver
 from worker.reconcile import reconcile_once
 from worker.tasks import published_copy, run_job
 
@@ -30,11 +31,10 @@ def postgres_answers() -> bool:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
+def database_url(request, tmp_path):
+    """An empty database."""
     if request.param == "sqlite":
-        store = Store(f"sqlite:///{tmp_path / 'al.db'}")
-        store.create_tables()
-        yield store
+        yield f"sqlite:///{tmp_path / 'al.db'}"
         return
     if not postgres_answers():
         pytest.skip("no PostgreSQL on 127.0.0.1:5432")
@@ -44,17 +44,22 @@ def store(request, tmp_path):
     admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    store = Store(f"{POSTGRES}?options=-csearch_path%3D{schema}")
-    store.create_tables()
-    yield store
-    store.engine.dispose()
+    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     admin.dispose()
 
 
-def new_job(store: Store, name: str = "m", key: str | None = None):
-    job, _ = store.create_job(name, {"dataset": "digits"}, 2, key, None)
+@pytest.fixture
+def store(database_url):
+    store = Store(database_url)
+    store.create_tables()
+    yield store
+    store.engine.dispose()
+
+
+def new_job(store: Store, name: str = "m", key: str | None = None, tenant: str = DEFAULT_TENANT):
+    job, _ = store.create_job(tenant, name, {"dataset": "digits"}, 2, key, None)
     return job
 
 
@@ -105,13 +110,15 @@ def test_epochs_are_recorded_once_and_versions_count_per_name(store):
         assert not store.record_epoch(job.id, "intruder", {"epoch": 2, "loss": 0.0})
         assert store.finish(job.id, owner, "succeeded", publish=lambda name, version, job=job: f"jobs/{job.id}")
     assert store.job_epochs(first.id) == [{"epoch": 1, "loss": 1.0}]
-    assert [(m.version, m.job_id) for m in store.list_models("digits")] == [(1, first.id), (2, second.id)]
-    assert store.get_model("digits").version == 2 and store.get_model("digits", 1).job_id == first.id
+    assert [(m.version, m.job_id) for m in store.list_models(DEFAULT_TENANT, "digits")] == [
+        (1, first.id), (2, second.id)]
+    assert store.get_model(DEFAULT_TENANT, "digits").version == 2
+    assert store.get_model(DEFAULT_TENANT, "digits", 1).job_id == first.id
 
 
 def test_idempotency_key_returns_the_first_job(store):
     job = new_job(store, key="abc")
-    again, created = store.create_job("other", {"dataset": "digits"}, 2, "abc", None)
+    again, created = store.create_job(DEFAULT_TENANT, "other", {"dataset": "digits"}, 2, "abc", None)
     assert not created and again.id == job.id
 
 
@@ -142,16 +149,16 @@ def test_only_the_finish_that_ends_the_job_registers_a_version(store):
         return f"models/{name}/{version}"
 
     assert not store.finish(job.id, "stale", "succeeded", publish=publish)  # lost the lease: nothing at all
-    assert published == [] and store.list_models() == []
+    assert published == [] and store.list_models(DEFAULT_TENANT) == []
 
     def full_disk(name, version):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
         store.finish(job.id, owner, "succeeded", publish=full_disk)
-    assert store.list_models() == [] and store.get_job(job.id).status == "running"  # rolled back whole
+    assert store.list_models(DEFAULT_TENANT) == [] and store.get_job(job.id).status == "running"  # rolled back whole
     assert store.finish(job.id, owner, "failed", error="could not register the model")
-    assert store.list_models() == [] and store.get_job(job.id).model_version is None
+    assert store.list_models(DEFAULT_TENANT) == [] and store.get_job(job.id).model_version is None
 
 
 def test_racing_finishes_of_one_name_publish_each_version_once(store):
@@ -172,7 +179,7 @@ def test_racing_finishes_of_one_name_publish_each_version_once(store):
         t.start()
     for t in threads:
         t.join()
-    registered = [(m.version, m.path) for m in store.list_models("racy")]
+    registered = [(m.version, m.path) for m in store.list_models(DEFAULT_TENANT, "racy")]
     assert registered == [(v, f"models/racy/{v}") for v in range(1, 7)]
     assert sorted(published) == list(range(1, 7))  # never a copy for a version that was not registered
 
@@ -204,12 +211,62 @@ def test_a_plain_postgresql_url_uses_the_installed_driver():
         assert store.count_by_status() is not None
 
 
+# The schema as it was before tenants (issue 8), with a row in every table.
+BEFORE_TENANTS = [
+    "CREATE TABLE datasets (id VARCHAR(40) PRIMARY KEY, name VARCHAR(255) NOT NULL, path TEXT NOT NULL, "
+    "rows INTEGER NOT NULL, shape JSON NOT NULL, classes JSON NOT NULL, size_bytes INTEGER NOT NULL, "
+    "created_at FLOAT NOT NULL)",
+    "CREATE TABLE jobs (id VARCHAR(40) PRIMARY KEY, name VARCHAR(64) NOT NULL, spec JSON NOT NULL, "
+    "status VARCHAR(16) NOT NULL, idempotency_key VARCHAR(255) UNIQUE, request_hash VARCHAR(64), "
+    "epoch INTEGER NOT NULL, epochs INTEGER NOT NULL, step INTEGER NOT NULL, steps INTEGER, latest_metrics JSON, "
+    "result JSON, error TEXT, created_at FLOAT NOT NULL, enqueued_at FLOAT NOT NULL, started_at FLOAT, "
+    "finished_at FLOAT, lease_owner VARCHAR(255), lease_expires_at FLOAT, attempts INTEGER NOT NULL, "
+    "releases INTEGER NOT NULL, resumed_from_epoch INTEGER, model_name VARCHAR(64), model_version INTEGER)",
+    "CREATE TABLE job_epochs (job_id VARCHAR(40) NOT NULL REFERENCES jobs (id), epoch INTEGER NOT NULL, "
+    "metrics JSON NOT NULL, PRIMARY KEY (job_id, epoch))",
+    "CREATE TABLE models (name VARCHAR(64) NOT NULL, version INTEGER NOT NULL, "
+    "job_id VARCHAR(40) NOT NULL UNIQUE REFERENCES jobs (id), path TEXT NOT NULL, created_at FLOAT NOT NULL, "
+    "PRIMARY KEY (name, version))",
+    "INSERT INTO datasets VALUES ('ds_old', 'old.csv', 'datasets/ds_old.csv', 10, '[64]', '[0, 1]', 100, 1.0)",
+    "INSERT INTO jobs VALUES ('job_old', 'digits', '{\"dataset\": \"ds_old\"}', 'succeeded', 'key-old', NULL, "
+    "2, 2, 0, NULL, NULL, NULL, NULL, 1.0, 1.0, 1.0, 2.0, NULL, NULL, 1, 0, NULL, 'digits', 1)",
+    "INSERT INTO job_epochs VALUES ('job_old', 1, '{\"epoch\": 1}')",
+    "INSERT INTO models VALUES ('digits', 1, 'job_old', 'jobs/job_old', 2.0)",
+]
+
+
+def test_a_database_from_before_tenants_opens_with_everything_the_default_tenants(database_url):
+    from sqlalchemy import create_engine
+
+    engine = create_engine(with_installed_driver(database_url))
+    with engine.begin() as conn:
+        for statement in BEFORE_TENANTS:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+    store = Store(database_url)
+    store.create_tables()
+    store.create_tables()  # the next start finds it upgraded
+    assert store.get_dataset(DEFAULT_TENANT, "ds_old").rows == 10
+    assert store.get_job("job_old").tenant == DEFAULT_TENANT and store.job_epochs("job_old") == [{"epoch": 1}]
+    assert store.get_model(DEFAULT_TENANT, "digits", 1).job_id == "job_old"
+    assert store.get_dataset("b", "ds_old") is None and store.get_model("b", "digits") is None
+
+    # Model names are per tenant now: b's first "digits" is its version 1; the default tenant's next is 2.
+    for tenant in ("b", DEFAULT_TENANT):
+        job = new_job(store, "digits", tenant=tenant)
+        owner = store.take_lease(job.id, "w", 60).owner
+        assert store.finish(job.id, owner, "succeeded", publish=lambda name, version, job=job: f"jobs/{job.id}")
+    assert [m.version for m in store.list_models("b")] == [1]
+    assert [m.version for m in store.list_models(DEFAULT_TENANT, "digits")] == [1, 2]
+    store.engine.dispose()
+
+
 def test_a_registered_version_is_a_copy_that_later_writes_do_not_change(tmp_path, monkeypatch):
     settings = use_env(monkeypatch, {"AL_DATA_DIR": str(tmp_path)})
     job_dir = settings.jobs_dir / "job_x"
     train("digits", job_dir, "default", {"widths": [8], "target_width": 8}, {"epochs": 1})
-    path = published_copy(settings, job_dir)("digits", 1)
-    assert path == "models/digits/1" and not (tmp_path / path / TRAINING_STATE).exists()
+    path = published_copy(settings, job_dir, "team-a")("digits", 1)
+    assert path == "models/team-a/digits/1" and not (tmp_path / path / TRAINING_STATE).exists()
     registered = (tmp_path / path / WEIGHTS).read_bytes()
     (job_dir / WEIGHTS).write_bytes(b"a stale attempt's write")
     assert (tmp_path / path / WEIGHTS).read_bytes() == registered

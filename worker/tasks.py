@@ -130,10 +130,10 @@ class JobReporter(Callback):
         patiently(self.settings, lambda: self.store.record_epoch(self.job_id, self.owner, metrics))
 
 
-def dataset_source(store: Store, settings: Settings, dataset: str) -> str:
+def dataset_source(store: Store, settings: Settings, tenant: str, dataset: str) -> str:
     if dataset in BUILTIN_DATASETS:
         return dataset
-    row = store.get_dataset(dataset)
+    row = store.get_dataset(tenant, dataset)
     if row is None:
         raise ValueError(f"dataset {dataset!r} no longer exists")
     return str(settings.data_dir / row.path)
@@ -175,7 +175,7 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     study = job.spec.get("study")  # a study's trial: its pruner may stop it at an epoch's end
     try:
         pruning = trial_pruning(settings, study) if study else None
-        source = dataset_source(store, settings, job.spec["dataset"])
+        source = dataset_source(store, settings, job.tenant, job.spec["dataset"])
         callbacks = [reporter, pruning] if pruning else [reporter]
         result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True,
                        may_save=lambda: patiently(settings, lambda: store.holds_lease(job_id, owner)))
@@ -212,7 +212,7 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
                      job_id, result["epochs"], store.get_job(job_id).step)
         return released
     # A study registers only its best trial's model, under the study's name (service/studies.py).
-    publish = published_copy(settings, model_dir) if status == "succeeded" and not study else None
+    publish = published_copy(settings, model_dir, job.tenant) if status == "succeeded" and not study else None
     try:
         patiently(settings, lambda: store.finish(job_id, owner, status, result=result, error=error, publish=publish))
     except OSError as e:  # the copy failed (a full disk): nothing was registered

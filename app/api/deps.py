@@ -1,10 +1,13 @@
-"""What every route needs: the service's parts, and the API-key check."""
+"""What every route needs: the service's parts, and who the caller is (tenant, scope) and may do."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path as FilePath
 from typing import Annotated
 
 from celery import Celery
@@ -12,7 +15,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.inference import ModelCache
-from service.settings import Settings
+from service.settings import DEFAULT_TENANT, ApiKey, Settings
 from service.store import Store
 from service.studies import Studies
 
@@ -35,28 +38,94 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="the model version")]
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 
-bearer = HTTPBearer(auto_error=False, description="one of the keys in AL_API_KEYS (when it is set)")
+bearer = HTTPBearer(auto_error=False, description="a key of AL_API_KEYS (when it is set)")
 # The dashboard's key (app/ui/): set by its key form as an HttpOnly, SameSite=Strict cookie, so the
 # dashboard's own requests, EventSource included, carry it and other sites' requests never do.
 KEY_COOKIE = "al_key"
 
+# What each scope may do. predict < train < admin; a worker key is for what workers on other hosts
+# fetch from the API (artifacts, once that endpoint exists: it takes `require("worker")`), and nothing else.
+REACHES = {
+    "predict": {"predict"},
+    "train": {"predict", "train"},
+    "admin": {"predict", "train", "admin"},
+    "worker": {"worker"},
+}
 
-def known_key(keys: list[str], given: str) -> bool:
-    # compare_digest against every key: the time taken says nothing about which key came close.
-    return any([hmac.compare_digest(given.encode(), key.encode()) for key in keys])
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the tenant whose data they see, and their key's scope (never the key itself)."""
+
+    tenant: str
+    scope: str
 
 
-async def require_api_key(
-    request: Request, service: ServiceDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    keys = service.settings.keys
-    if not keys:
+def known_key(keys: list[ApiKey], given: str) -> ApiKey | None:
+    # compare_digest against every key, no early exit: the time taken says nothing about which key came close.
+    # Digests of equal length: compare_digest's time would otherwise tell a key's length.
+    given_digest = hashlib.sha256(given.encode()).digest()
+    matches = [key for key in keys if hmac.compare_digest(given_digest, hashlib.sha256(key.token.encode()).digest())]
+    return matches[0] if matches else None
+
+
+def caller_for(settings: Settings, given: str) -> Caller | None:
+    """The caller a key stands for; None for an unknown key. Without keys (development) everyone is the
+    default tenant's admin."""
+    if not settings.keys:
+        return Caller(DEFAULT_TENANT, "admin")
+    key = known_key(settings.keys, given)
+    return Caller(key.tenant, key.scope) if key else None
+
+
+def reaches(caller: Caller, scope: str) -> bool:
+    return scope in REACHES[caller.scope]
+
+
+def scope_refused(caller: Caller, scope: str) -> str:
+    return f"this key's scope is {caller.scope!r}; this needs a key with scope {scope!r}" + (
+        " or higher" if scope in ("predict", "train") else "")
+
+
+def require(scope: str):
+    """The dependency that decides who may call a route: a key whose scope reaches `scope`. Every route
+    has one such decision (or `public`); tests/test_security.py finds a route without one."""
+
+    async def caller(request: Request, service: ServiceDep,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+        given = credentials.credentials if credentials else request.cookies.get(KEY_COOKIE, "")
+        who = caller_for(service.settings, given)
+        if who is None:
+            raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not reaches(who, scope):
+            raise HTTPException(403, scope_refused(who, scope))
+        return who
+
+    caller.scope = scope
+    return caller
+
+
+async def public() -> None:
+    """The decision that a route is open to anyone, with or without a key (health, the dashboard's key form)."""
+
+
+public.scope = None
+PredictCaller = Annotated[Caller, Depends(require("predict"))]
+TrainCaller = Annotated[Caller, Depends(require("train"))]
+AdminCaller = Annotated[Caller, Depends(require("admin"))]
+
+
+def remove_files(settings: Settings, path: FilePath) -> None:
+    """Free the disk of a deleted dataset (a file), job or model (a directory). Only under the data
+    directory: a path from the store that leads elsewhere is left alone."""
+    data_dir, path = settings.data_dir.resolve(), path.resolve()
+    if not path.is_relative_to(data_dir) or path == data_dir:
         return
-    given = credentials.credentials if credentials else request.cookies.get(KEY_COOKIE, "")
-    if not known_key(keys, given):
-        raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def iso(timestamp: float | None) -> str | None:

@@ -1,5 +1,6 @@
 """The dashboard at /ui: pages rendered here (Jinja2, autoescaped), whose scripts call the API and follow
-jobs over its SSE stream. With AL_API_KEYS set, a page without a known key shows the key form only."""
+jobs over its SSE stream. With AL_API_KEYS set, a page without a known key shows the key form only; a page
+shows the key's tenant's data, and only if the key's scope reaches what the API asks for the same data."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from al import __version__
 from al.checkpoint import read_model_info
 from al.config import ARCHS, METHODS, PRESETS
 from al.data import BUILTIN_DATASETS
-from app.api.deps import KEY_COOKIE, Service, ServiceDep, known_key
+from app.api.deps import KEY_COOKIE, Caller, Service, ServiceDep, caller_for, public, reaches, scope_refused
 from app.api.routes.datasets import dataset_public
 from app.api.routes.jobs import job_public
 from app.api.routes.models import version_public
@@ -51,35 +52,43 @@ def with_key_cookie(response: Response, request: Request, key: str) -> Response:
     return response
 
 
-async def require_ui_key(request: Request, service: ServiceDep) -> None:
-    """Open without AL_API_KEYS; otherwise the key comes as the cookie, a bearer header or `?key=`
-    (which is kept as the cookie and dropped from the address)."""
-    keys = service.settings.keys
-    if not keys:
-        return
-    params = dict(request.query_params)
-    if "key" in params:
-        given = params.pop("key")
-        target = request.url.path + (f"?{urlencode(params)}" if params else "")
-        if not known_key(keys, given):
-            raise Gate(key_form(request, target, "unknown key"))
-        raise Gate(with_key_cookie(RedirectResponse(target, 303), request, given))
-    header = request.headers.get("authorization", "")
-    given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(KEY_COOKIE, "")
-    if not known_key(keys, given):
-        raise Gate(key_form(request, str(request.url.path)))
+def page_scope(scope: str):
+    """A page's scope decision, as app/api/deps.py's `require` is a route's. The key comes as the cookie,
+    a bearer header or `?key=` (which is kept as the cookie and dropped from the address); without a known
+    key the page is the key form, with one whose scope falls short it says what is missing."""
+
+    async def caller(request: Request, service: ServiceDep) -> Caller:
+        params = dict(request.query_params)
+        if "key" in params:
+            given = params.pop("key")
+            target = request.url.path + (f"?{urlencode(params)}" if params else "")
+            if caller_for(service.settings, given) is None:
+                raise Gate(key_form(request, target, "unknown key"))
+            raise Gate(with_key_cookie(RedirectResponse(target, 303), request, given))
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(KEY_COOKIE, "")
+        who = caller_for(service.settings, given)
+        if who is None:
+            raise Gate(key_form(request, str(request.url.path)))
+        if not reaches(who, scope):
+            raise Gate(page(request, "refused.html", 403, message=scope_refused(who, scope)))
+        return who
+
+    caller.scope = scope
+    return caller
 
 
-router = APIRouter(prefix="/ui", dependencies=[Depends(require_ui_key)], include_in_schema=False)
-key_router = APIRouter(prefix="/ui", include_in_schema=False)
+PredictPage = Annotated[Caller, Depends(page_scope("predict"))]
+TrainPage = Annotated[Caller, Depends(page_scope("train"))]
+router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-@key_router.post("/key")
+@router.post("/key", dependencies=[Depends(public)])
 def submit_key(request: Request, service: ServiceDep, key: Annotated[str, Form(max_length=1024)],
                target: Annotated[str, Form(max_length=2048)] = "/ui/jobs") -> Response:
     if not target.startswith("/ui/") or target.startswith("//"):  # only back into the dashboard
         target = "/ui/jobs"
-    if service.settings.keys and not known_key(service.settings.keys, key):
+    if caller_for(service.settings, key) is None:
         return key_form(request, target, "unknown key")
     return with_key_cookie(RedirectResponse(target, 303), request, key)
 
@@ -88,33 +97,33 @@ def page(request: Request, template: str, status_code: int = 200, **context) -> 
     return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
-def dataset_choices(service: Service) -> list[dict]:
-    uploads, _ = service.store.list_datasets(PAGE, 0)
+def dataset_choices(service: Service, caller: Caller) -> list[dict]:
+    uploads, _ = service.store.list_datasets(caller.tenant, PAGE, 0)
     return [{"id": name, "label": f"{name} (built-in)"} for name in BUILTIN_DATASETS] + [
         {"id": row.id, "label": f"{row.name} ({row.id})"} for row in uploads]
 
 
-@router.get("")
+@router.get("", dependencies=[Depends(public)])
 async def home() -> RedirectResponse:
     return RedirectResponse("/ui/jobs", 303)
 
 
 @router.get("/jobs")
-def jobs_page(request: Request, service: ServiceDep) -> HTMLResponse:
-    rows, total = service.store.list_jobs(None, PAGE, 0)
-    return page(request, "jobs.html", active="jobs", total=total, datasets=dataset_choices(service),
+def jobs_page(request: Request, caller: TrainPage, service: ServiceDep) -> HTMLResponse:
+    rows, total = service.store.list_jobs(caller.tenant, None, PAGE, 0)
+    return page(request, "jobs.html", active="jobs", total=total, datasets=dataset_choices(service, caller),
                 archs=ARCHS, methods=METHODS, presets=list(PRESETS), modes=PIPELINE_MODES,
                 default_preset=JobCreate.model_fields["preset"].default,
                 data={"jobs": [job_public(r).model_dump() for r in rows]})
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, service: ServiceDep, job_id: str) -> HTMLResponse:
-    row = service.store.get_job(job_id)
+def job_page(request: Request, caller: TrainPage, service: ServiceDep, job_id: str) -> HTMLResponse:
+    row = service.store.get_job(job_id, caller.tenant)
     if row is None:
         return page(request, "missing.html", 404, active="jobs", message=f"There is no job {job_id!r}.")
     job = job_public(row)
-    others = [j for j in service.store.list_jobs(None, PAGE, 0)[0] if j.id != job_id]
+    others = [j for j in service.store.list_jobs(caller.tenant, None, PAGE, 0)[0] if j.id != job_id]
     return page(request, "job.html", active="jobs", job=job, spec=json.dumps(job.spec, indent=2),
                 others=others, data={"job": job.model_dump()})
 
@@ -123,9 +132,9 @@ def canvas_spec(service: Service, config: dict, row: ModelRow) -> dict | None:
     """A drawing canvas for image models: [1, H, W], or a square row of a digits/MNIST-like dataset.
     `max` is the raw value of a full pixel: 16 for digits, else 1 or 255 as the data's mean suggests."""
     shape = tuple(config["input_shape"])
-    job = service.store.get_job(row.job_id)
+    job = service.store.get_job(row.job_id, row.tenant)
     source = job.spec["dataset"] if job else config.get("dataset", "")
-    upload = service.store.get_dataset(source)
+    upload = service.store.get_dataset(row.tenant, source)
     name = (upload.name if upload else source).lower()
     if len(shape) == 3 and shape[0] == 1:
         height, width = shape[1:]
@@ -149,14 +158,14 @@ def version_view(service: Service, row: ModelRow) -> dict:
 
 
 @router.get("/models")
-def models_page(request: Request, service: ServiceDep) -> HTMLResponse:
-    versions = [version_view(service, row) for row in service.store.list_models()]
+def models_page(request: Request, caller: PredictPage, service: ServiceDep) -> HTMLResponse:
+    versions = [version_view(service, row) for row in service.store.list_models(caller.tenant)]
     return page(request, "models.html", active="models", versions=versions)
 
 
 @router.get("/models/{name}")
-def model_page(request: Request, service: ServiceDep, name: str) -> HTMLResponse:
-    rows = service.store.list_models(name)
+def model_page(request: Request, caller: PredictPage, service: ServiceDep, name: str) -> HTMLResponse:
+    rows = service.store.list_models(caller.tenant, name)
     if not rows:
         return page(request, "missing.html", 404, active="models", message=f"There is no model {name!r}.")
     versions = [version_view(service, row) for row in rows]
@@ -165,15 +174,15 @@ def model_page(request: Request, service: ServiceDep, name: str) -> HTMLResponse
 
 
 @router.get("/studies")
-def studies_page(request: Request, service: ServiceDep) -> HTMLResponse:
-    rows, total = service.studies.list(PAGE, 0)
+def studies_page(request: Request, caller: TrainPage, service: ServiceDep) -> HTMLResponse:
+    rows, total = service.studies.list(caller.tenant, PAGE, 0)
     return page(request, "studies.html", active="studies", total=total,
                 studies=[study_public(service, r, with_importances=False) for r in rows])
 
 
 @router.get("/studies/{study_id}")
-def study_page(request: Request, service: ServiceDep, study_id: str) -> HTMLResponse:
-    row = service.studies.get(study_id)
+def study_page(request: Request, caller: TrainPage, service: ServiceDep, study_id: str) -> HTMLResponse:
+    row = service.studies.get(study_id, caller.tenant)
     if row is None:
         return page(request, "missing.html", 404, active="studies", message=f"There is no study {study_id!r}.")
     study = study_public(service, row)
@@ -182,8 +191,8 @@ def study_page(request: Request, service: ServiceDep, study_id: str) -> HTMLResp
 
 
 @router.get("/datasets")
-def datasets_page(request: Request, service: ServiceDep) -> HTMLResponse:
-    uploads, total = service.store.list_datasets(PAGE, 0)
+def datasets_page(request: Request, caller: TrainPage, service: ServiceDep) -> HTMLResponse:
+    uploads, total = service.store.list_datasets(caller.tenant, PAGE, 0)
     return page(request, "datasets.html", active="datasets", builtin=BUILTIN_DATASETS, total=total,
                 uploads=[dataset_public(r) for r in uploads], max_bytes=service.settings.max_upload_bytes)
 
@@ -191,9 +200,8 @@ def datasets_page(request: Request, service: ServiceDep) -> HTMLResponse:
 def mount_ui(app: FastAPI) -> None:
     """The dashboard's pages at /ui, its scripts and styles at /ui/static (open: they hold no data)."""
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
-    app.include_router(key_router)
     app.include_router(router)
-    app.add_api_route("/", home, include_in_schema=False)
+    app.add_api_route("/", home, include_in_schema=False, dependencies=[Depends(public)])
 
     @app.exception_handler(Gate)
     async def gate(request: Request, exc: Gate) -> Response:

@@ -1,4 +1,4 @@
-"""Datasets: upload a .npz/.csv, checked by al.data before it is kept; built-in names work as ids."""
+"""Datasets: upload a .npz/.csv, checked by al.data before it is kept; built-in names work as ids; delete."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 
 from al.data import BUILTIN_DATASETS, DataError, Summary, summarize
-from app.api.deps import OffsetQuery, Service, ServiceDep, iso
+from app.api.deps import AdminCaller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
 from app.schemas import DatasetList, DatasetPublic
-from service.store import DatasetRow, new_id
+from service.store import Conflict, DatasetRow, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -45,10 +45,21 @@ def builtin_public(service: Service, name: str) -> DatasetPublic:
     )
 
 
+def check_disk_quota(service: Service, tenant: str, size: int) -> None:
+    quota = service.settings.disk_quota_bytes
+    used = service.store.dataset_bytes(tenant)
+    if used + size > quota:
+        raise HTTPException(507, f"this upload ({size} bytes) would take the datasets of tenant {tenant!r} to "
+                                 f"{used + size} bytes, past its disk quota of {quota} bytes (AL_DISK_QUOTA_BYTES); "
+                                 "delete datasets it no longer needs (DELETE /v1/datasets/{id})")
+
+
 @router.post("", status_code=201, response_model=DatasetPublic, summary="Upload a dataset",
              responses={413: {"description": "the file is larger than AL_MAX_UPLOAD_BYTES"},
-                        422: {"description": "the file is not a usable dataset; the message says why"}})
+                        422: {"description": "the file is not a usable dataset; the message says why"},
+                        507: {"description": "the tenant's datasets would exceed AL_DISK_QUOTA_BYTES"}})
 def upload_dataset(
+    caller: TrainCaller,
     service: ServiceDep,
     file: Annotated[UploadFile, File(description=".npz with arrays x (samples) and y (labels), "
                                      "or .csv with a `label` column")],
@@ -57,6 +68,7 @@ def upload_dataset(
     suffix = PurePath(original).suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise HTTPException(422, f"file {original!r}: upload a .npz (arrays x, y) or a .csv (label column)")
+    check_disk_quota(service, caller.tenant, file.size)
     settings = service.settings
     dataset_id = new_id("ds_")
     incoming = settings.datasets_dir / ".incoming"
@@ -73,8 +85,9 @@ def upload_dataset(
         size = staged.stat().st_size
         os.replace(staged, final)  # only a checked file ever appears under datasets/
         row = DatasetRow(
-            id=dataset_id, name=original, path=str(final.relative_to(settings.data_dir)), rows=summary.rows,
-            shape=list(summary.input_shape), classes=summary.classes, size_bytes=size, created_at=time.time(),
+            id=dataset_id, tenant=caller.tenant, name=original, path=str(final.relative_to(settings.data_dir)),
+            rows=summary.rows, shape=list(summary.input_shape), classes=summary.classes, size_bytes=size,
+            created_at=time.time(),
         )
         try:
             service.store.add_dataset(row)
@@ -88,20 +101,40 @@ def upload_dataset(
 
 @router.get("", response_model=DatasetList, summary="List uploaded datasets")
 def list_datasets(
+    caller: TrainCaller,
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
     offset: OffsetQuery = 0,
 ) -> DatasetList:
-    rows, total = service.store.list_datasets(limit, offset)
+    rows, total = service.store.list_datasets(caller.tenant, limit, offset)
     return DatasetList(items=[dataset_public(r) for r in rows], total=total, limit=limit, offset=offset,
                        builtin=list(BUILTIN_DATASETS))
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, summary="One dataset (uploaded id or built-in name)")
-def get_dataset(dataset_id: str, service: ServiceDep) -> DatasetPublic:
+def get_dataset(dataset_id: str, caller: TrainCaller, service: ServiceDep) -> DatasetPublic:
     if dataset_id in BUILTIN_DATASETS:
         return builtin_public(service, dataset_id)
-    row = service.store.get_dataset(dataset_id)
+    row = service.store.get_dataset(caller.tenant, dataset_id)
     if row is None:
-        raise HTTPException(404, f"no dataset {dataset_id!r}; built-in ones are {', '.join(BUILTIN_DATASETS)}")
+        raise no_dataset(dataset_id)
     return dataset_public(row)
+
+
+def no_dataset(dataset_id: str) -> HTTPException:
+    return HTTPException(404, f"no dataset {dataset_id!r}; built-in ones are {', '.join(BUILTIN_DATASETS)}")
+
+
+@router.delete("/{dataset_id}", status_code=204, summary="Delete an uploaded dataset and its file",
+               responses={400: {"description": "a built-in dataset cannot be deleted"},
+                          409: {"description": "a job that has not finished uses it"}})
+def delete_dataset(dataset_id: str, caller: AdminCaller, service: ServiceDep) -> None:
+    if dataset_id in BUILTIN_DATASETS:
+        raise HTTPException(400, f"{dataset_id!r} is a built-in dataset; only uploads can be deleted")
+    try:
+        row = service.store.delete_dataset(caller.tenant, dataset_id)
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
+    if row is None:
+        raise no_dataset(dataset_id)
+    remove_files(service.settings, service.settings.data_dir / row.path)

@@ -1,4 +1,4 @@
-"""Training jobs: submit (202 + Location), status, list, cancel, per-epoch metrics, progress events."""
+"""Training jobs: submit (202 + Location), status, list, cancel, per-epoch metrics, progress events, delete."""
 
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ from sse_starlette import EventSourceResponse
 from al.config import build_configs
 from al.data import BUILTIN_DATASETS, DataError, summarize
 from al.model import count_parameters
-from app.api.deps import OffsetQuery, Service, ServiceDep, iso
+from app.api.deps import AdminCaller, Caller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
 from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
 from service.jobspec import training_arguments
 from service.queue import enqueue
-from service.store import TERMINAL, JobRow
+from service.store import TERMINAL, Conflict, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)
+# A full queue drains as jobs start; how fast depends on the jobs. This is when asking again is reasonable.
+RETRY_AFTER_SECONDS = 30
 
 
 def job_public(job: JobRow) -> JobPublic:
@@ -39,22 +41,22 @@ def job_public(job: JobRow) -> JobPublic:
     )
 
 
-def get_job_or_404(service, job_id: str) -> JobRow:
-    job = service.store.get_job(job_id)
+def get_job_or_404(service, caller: Caller, job_id: str) -> JobRow:
+    job = service.store.get_job(job_id, caller.tenant)
     if job is None:
         raise HTTPException(404, f"no job {job_id!r}")
     return job
 
 
-def dataset_shape(service: Service, dataset: str) -> tuple[tuple[int, ...], int]:
-    """A job's dataset: its sample shape and class count; 422 if there is no such dataset."""
+def dataset_shape(service: Service, caller: Caller, dataset: str) -> tuple[tuple[int, ...], int]:
+    """A job's dataset: its sample shape and class count; 422 if the caller's tenant has no such dataset."""
     if dataset in BUILTIN_DATASETS:
         try:
             summary = summarize(dataset, service.settings.max_dataset_bytes, service.settings.max_classes)
         except DataError as e:  # its files are not installed on this host
             raise HTTPException(422, str(e)) from None
         return summary.input_shape, len(summary.classes)
-    row = service.store.get_dataset(dataset)
+    row = service.store.get_dataset(caller.tenant, dataset)
     if row is None:
         raise HTTPException(422, f"unknown dataset {dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
@@ -63,15 +65,17 @@ def dataset_shape(service: Service, dataset: str) -> tuple[tuple[int, ...], int]
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a training job",
              responses={409: {"description": "the Idempotency-Key was used for a different spec"},
-                        422: {"description": "the spec is invalid or names an unknown dataset"}})
+                        422: {"description": "the spec is invalid or names an unknown dataset"},
+                        429: {"description": "the tenant has AL_MAX_QUEUED_JOBS queued jobs; see Retry-After"}})
 def create_job(
     spec: JobCreate,
     response: Response,
+    caller: TrainCaller,
     service: ServiceDep,
     idempotency_key: Annotated[str | None, Header(max_length=255, description="a retried POST with the same key "
                                                   "returns the job the first one created")] = None,
 ) -> JobPublic:
-    input_shape, num_classes = dataset_shape(service, spec.dataset)
+    input_shape, num_classes = dataset_shape(service, caller, spec.dataset)
     spec_dict = spec.model_dump(exclude_none=True)
     try:  # the library's own checks, across fields, and the network's fit to the data
         model, training = training_arguments(spec_dict)
@@ -82,8 +86,17 @@ def create_job(
     if parameters > service.settings.max_parameters:
         raise HTTPException(422, f"invalid job spec: the network would have {parameters:,} parameters, over the "
                                  f"limit of {service.settings.max_parameters:,} (AL_MAX_PARAMETERS)")
+    queued, most = service.store.queued_jobs(caller.tenant), service.settings.max_queued_jobs
+    if queued >= most:
+        raise HTTPException(429, f"tenant {caller.tenant!r} has {queued} queued jobs, the most AL_MAX_QUEUED_JOBS "
+                                 f"allows ({most}); retry once some have started, or cancel some",
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     request_hash = hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()
-    job, created = service.store.create_job(spec.name, spec_dict, train_cfg.epochs, idempotency_key, request_hash)
+    try:
+        job, created = service.store.create_job(caller.tenant, spec.name, spec_dict, train_cfg.epochs,
+                                                idempotency_key, request_hash)
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
     if not created and job.request_hash != request_hash:
         raise HTTPException(409, "this Idempotency-Key was already used for a different job spec")
     if created:
@@ -97,34 +110,35 @@ def create_job(
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(
+    caller: TrainCaller,
     service: ServiceDep,
     status: Annotated[JobStatus | None, Query(description="only jobs with this status")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
     offset: OffsetQuery = 0,
 ) -> JobList:
-    rows, total = service.store.list_jobs(status, limit, offset)
+    rows, total = service.store.list_jobs(caller.tenant, status, limit, offset)
     return JobList(items=[job_public(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="A job's status, progress and latest metrics")
-def get_job(job_id: str, service: ServiceDep) -> JobPublic:
-    return job_public(get_job_or_404(service, job_id))
+def get_job(job_id: str, caller: TrainCaller, service: ServiceDep) -> JobPublic:
+    return job_public(get_job_or_404(service, caller, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, summary="Cancel a job",
              responses={409: {"description": "the job has already finished"}})
-def cancel_job(job_id: str, service: ServiceDep) -> JobPublic:
+def cancel_job(job_id: str, caller: TrainCaller, service: ServiceDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes `cancelling`, stops after its current
     step, saves its checkpoint and then becomes `cancelled`."""
-    job = get_job_or_404(service, job_id)
+    job = get_job_or_404(service, caller, job_id)
     if job.status in TERMINAL:
         raise HTTPException(409, f"job {job_id} has already {job.status}")
     return job_public(service.store.request_cancel(job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=JobMetrics, summary="Metrics of every completed epoch")
-def job_metrics(job_id: str, service: ServiceDep) -> JobMetrics:
-    get_job_or_404(service, job_id)
+def job_metrics(job_id: str, caller: TrainCaller, service: ServiceDep) -> JobMetrics:
+    get_job_or_404(service, caller, job_id)
     return JobMetrics(job_id=job_id, epochs=service.store.job_epochs(job_id))
 
 
@@ -133,8 +147,8 @@ def job_metrics(job_id: str, service: ServiceDep) -> JobMetrics:
             responses={200: {"content": {"text/event-stream": {}}, "description": "events `epoch` (one per "
                              "completed epoch, with its metrics), `progress` (the job, on every change) and a "
                              "last `end` (the finished job), after which the stream closes"}})
-async def job_events(job_id: str, service: ServiceDep) -> EventSourceResponse:
-    await run_in_threadpool(get_job_or_404, service, job_id)
+async def job_events(job_id: str, caller: TrainCaller, service: ServiceDep) -> EventSourceResponse:
+    await run_in_threadpool(get_job_or_404, service, caller, job_id)
     store, poll = service.store, service.settings.events_poll_interval
 
     async def events():
@@ -155,3 +169,15 @@ async def job_events(job_id: str, service: ServiceDep) -> EventSourceResponse:
             await asyncio.sleep(poll)
 
     return EventSourceResponse(events())
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete a finished job, its metrics and its files",
+               responses={409: {"description": "the job has not finished, or its model version is still registered"}})
+def delete_job(job_id: str, caller: AdminCaller, service: ServiceDep) -> None:
+    try:
+        job = service.store.delete_job(caller.tenant, job_id)
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    remove_files(service.settings, service.settings.jobs_dir / job_id)

@@ -1,4 +1,4 @@
-"""The model registry (one version per succeeded job) and native prediction."""
+"""The model registry (one version per succeeded job, names per tenant), native prediction, deletes."""
 
 from __future__ import annotations
 
@@ -8,19 +8,24 @@ import numpy as np
 from fastapi import APIRouter, HTTPException
 
 from al.checkpoint import LoadedModel, ModelError, read_model_info
-from app.api.deps import Service, ServiceDep, VersionPath, iso
+from app.api.deps import AdminCaller, Caller, PredictCaller, Service, ServiceDep, VersionPath, iso, remove_files
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
 from service.store import ModelRow
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def find_model(service: Service, name: str, version: int | None = None) -> tuple[ModelRow, LoadedModel]:
-    """The registered model (latest version unless one is named), loaded; 404 if there is none."""
-    row = service.models.registered(name, version)
+def no_model(name: str, version: int | None = None) -> HTTPException:
+    which = f"model {name!r}" + (f" version {version}" if version is not None else "")
+    return HTTPException(404, f"no {which}; GET /v1/models lists the registered ones")
+
+
+def find_model(service: Service, caller: Caller, name: str,
+               version: int | None = None) -> tuple[ModelRow, LoadedModel]:
+    """The caller's registered model (latest version unless one is named), loaded; 404 if there is none."""
+    row = service.models.registered(caller.tenant, name, version)
     if row is None:
-        which = f"model {name!r}" + (f" version {version}" if version is not None else "")
-        raise HTTPException(404, f"no {which}; GET /v1/models lists the registered ones")
+        raise no_model(name, version)
     try:
         return row, service.models.get(row)
     except ModelError as e:  # its files were removed or damaged on disk
@@ -48,28 +53,42 @@ def model_public(service: Service, rows: list[ModelRow]) -> ModelPublic:
 
 
 @router.get("", response_model=list[ModelPublic], summary="Registered models and their versions")
-def list_models(service: ServiceDep) -> list[ModelPublic]:
+def list_models(caller: PredictCaller, service: ServiceDep) -> list[ModelPublic]:
     by_name: dict[str, list[ModelRow]] = {}
-    for row in service.store.list_models():
+    for row in service.store.list_models(caller.tenant):
         by_name.setdefault(row.name, []).append(row)
     return [model_public(service, rows) for rows in by_name.values()]
 
 
 @router.get("/{name}", response_model=ModelPublic, summary="One model's versions")
-def get_model(name: str, service: ServiceDep) -> ModelPublic:
-    rows = service.store.list_models(name)
+def get_model(name: str, caller: PredictCaller, service: ServiceDep) -> ModelPublic:
+    rows = service.store.list_models(caller.tenant, name)
     if not rows:
-        raise HTTPException(404, f"no model {name!r}; GET /v1/models lists the registered ones")
+        raise no_model(name)
     return model_public(service, rows)
 
 
-async def model_for(service: Service, name: str, version: int | None) -> tuple[ModelRow, LoadedModel]:
+@router.delete("/{name}/versions/{version}", status_code=204, summary="Delete a model version and its files",
+               responses={404: {"description": "no such model or version"}})
+def delete_model_version(name: str, version: VersionPath, caller: AdminCaller, service: ServiceDep) -> None:
+    """No job reads a registered model, so nothing holds a version back (no 409); it stops answering at once."""
+    row = service.store.delete_model(caller.tenant, name, version)
+    if row is None:
+        raise no_model(name, version)
+    service.models.forget(row)
+    remove_files(service.settings, service.settings.data_dir / row.path)
+
+
+async def model_for(service: Service, caller: Caller, name: str,
+                    version: int | None) -> tuple[ModelRow, LoadedModel]:
     """find_model without blocking the event loop (ModelCache.find)."""
-    return await service.models.find(name, version, lambda: find_model(service, name, version))
+    return await service.models.find(caller.tenant, name, version,
+                                     lambda: find_model(service, caller, name, version))
 
 
-async def run_predict(service: Service, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
-    row, model = await model_for(service, name, version)
+async def run_predict(service: Service, caller: Caller, name: str, version: int | None,
+                      body: PredictRequest) -> PredictResponse:
+    row, model = await model_for(service, caller, name, version)
     try:
         x = np.asarray(body.inputs, dtype=np.float32)
     except ValueError:  # ragged: numpy cannot make one array of the rows
@@ -85,15 +104,16 @@ async def run_predict(service: Service, name: str, version: int | None, body: Pr
 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Predict with the latest version",
              responses={404: {"description": "no such model"}, 422: {"description": "inputs do not fit the model"}})
-async def predict_latest(name: str, body: PredictRequest, service: ServiceDep) -> PredictResponse:
+async def predict_latest(name: str, body: PredictRequest, caller: PredictCaller,
+                         service: ServiceDep) -> PredictResponse:
     """The AL inference path: encoders f_1..f_k, the bridge b_k, decoders h_k..h_1 (k = `depth`, default all);
     with `exit_confidence`, each row stops at the first k whose top probability reaches it."""
-    return await run_predict(service, name, None, body)
+    return await run_predict(service, caller, name, None, body)
 
 
 @router.post("/{name}/versions/{version}/predict", response_model=PredictResponse, summary="Predict with a version",
              responses={404: {"description": "no such model or version"},
                         422: {"description": "inputs do not fit the model"}})
-async def predict_version(name: str, version: VersionPath, body: PredictRequest,
+async def predict_version(name: str, version: VersionPath, body: PredictRequest, caller: PredictCaller,
                           service: ServiceDep) -> PredictResponse:
-    return await run_predict(service, name, version, body)
+    return await run_predict(service, caller, name, version, body)

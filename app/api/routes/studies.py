@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse
 from al.config import build_configs
 from al.data import BUILTIN_DATASETS
 from al.study import SpaceError, parse_space
-from app.api.deps import OffsetQuery, ServiceDep, iso
+from app.api.deps import OffsetQuery, ServiceDep, TrainCaller, iso
 from app.schemas import JobCreate, StudyCreate, StudyList, StudyPublic
 from service.jobspec import training_arguments
 from service.studies import STUDY_TERMINAL, StudyRow
@@ -38,8 +38,8 @@ def study_public(service, row: StudyRow, with_importances: bool = True) -> Study
                        **service.studies.view(row, with_importances))
 
 
-def get_study_or_404(service, study_id: str) -> StudyRow:
-    row = service.studies.get(study_id)
+def get_study_or_404(service, study_id: str, tenant: str) -> StudyRow:
+    row = service.studies.get(study_id, tenant)
     if row is None:
         raise HTTPException(404, f"no study {study_id!r}")
     return row
@@ -47,10 +47,10 @@ def get_study_or_404(service, study_id: str) -> StudyRow:
 
 @router.post("", status_code=202, response_model=StudyPublic, summary="Start a hyperparameter study",
              responses={422: {"description": "the base, the space (the bad field is named) or the dataset is invalid"}})
-def create_study(body: StudyCreate, response: Response, service: ServiceDep) -> StudyPublic:
+def create_study(body: StudyCreate, response: Response, caller: TrainCaller, service: ServiceDep) -> StudyPublic:
     """Each trial is a training job: the base with the trial's values at the space's paths. Workers run up to
     `parallel` trials at once; the best trial's model is registered under the study's name as it is found."""
-    if body.dataset not in BUILTIN_DATASETS and service.store.get_dataset(body.dataset) is None:
+    if body.dataset not in BUILTIN_DATASETS and service.store.get_dataset(caller.tenant, body.dataset) is None:
         raise HTTPException(422, f"unknown dataset {body.dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
     spec = body.model_dump(exclude_none=True)
@@ -63,33 +63,34 @@ def create_study(body: StudyCreate, response: Response, service: ServiceDep) -> 
         parse_space(spec["space"], base, check_trial_spec)
     except SpaceError as e:
         raise HTTPException(422, str(e)) from None
-    row = service.studies.create(body.name, spec)
+    row = service.studies.create(caller.tenant, body.name, spec)
     response.headers["Location"] = f"/v1/studies/{row.id}"
     return study_public(service, row)
 
 
 @router.get("", response_model=StudyList, summary="List studies, newest first")
 def list_studies(
+    caller: TrainCaller,
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=100, description="page size")] = 20,
     offset: OffsetQuery = 0,
 ) -> StudyList:
-    rows, total = service.studies.list(limit, offset)
+    rows, total = service.studies.list(caller.tenant, limit, offset)
     return StudyList(items=[study_public(service, r, with_importances=False) for r in rows], total=total,
                      limit=limit, offset=offset)
 
 
 @router.get("/{study_id}", response_model=StudyPublic, summary="A study's trials, best trial and importances")
-def get_study(study_id: str, service: ServiceDep) -> StudyPublic:
-    return study_public(service, get_study_or_404(service, study_id))
+def get_study(study_id: str, caller: TrainCaller, service: ServiceDep) -> StudyPublic:
+    return study_public(service, get_study_or_404(service, study_id, caller.tenant))
 
 
 @router.post("/{study_id}/cancel", status_code=202, response_model=StudyPublic, summary="Cancel a study",
              responses={409: {"description": "the study has already finished"}})
-def cancel_study(study_id: str, service: ServiceDep) -> StudyPublic:
+def cancel_study(study_id: str, caller: TrainCaller, service: ServiceDep) -> StudyPublic:
     """The study becomes `cancelling` and starts no more trials; its running trials' jobs are cancelled as
     jobs are (POST /v1/jobs/{id}/cancel), and once they have stopped the study is `cancelled`."""
-    row = get_study_or_404(service, study_id)
+    row = get_study_or_404(service, study_id, caller.tenant)
     if row.status in STUDY_TERMINAL:
         raise HTTPException(409, f"study {study_id} has already {row.status}")
     return study_public(service, service.studies.request_cancel(study_id))
@@ -98,8 +99,8 @@ def cancel_study(study_id: str, service: ServiceDep) -> StudyPublic:
 @router.get("/{study_id}/events", summary="Trials as Server-Sent Events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "events `trial` (a trial "
                              "that ended, with its job's result) and a last `end` (the finished study)"}})
-async def study_events(study_id: str, service: ServiceDep) -> EventSourceResponse:
-    await run_in_threadpool(get_study_or_404, service, study_id)
+async def study_events(study_id: str, caller: TrainCaller, service: ServiceDep) -> EventSourceResponse:
+    await run_in_threadpool(get_study_or_404, service, study_id, caller.tenant)
     poll = service.settings.events_poll_interval
 
     async def events():

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from al import __version__
-from app.api.deps import Service, ServiceDep, VersionPath, require_api_key
+from app.api.deps import Caller, PredictCaller, Service, ServiceDep, VersionPath, public, require
 from app.api.routes.models import find_model, model_for
 from app.schemas import (
     V2Error,
@@ -33,8 +33,8 @@ BINARY_DTYPES = {
 }
 ERRORS = {400: {"model": V2Error}, 404: {"model": V2Error}}
 
-health = APIRouter(prefix="/v2/health", tags=["v2"])
-router = APIRouter(prefix="/v2", tags=["v2"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+health = APIRouter(prefix="/v2/health", tags=["v2"], dependencies=[Depends(public)])
+router = APIRouter(prefix="/v2", tags=["v2"], responses=ERRORS)
 
 
 @health.get("/live", summary="The server is up")
@@ -50,14 +50,16 @@ async def ready(service: ServiceDep) -> dict:
     return {"ready": True}
 
 
-@router.get("", response_model=V2ServerMetadata, summary="Server metadata")
+@router.get("", response_model=V2ServerMetadata, summary="Server metadata",
+            dependencies=[Depends(require("predict"))])
 def server_metadata() -> V2ServerMetadata:
     return V2ServerMetadata(name="associated-learning", version=__version__, extensions=[])
 
 
-def metadata(service: Service, name: str, version: int | None) -> V2ModelMetadata:
-    row, model = find_model(service, name, version)
-    versions = [str(r.version) for r in service.store.list_models(name)] if version is None else [str(version)]
+def metadata(service: Service, caller: Caller, name: str, version: int | None) -> V2ModelMetadata:
+    row, model = find_model(service, caller, name, version)
+    versions = ([str(r.version) for r in service.store.list_models(caller.tenant, name)] if version is None
+                else [str(version)])
     class_type = "INT64" if all(isinstance(c, int) for c in model.classes) else "BYTES"
     return V2ModelMetadata(
         name=name, versions=versions, platform=PLATFORM,
@@ -109,8 +111,9 @@ def parameter(body: V2InferRequest, name: str, valid, what: str):
     return value
 
 
-async def infer(service: Service, name: str, version: int | None, body: V2InferRequest) -> V2InferResponse:
-    row, model = await model_for(service, name, version)
+async def infer(service: Service, caller: Caller, name: str, version: int | None,
+                body: V2InferRequest) -> V2InferResponse:
+    row, model = await model_for(service, caller, name, version)
     tensor = body.inputs[0]
     expected = math.prod(tensor.shape)
     try:
@@ -149,37 +152,39 @@ async def infer(service: Service, name: str, version: int | None, body: V2InferR
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, summary="Model metadata (latest version)")
-def model_metadata(name: str, service: ServiceDep) -> V2ModelMetadata:
-    return metadata(service, name, None)
+def model_metadata(name: str, caller: PredictCaller, service: ServiceDep) -> V2ModelMetadata:
+    return metadata(service, caller, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, summary="Model version metadata")
-def model_version_metadata(name: str, version: VersionPath, service: ServiceDep) -> V2ModelMetadata:
-    return metadata(service, name, version)
+def model_version_metadata(name: str, version: VersionPath, caller: PredictCaller,
+                           service: ServiceDep) -> V2ModelMetadata:
+    return metadata(service, caller, name, version)
 
 
 @router.get("/models/{name}/ready", summary="The model is loaded and can infer")
-def model_ready(name: str, service: ServiceDep) -> dict:
-    find_model(service, name)
+def model_ready(name: str, caller: PredictCaller, service: ServiceDep) -> dict:
+    find_model(service, caller, name)
     return {"name": name, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="The model version is loaded and can infer")
-def model_version_ready(name: str, version: VersionPath, service: ServiceDep) -> dict:
-    find_model(service, name, version)
+def model_version_ready(name: str, version: VersionPath, caller: PredictCaller, service: ServiceDep) -> dict:
+    find_model(service, caller, name, version)
     return {"name": name, "version": str(version), "ready": True}
 
 
 # Unset optional fields (id, parameters) are left out rather than sent as null, as the protocol shows them.
 @router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True,
              summary="Infer with the latest version")
-async def model_infer(name: str, body: V2InferRequest, service: ServiceDep) -> V2InferResponse:
-    return await infer(service, name, None, body)
+async def model_infer(name: str, body: V2InferRequest, caller: PredictCaller,
+                      service: ServiceDep) -> V2InferResponse:
+    return await infer(service, caller, name, None, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
              response_model_exclude_none=True, summary="Infer with a version")
 async def model_version_infer(
-    name: str, version: VersionPath, body: V2InferRequest, service: ServiceDep
+    name: str, version: VersionPath, body: V2InferRequest, caller: PredictCaller, service: ServiceDep
 ) -> V2InferResponse:
-    return await infer(service, name, version, body)
+    return await infer(service, caller, name, version, body)

@@ -389,35 +389,23 @@ class Store:
         """End a job (only by the lease holder, when owner is given). With `publish`, the job's model is
         registered in the same transaction: `publish(name, version)` puts its files where they stay and returns
         their path, and the version exists only if the job's own conditional update succeeded."""
-        for _ in range(5):  # two jobs of one name may take the same next version; retry on that conflict
-            try:
-                with self.writing() as s, s.begin():
-                    condition = [JobRow.id == job_id, JobRow.status.not_in(TERMINAL)]
-                    if owner is not None:
-                        condition.append(JobRow.lease_owner == owner)
-                    job = s.scalars(select(JobRow).where(*condition).with_for_update()).first()
-                    if job is None:
-                        return False
-                    now = time.time()
-                    values = dict(status=status, result=result, error=error, finished_at=now,
-                                  lease_owner=None, lease_expires_at=None)
-                    if publish is not None:
-                        latest = s.scalar(select(func.max(ModelRow.version))
-                                          .where(ModelRow.tenant == job.tenant, ModelRow.name == job.name))
-                        version = (latest or 0) + 1
-                        values.update(model_name=job.name, model_version=version)
-                    if not s.execute(update(JobRow).where(*condition).values(**values)).rowcount:
-                        return False  # nothing was written
-                    if publish is not None:
-                        model = ModelRow(tenant=job.tenant, name=job.name, version=version, job_id=job_id, path="",
-                                         created_at=now)
-                        s.add(model)
-                        s.flush()  # a concurrent finisher that took this version waits here, then conflicts
-                        model.path = publish(job.name, version)
-                    return True
-            except IntegrityError:
-                continue
-        return False
+        with self.writing() as s, s.begin():
+            condition = [JobRow.id == job_id, JobRow.status.not_in(TERMINAL)]
+            if owner is not None:
+                condition.append(JobRow.lease_owner == owner)
+            job = s.scalars(select(JobRow).where(*condition).with_for_update()).first()
+            if job is None:
+                return False
+            values = dict(status=status, result=result, error=error, finished_at=time.time(),
+                          lease_owner=None, lease_expires_at=None)
+            if publish is not None:
+                version = next_version(s, job.tenant, job.name)
+                values.update(model_name=job.name, model_version=version)
+            if not s.execute(update(JobRow).where(*condition).values(**values)).rowcount:
+                return False  # nothing was written
+            if publish is not None:
+                add_version(s, job.tenant, job.name, version, job_id, publish)
+            return True
 
     def release(self, job_id: str, owner: str) -> str | None:
         """The lease holder gives the job back: queued again (or cancelled, if that was asked meanwhile)."""
@@ -496,6 +484,26 @@ class Store:
             if row is not None:
                 s.delete(row)
         return row
+
+
+def next_version(s: Session, tenant: str, name: str) -> int:
+    """The next version of a model name, which stays this transaction's until it ends: PostgreSQL takes an
+    advisory lock on the name (SQLite's writers are one at a time already), so racing registrations wait
+    for each other instead of taking one version twice."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"{tenant}/{name}"))))
+    latest = s.scalar(select(func.max(ModelRow.version)).where(ModelRow.tenant == tenant, ModelRow.name == name))
+    return (latest or 0) + 1
+
+
+def add_version(s: Session, tenant: str, name: str, version: int, job_id: str,
+                publish: Callable[[str, int], str]) -> None:
+    """Register a job's model as `version` in this transaction, its files put in place by `publish`: if the
+    transaction does not commit, no version was registered."""
+    model = ModelRow(tenant=tenant, name=name, version=version, job_id=job_id, path="", created_at=time.time())
+    s.add(model)
+    s.flush()
+    model.path = publish(name, version)
 
 
 def upgrade_schema(conn) -> None:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import JSON, Float, Integer, String, Text, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from al.config import build_configs
@@ -41,10 +40,11 @@ from service.store import (
     TERMINAL,
     Base,
     JobRow,
-    ModelRow,
     Store,
+    add_version,
     get_store,
     new_id,
+    next_version,
     tenant_column,
     with_installed_driver,
 )
@@ -117,8 +117,9 @@ class Studies:
     # --- the API's side ---------------------------------------------------------------
 
     def create(self, tenant: str, name: str, spec: dict) -> StudyRow:
-        row = StudyRow(id=new_id("study_"), tenant=tenant, name=name, spec=spec, status="running", created_at=time.time(),
-                       seed=spec.get("seed") if spec.get("seed") is not None else random.randrange(2**31))
+        seed = spec.get("seed") if spec.get("seed") is not None else random.randrange(2**31)
+        row = StudyRow(id=new_id("study_"), tenant=tenant, name=name, spec=spec, status="running",
+                       created_at=time.time(), seed=seed)
         optuna.create_study(study_name=row.id, storage=self.storage, direction="maximize")
         with self.store.writing() as s, s.begin():
             s.add(row)
@@ -247,22 +248,11 @@ class Studies:
         if job.model_name is not None:
             return
         publish = published_copy(self.settings, self.settings.jobs_dir / job.id, row.tenant)
-        for _ in range(5):  # two registrations of one name may take the same next version: retry
-            try:
-                with self.store.writing() as s, s.begin():
-                    version = (s.scalar(select(func.max(ModelRow.version)).where(
-                        ModelRow.tenant == row.tenant, ModelRow.name == row.name)) or 0) + 1
-                    if not s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))
-                                     .values(model_name=row.name, model_version=version)).rowcount:
-                        return
-                    model = ModelRow(tenant=row.tenant, name=row.name, version=version, job_id=job.id, path="",
-                                     created_at=time.time())
-                    s.add(model)
-                    s.flush()  # as Store.finish: a concurrent registration of this version conflicts here
-                    model.path = publish(row.name, version)
-                return
-            except IntegrityError:
-                continue
+        with self.store.writing() as s, s.begin():
+            version = next_version(s, row.tenant, row.name)
+            if s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))
+                         .values(model_name=row.name, model_version=version)).rowcount:
+                add_version(s, row.tenant, row.name, version, job.id, publish)
 
     def _finish(self, study_id: str, status: str, error: str | None = None) -> None:
         with self.store.writing() as s, s.begin():

@@ -14,10 +14,11 @@ from service_support import use_env
 from al.checkpoint import TRAINING_STATE, WEIGHTS, load_model
 from al.run import train
 from service.queue import enqueue, make_celery
+from service.registry import published_copy
 from service.settings import DEFAULT_TENANT
 from service.store import Store, with_installed_driver
 from worker.reconcile import reconcile_once
-from worker.tasks import published_copy, run_job
+from worker.tasks import run_job
 
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 

@@ -29,6 +29,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 TRAINING_STATE = "checkpoint.pt"
+MODEL_FILES = (WEIGHTS, CONFIG, METRICS)  # what a registered version holds; a job's directory adds TRAINING_STATE
 
 
 class ModelError(ValueError):
@@ -101,7 +102,7 @@ def copy_model(source: str | os.PathLike, destination: str | os.PathLike) -> Non
     shutil.rmtree(staging, ignore_errors=True)  # left by a copy that crashed
     staging.mkdir(parents=True)
     try:
-        for name in (WEIGHTS, CONFIG, METRICS):
+        for name in MODEL_FILES:
             shutil.copyfile(source / name, staging / name)
         os.rename(staging, destination)
     except BaseException:

@@ -26,10 +26,10 @@ from al.train import Callback, Trainer
 
 class SaveEachEpoch(Callback):
     """A resumable checkpoint and the model files after every epoch and when the run ends, each time that
-    `may_save()` allows (a service: this attempt still holds the job)."""
+    `may_save()` allows (a service: this attempt still holds the job); then `saved()` (a service: upload them)."""
 
-    def __init__(self, directory: Path, config: dict, may_save: Callable[[], bool]):
-        self.directory, self.config, self.may_save = directory, config, may_save
+    def __init__(self, directory: Path, config: dict, may_save: Callable[[], bool], saved: Callable[[], None]):
+        self.directory, self.config, self.may_save, self.saved = directory, config, may_save, saved
 
     def on_epoch_end(self, trainer, metrics):
         self.save(trainer, self.config)
@@ -42,6 +42,7 @@ class SaveEachEpoch(Callback):
             # Model files first: a checkpoint without its config.json beside it would not resume.
             save_model(self.directory, trainer.net, config, trainer.history)
             trainer.save_checkpoint(self.directory / TRAINING_STATE)
+            self.saved()
 
 
 # Where a run computes, not what it computes (the pipeline is bit-identical to sequential training): a run
@@ -69,9 +70,11 @@ def train(
     callbacks: list[Callback] = (),
     resume: bool = False,
     may_save: Callable[[], bool] = lambda: True,
+    saved: Callable[[], None] = lambda: None,
 ) -> dict:
     """Train a model into `out_dir`; with `resume`, continue from its checkpoint if there is one. Each save
-    first asks `may_save()`: a worker whose lease was lost must not overwrite its successor's checkpoint."""
+    first asks `may_save()` (a worker whose lease was lost must not overwrite its successor's checkpoint), and
+    then calls `saved()`."""
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     model_cfg, train_cfg = build_configs(preset, model, training)
     out = Path(out_dir)
@@ -83,7 +86,7 @@ def train(
         data.fingerprint(),
     )
     runner = pipeline_runner(train_cfg)
-    callbacks = [*callbacks, SaveEachEpoch(out, config, may_save)]
+    callbacks = [*callbacks, SaveEachEpoch(out, config, may_save, saved)]
     trainer = Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=runner)
     checkpoint = out / TRAINING_STATE
     if resume and checkpoint.is_file() and (out / CONFIG).is_file():

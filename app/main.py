@@ -13,7 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from al import __version__
 from app.api.deps import Service, require
-from app.api.routes import datasets, jobs, models, studies, v2
+from app.api.routes import artifacts, datasets, jobs, models, studies, v2
+from app.api.routes.artifacts import ARTIFACTS_PREFIX
 from app.inference import ModelCache
 from app.ui.routes import mount_ui
 from service.queue import make_celery
@@ -61,7 +62,7 @@ class LimitsAndMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        limit = self.settings.max_upload_bytes if path in UPLOAD_PATHS else self.settings.max_request_bytes
+        limit = request_limit(self.settings, path)
         started = time.perf_counter()
         status = 500
         headers = dict(scope["headers"])
@@ -140,6 +141,14 @@ class LimitsAndMetrics:
         self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
 
 
+def request_limit(settings: Settings, path: str) -> int:
+    if path in UPLOAD_PATHS:
+        return settings.max_upload_bytes
+    if path.startswith(ARTIFACTS_PREFIX):  # a worker's checkpoint: 16 bytes per parameter at most (weights, Adam)
+        return 16 * settings.max_parameters + settings.max_request_bytes
+    return settings.max_request_bytes
+
+
 def too_large_message(limit: int) -> str:
     return f"request body is larger than the limit of {limit} bytes"
 
@@ -177,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     # Each route decides who may call it (app/api/deps.py: require, public), next to its own code.
+    app.include_router(artifacts.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(models.router)

@@ -116,6 +116,10 @@ class PipelineSpec(Strict):
     queue_depth: int | None = Field(None, ge=1, le=64, description="mini-batches that may wait between two stages")
     stage_threads: int | None = Field(None, ge=1, le=256, description="CPU threads per stage")
     stage_timeout: float | None = Field(None, gt=0, le=86400, description="seconds a stage waits before the run fails")
+    workers: int | None = Field(
+        None, ge=1, le=MAX_COMPONENTS, description="processes mode: run stage k in the k-th of this many workers, "
+        "on any hosts, instead of in processes on one worker's host",
+    )
 
 
 class ModelAndTraining(Strict):
@@ -165,6 +169,8 @@ class JobPublic(BaseModel):
         description="latest epoch's losses per component and accuracies; test accuracy when done"
     )
     error: str | None = Field(description="why the job failed (or, for a study's trial, was pruned)")
+    waiting: str | None = Field(description="why a queued job is not running yet (a pipeline job waits for "
+                                "enough workers)")
     attempts: int = Field(description="times a worker started this job (more than 1 after a worker died)")
     resumed_from_epoch: int | None = Field(description="the checkpoint's epoch the latest attempt resumed from")
     created_at: str = Field(description="submission time, ISO 8601 UTC")

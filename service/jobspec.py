@@ -4,6 +4,11 @@ is submitted, and the worker trains the job with what it returns."""
 from __future__ import annotations
 
 
+def pipeline_workers(spec: dict) -> int:
+    """How many workers train the job at once: one per stage of a `processes` pipeline that asks for them."""
+    return int((spec.get("pipeline") or {}).get("workers") or 1)
+
+
 def training_arguments(spec: dict) -> tuple[dict, dict]:
     """The job spec's model and training dicts as al.run.train takes them (ValueError if they conflict)."""
     training = dict(spec.get("training") or {})
@@ -11,6 +16,11 @@ def training_arguments(spec: dict) -> tuple[dict, dict]:
         training["method"] = spec["method"]
     pipeline = dict(spec.get("pipeline") or {})
     mode, devices = pipeline.pop("mode", "sequential"), pipeline.pop("devices", None)
+    workers = pipeline.pop("workers", None)
+    if workers is not None and mode != "processes":
+        raise ValueError("pipeline.workers applies to the processes mode only")
+    if workers is not None and devices and len(devices) != workers:
+        raise ValueError(f"pipeline.devices names {len(devices)} devices for {workers} workers: one per worker")
     if mode == "sequential":
         if pipeline:
             raise ValueError(f"pipeline {', '.join(sorted(pipeline))} apply to the threads and processes modes only")

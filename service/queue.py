@@ -11,6 +11,7 @@ from celery import Celery
 from service.settings import Settings
 
 TRAIN_TASK = "al.train_job"
+STAGE_TASK = "al.train_stage"  # one stage of a pipeline job over several workers (worker/stages.py)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -63,3 +64,7 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue(app: Celery, job_id: str, countdown: float | None = None) -> None:
     app.send_task(TRAIN_TASK, args=[job_id], queue=app.conf.task_default_queue, countdown=countdown)
+
+
+def enqueue_stage(app: Celery, job_id: str, rank: int, attempt: int) -> None:
+    app.send_task(STAGE_TASK, args=[job_id, rank, attempt], queue=app.conf.task_default_queue)

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 from al.checkpoint import copy_model
-from service.settings import Settings
+from service.artifacts import LocalArtifacts
 
 
-def published_copy(settings: Settings, model_dir: Path, tenant: str) -> Callable[[str, int], str]:
-    """Store.finish's `publish`: the registered version is a copy under models/<tenant>/<name>/<version> (names
-    are per tenant) that no later write to the job's directory (a stale attempt, say) can change."""
+def published_copy(artifacts: LocalArtifacts, job_id: str, tenant: str) -> Callable[[str, int], str]:
+    """Store.finish's `publish`: the registered version is a copy of the job's model files under
+    models/<tenant>/<name>/<version> (names are per tenant), in this host's data directory and in the artifact
+    store, that no later write to the job's directory (a stale attempt, say) can change."""
     def publish(name: str, version: int) -> str:
-        destination = settings.models_dir / tenant / name / str(version)
+        key = f"models/{tenant}/{name}/{version}"
+        destination = artifacts.path(key)
         # Left by a registration whose commit failed: that version number was never registered.
         shutil.rmtree(destination, ignore_errors=True)
-        copy_model(model_dir, destination)
-        return str(destination.relative_to(settings.data_dir))
+        copy_model(artifacts.path(f"jobs/{job_id}"), destination)
+        artifacts.push_model(key)
+        return key
 
     return publish

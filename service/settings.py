@@ -8,7 +8,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_TENANT = "default"
@@ -67,6 +67,17 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("DATABASE_URL", "AL_DATABASE_URL"),
         description="SQLAlchemy URL of the job store; unset = SQLite at data_dir/al.db",
+    )
+    # Many hosts (docs/deploy.md): workers elsewhere reach the artifacts through the API, and each other's stages.
+    artifacts_url: str | None = Field(
+        None, pattern=r"^https?://[^/\s]+/?$",
+        description="where datasets, checkpoints and model versions live: unset = data_dir; "
+        "http(s)://API-HOST:PORT = the API serves them to workers on other hosts (service/artifacts.py)",
+    )
+    api_key: SecretStr | None = Field(None, description="the key a worker sends to the API (scope worker)")
+    stage_address: str | None = Field(
+        None, description="the address other workers reach a pipeline job's stage 0 on, when this worker runs it; "
+        "unset = this host's address on the route to the broker",
     )
     queue: str = Field("al.jobs", min_length=1, max_length=200, description="broker queue of training jobs")
     embedded_worker: bool = Field(True, description="`al serve` starts a worker next to the API")
@@ -161,6 +172,11 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.data_dir / "broker"
+
+    @property
+    def worker_seen_within(self) -> float:
+        """A worker whose reconciler has not reported for this long is presumed gone."""
+        return 3 * self.reconcile_interval
 
     @property
     def heartbeat_interval(self) -> float:

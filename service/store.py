@@ -74,6 +74,7 @@ class DatasetRow(Base):
     shape: Mapped[list] = mapped_column(JSON)  # of one sample
     classes: Mapped[list] = mapped_column(JSON)
     size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str | None] = mapped_column(String(64))  # workers on other hosts cache the file by it
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -104,6 +105,18 @@ class JobRow(Base):
     resumed_from_epoch: Mapped[int | None] = mapped_column(Integer)  # the checkpoint the latest attempt began at
     model_name: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[int | None] = mapped_column(Integer)
+    waiting: Mapped[str | None] = mapped_column(Text)  # why a queued job is not running yet
+    # A pipeline job over several workers, while an attempt runs: where its stages meet (worker/stages.py).
+    rendezvous: Mapped[dict | None] = mapped_column(JSON)
+
+
+class WorkerRow(Base):
+    """A worker process, as its reconciler last reported it: how many jobs it runs at once."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)
+    seen_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class EpochRow(Base):
@@ -341,6 +354,8 @@ class Store:
                     lease_expires_at=now + lease_seconds,
                     attempts=JobRow.attempts + 1,
                     started_at=func.coalesce(JobRow.started_at, now),
+                    waiting=None,
+                    rendezvous=None,
                 )
             ).rowcount
         if not taken:
@@ -397,7 +412,7 @@ class Store:
             if job is None:
                 return False
             values = dict(status=status, result=result, error=error, finished_at=time.time(),
-                          lease_owner=None, lease_expires_at=None)
+                          lease_owner=None, lease_expires_at=None, rendezvous=None, waiting=None)
             if publish is not None:
                 version = next_version(s, job.tenant, job.name)
                 values.update(model_name=job.name, model_version=version)
@@ -407,8 +422,10 @@ class Store:
                 add_version(s, job.tenant, job.name, version, job_id, publish)
             return True
 
-    def release(self, job_id: str, owner: str) -> str | None:
-        """The lease holder gives the job back: queued again (or cancelled, if that was asked meanwhile)."""
+    def release(self, job_id: str, owner: str, handed_back: bool = True, waiting: str | None = None) -> str | None:
+        """The lease holder gives the job back: queued again (or cancelled, if that was asked meanwhile).
+        `handed_back`: the attempt ended in order (a shutdown), so it does not count towards max_attempts;
+        `waiting` says why it is queued again."""
         now = time.time()
         with self.writing() as s, s.begin():
             job = s.scalars(select(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner,
@@ -418,7 +435,7 @@ class Store:
             new_status = "cancelled" if job.status == "cancelling" else "queued"
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner).values(
                 status=new_status, lease_owner=None, lease_expires_at=None, enqueued_at=now,
-                releases=JobRow.releases + 1,
+                releases=JobRow.releases + int(handed_back), waiting=waiting, rendezvous=None,
                 finished_at=now if new_status == "cancelled" else None,
             ))
             return new_status
@@ -432,7 +449,8 @@ class Store:
     def release_expired(self, job: JobRow) -> str | None:
         """Requeue (or, if it was being cancelled, cancel) a job whose lease expired; None if someone beat us."""
         new_status = "cancelled" if job.status == "cancelling" else "queued"
-        values = dict(status=new_status, lease_owner=None, lease_expires_at=None, enqueued_at=time.time())
+        values = dict(status=new_status, lease_owner=None, lease_expires_at=None, enqueued_at=time.time(),
+                      rendezvous=None)
         if new_status == "cancelled":
             values["finished_at"] = time.time()
         with self.writing() as s, s.begin():
@@ -459,6 +477,44 @@ class Store:
                              .values(enqueued_at=time.time())).rowcount:
                     bumped.append(job_id)
         return bumped
+
+    # --- pipeline jobs over several workers ---------------------------------------------
+
+    def publish_rendezvous(self, job_id: str, owner: str, rendezvous: dict) -> bool:
+        """Where the other stages of this attempt meet its stage 0; by the lease holder only."""
+        return self.record_progress(job_id, owner, rendezvous=rendezvous)
+
+    def worker_seen(self, worker_id: str, slots: int) -> None:
+        with self.writing() as s, s.begin():
+            row = s.get(WorkerRow, worker_id)
+            if row is None:
+                s.add(WorkerRow(id=worker_id, slots=slots, seen_at=time.time()))
+            else:
+                row.slots, row.seen_at = slots, time.time()
+
+    def live_slots(self, within: float) -> int:
+        """Jobs the workers seen in the last `within` seconds run at once, together."""
+        with self.writing() as s, s.begin():
+            cutoff = time.time() - within
+            s.execute(delete(WorkerRow).where(WorkerRow.seen_at < cutoff - 86400))  # gone for a day: forget it
+            return s.scalar(select(func.coalesce(func.sum(WorkerRow.slots), 0)).where(WorkerRow.seen_at >= cutoff))
+
+    def wait(self, job_id: str, reason: str) -> None:
+        """A queued job that no worker can start yet: why, for its status. The reconciler sends it again."""
+        with self.writing() as s, s.begin():
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued",
+                                           JobRow.lease_owner.is_(None)).values(waiting=reason))
+
+    def waiting_jobs(self) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.status == "queued", JobRow.waiting.is_not(None))))
+
+    def stop_waiting(self, job: JobRow) -> bool:
+        """Claim the resend of a waiting job (one reconciler of many wins); its reason stays until a lease."""
+        with self.writing() as s, s.begin():
+            return bool(s.execute(update(JobRow).where(
+                JobRow.id == job.id, JobRow.status == "queued", JobRow.enqueued_at == job.enqueued_at,
+            ).values(enqueued_at=time.time())).rowcount)
 
     # --- models -------------------------------------------------------------------------
 
@@ -506,10 +562,20 @@ def add_version(s: Session, tenant: str, name: str, version: int, job_id: str,
     model.path = publish(name, version)
 
 
+# Nullable columns added since the tables were first made: an older database gets them on open.
+LATER_COLUMNS = {"datasets": ("sha256",), "jobs": ("waiting", "rendezvous")}
+
+
 def upgrade_schema(conn) -> None:
-    """A database made before tenants: add the tenant columns, so that every row it holds is the default
-    tenant's, and put the tenant into the models' key. SQLite cannot change a key, so it copies the table."""
+    """An older database brought up to date: the later columns; and, for one made before tenants, the tenant
+    columns, so that every row it holds is the default tenant's, and the tenant in the models' key. SQLite
+    cannot change a key, so it copies the table."""
     schema = inspect(conn)
+    for table, names in LATER_COLUMNS.items():
+        present = {c["name"] for c in schema.get_columns(table)}
+        for name in set(names) - present:
+            kind = Base.metadata.tables[table].c[name].type.compile(conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
     if "tenant" in {c["name"] for c in schema.get_columns("models")}:
         return  # the models table is upgraded last: with it, everything is
     column = f"tenant VARCHAR(64) NOT NULL DEFAULT '{DEFAULT_TENANT}'"

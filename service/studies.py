@@ -33,6 +33,7 @@ from al.study import (
     parse_space,
     trial_summary,
 )
+from service.artifacts import artifacts_for
 from service.jobspec import training_arguments
 from service.registry import published_copy
 from service.settings import Settings
@@ -247,7 +248,9 @@ class Studies:
         job = self._jobs(row.id, [best.number])[best.number]
         if job.model_name is not None:
             return
-        publish = published_copy(self.settings, self.settings.jobs_dir / job.id, row.tenant)
+        artifacts = artifacts_for(self.settings)
+        artifacts.pull_job(job.id)  # it may have trained on another host
+        publish = published_copy(artifacts, job.id, row.tenant)
         with self.store.writing() as s, s.begin():
             version = next_version(s, row.tenant, row.name)
             if s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))

@@ -13,6 +13,7 @@ from service_support import use_env
 
 from al.checkpoint import TRAINING_STATE, WEIGHTS, load_model
 from al.run import train
+from service.artifacts import LocalArtifacts
 from service.queue import enqueue, make_celery
 from service.registry import published_copy
 from service.settings import DEFAULT_TENANT
@@ -197,7 +198,8 @@ def test_worker_gives_up_after_max_attempts_and_reconciler_requeues(tmp_path, mo
     broker = make_celery(settings)  # the embedded broker, in tmp_path
     assert reconcile_once(store, broker, settings) == [job.id]
     assert store.get_job(job.id).status == "queued"
-    assert run_job(store, settings, job.id, requeue=lambda job_id: enqueue(broker, job_id)) == "failed"
+    assert run_job(store, settings, job.id, requeue=lambda job_id: enqueue(broker, job_id),
+                   send_stage=lambda *_: None) == "failed"
     job = store.get_job(job.id)
     assert job.status == "failed" and "gave up after 2 attempts" in job.error and job.attempts == 3
 
@@ -266,7 +268,7 @@ def test_a_registered_version_is_a_copy_that_later_writes_do_not_change(tmp_path
     settings = use_env(monkeypatch, {"AL_DATA_DIR": str(tmp_path)})
     job_dir = settings.jobs_dir / "job_x"
     train("digits", job_dir, "default", {"widths": [8], "target_width": 8}, {"epochs": 1})
-    path = published_copy(settings, job_dir, "team-a")("digits", 1)
+    path = published_copy(LocalArtifacts(settings.data_dir), "job_x", "team-a")("digits", 1)
     assert path == "models/team-a/digits/1" and not (tmp_path / path / TRAINING_STATE).exists()
     registered = (tmp_path / path / WEIGHTS).read_bytes()
     (job_dir / WEIGHTS).write_bytes(b"a stale attempt's write")

@@ -14,9 +14,10 @@ import threading
 
 from celery import Celery
 
+from service.jobspec import pipeline_workers
 from service.queue import enqueue
 from service.settings import Settings
-from service.store import Store
+from service.store import Store, worker_identity
 from service.studies import Studies
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,13 @@ os.register_at_fork(before=_pass_lock.acquire, after_in_parent=_pass_lock.releas
 def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
     """One pass; the ids of the jobs it sent again."""
     resent = []
+    live = None
+    for job in store.waiting_jobs():  # pipeline jobs waiting for workers (worker/tasks.py: too_few_workers)
+        live = store.live_slots(settings.worker_seen_within) if live is None else live
+        if pipeline_workers(job.spec) <= live and store.stop_waiting(job):
+            log.info("job %s: %d worker slot(s) are live; sending it again", job.id, live)
+            enqueue(app, job.id)
+            resent.append(job.id)
     for job in store.expired_leases():
         new_status = store.release_expired(job)
         if new_status == "queued":
@@ -52,11 +60,13 @@ def start_reconciler(store: Store, app: Celery, settings: Settings) -> threading
     """A daemon thread that reconciles every settings.reconcile_interval seconds; set the event to stop it."""
     stop = threading.Event()
     studies = Studies(settings)
+    me = worker_identity()
 
     def loop() -> None:
         while True:
             try:
                 with _pass_lock:
+                    store.worker_seen(me, settings.worker_concurrency)  # pipeline jobs count the live workers
                     reconcile_once(store, app, settings)
                     # The studies' driver: it tells Optuna of ended trials and starts new ones.
                     studies.drive(lambda job_id: enqueue(app, job_id))

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,14 +25,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 # Imported in the worker's main process on purpose: forked pool children then start a job
 # without importing torch again. Importing torch does not initialise CUDA; only the task does.
 from al.data import BUILTIN_DATASETS
+from al.pipeline import PipelineError, StagesMissing
 from al.run import train
 from al.train import Callback
-from service.jobspec import training_arguments
-from service.queue import TRAIN_TASK, enqueue
+from service.artifacts import ArtifactError, LocalArtifacts, artifacts_for
+from service.jobspec import pipeline_workers, training_arguments
+from service.queue import STAGE_TASK, TRAIN_TASK, enqueue, enqueue_stage
 from service.registry import published_copy
 from service.settings import Settings
 from service.store import OUTAGE, Store, get_store, worker_identity
 from service.studies import trial_pruning
+from worker.stages import join_as, open_rendezvous
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,17 +62,17 @@ def listen_for_shutdown() -> None:
         signal.signal(signum, lambda *_: SHUTTING_DOWN.set())
 
 
-def patiently(settings: Settings, call: Callable[[], T]) -> T:
-    """`call()` on the store, retried while the database does not answer (a restart, a failover), for up to
-    AL_STORE_OUTAGE_SECONDS; then its error ends the attempt, and the job resumes later from its checkpoint."""
+def patiently(settings: Settings, call: Callable[[], T], errors: tuple[type[Exception], ...] = OUTAGE) -> T:
+    """`call()` on the store (or the artifact store), retried while it does not answer (a restart, a failover), for
+    up to AL_STORE_OUTAGE_SECONDS; then its error ends the attempt, and the job resumes later from its checkpoint."""
     deadline = time.monotonic() + settings.store_outage_seconds
     while True:
         try:
             return call()
-        except OUTAGE:
+        except errors as e:
             if time.monotonic() > deadline:
                 raise
-            log.warning("the job store does not answer; retrying in 1 s")
+            log.warning("%s; retrying in 1 s", e if errors is not OUTAGE else "the job store does not answer")
             time.sleep(1)
 
 
@@ -130,13 +134,13 @@ class JobReporter(Callback):
         patiently(self.settings, lambda: self.store.record_epoch(self.job_id, self.owner, metrics))
 
 
-def dataset_source(store: Store, settings: Settings, tenant: str, dataset: str) -> str:
+def dataset_source(store: Store, artifacts: LocalArtifacts, tenant: str, dataset: str) -> str:
     if dataset in BUILTIN_DATASETS:
         return dataset
     row = store.get_dataset(tenant, dataset)
     if row is None:
         raise ValueError(f"dataset {dataset!r} no longer exists")
-    return str(settings.data_dir / row.path)
+    return str(artifacts.dataset(row.path, row.sha256))
 
 
 def allow_child_processes() -> None:
@@ -151,9 +155,29 @@ def allow_child_processes() -> None:
     process._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(process.authkey))
 
 
-def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[str], None]) -> str | None:
-    """Train a job to its end (or until cancelled, or the worker shuts down: then `requeue(job_id)`);
-    the status it ended with, or None if it was not ours to run."""
+def too_few_workers(store: Store, settings: Settings, job_id: str) -> str | None:
+    """Why a pipeline job over several workers cannot start now: fewer worker slots are live than it has stages."""
+    job = store.get_job(job_id)
+    workers = pipeline_workers(job.spec) if job else 1
+    if workers == 1:
+        return None
+    live = store.live_slots(settings.worker_seen_within)
+    if live >= workers:
+        return None
+    return (f"waiting for workers: its pipeline asks for {workers} (one per stage) and {live} worker slot(s) are "
+            "live; start more workers (al worker, on any host) or ask for fewer")
+
+
+def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[str], None],
+            send_stage: Callable[[str, int, int], None]) -> str | None:
+    """Train a job to its end (or until cancelled, or the worker shuts down: then `requeue(job_id)`); a pipeline
+    job over several workers sends its other stages with `send_stage(job_id, rank, attempt)`. The status it ended
+    with, or None if it was not ours to run."""
+    waiting = patiently(settings, lambda: too_few_workers(store, settings, job_id))
+    if waiting:  # the reconciler sends it again once enough workers are live; this worker stays free meanwhile
+        store.wait(job_id, waiting)
+        log.info("job %s: %s", job_id, waiting)
+        return None
     owner = worker_identity()
     claim = patiently(settings, lambda: store.take_lease(job_id, owner, settings.lease_seconds))
     if claim is None:
@@ -170,17 +194,34 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     log.info("job %s: attempt %d", job_id, job.attempts)
     reporter = JobReporter(store, job_id, owner, settings)
     reporter.start_heartbeat()  # before loading the data, which can take longer than a lease
-    model_dir = settings.jobs_dir / job_id
+    artifacts = artifacts_for(settings)
+    model_dir = artifacts.path(f"jobs/{job_id}")
     model, training = training_arguments(job.spec)
     study = job.spec.get("study")  # a study's trial: its pruner may stop it at an epoch's end
+    failed_attempt = False
     try:
         pruning = trial_pruning(settings, study) if study else None
-        source = dataset_source(store, settings, job.tenant, job.spec["dataset"])
+        source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
+        patiently(settings, lambda: artifacts.pull_job(job_id), ArtifactError)  # the latest checkpoint, from any host
+        workers = pipeline_workers(job.spec)
+        if workers > 1:
+            rendezvous = open_rendezvous(settings, workers) | {"attempt": job.attempts}
+            store.publish_rendezvous(job_id, owner, rendezvous)
+            join_as(rendezvous, 0)
+            for rank in range(1, workers):
+                send_stage(job_id, rank, job.attempts)
         callbacks = [reporter, pruning] if pruning else [reporter]
         result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True,
-                       may_save=lambda: patiently(settings, lambda: store.holds_lease(job_id, owner)))
+                       may_save=lambda: patiently(settings, lambda: store.holds_lease(job_id, owner)),
+                       saved=lambda: patiently(settings, lambda: artifacts.push_job(job_id), ArtifactError))
     except SoftTimeLimitExceeded:
         status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
+    except StagesMissing as e:  # every worker was busy: queued again, and this attempt is no failure
+        status, result, error = "queued", None, f"waiting for workers: {e}"
+    except PipelineError as e:  # a stage died: the attempt failed, and the job resumes from its checkpoint
+        log.warning("job %s: attempt %d failed: %s", job_id, job.attempts, e)
+        status, result, error = "queued", None, f"attempt {job.attempts} failed, resuming from its checkpoint: {e}"
+        failed_attempt = True
     except ValueError as e:  # DataError, ModelError, config errors: the message names the problem
         status, result, error = "failed", None, str(e)
     except Exception as e:
@@ -204,15 +245,15 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
         reporter.stop_heartbeat()
     if status is None:
         return None
-    if status == "queued":
-        released = patiently(settings, lambda: store.release(job_id, owner))  # "cancelled" if that was asked meanwhile
+    if status == "queued":  # "cancelled" if that was asked meanwhile
+        released = patiently(settings, lambda: store.release(job_id, owner, not failed_attempt, waiting=error))
         if released == "queued":
             requeue(job_id)
-            log.info("job %s: checkpointed at epoch %d step %d and requeued (worker shutting down)",
-                     job_id, result["epochs"], store.get_job(job_id).step)
+            log.info("job %s: requeued at epoch %d step %d (%s)", job_id, store.get_job(job_id).epoch,
+                     store.get_job(job_id).step, error or "worker shutting down; checkpointed")
         return released
     # A study registers only its best trial's model, under the study's name (service/studies.py).
-    publish = published_copy(settings, model_dir, job.tenant) if status == "succeeded" and not study else None
+    publish = published_copy(artifacts, job_id, job.tenant) if status == "succeeded" and not study else None
     try:
         patiently(settings, lambda: store.finish(job_id, owner, status, result=result, error=error, publish=publish))
     except OSError as e:  # the copy failed (a full disk): nothing was registered
@@ -224,14 +265,50 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
 
 
 
-def register_tasks(app: Celery, settings: Settings) -> None:
-    @app.task(name=TRAIN_TASK, ignore_result=True)
-    def train_job(job_id: str) -> None:
-        if SHUTTING_DOWN.is_set():  # forked by a worker already shutting down: leave the job to the next one
-            enqueue(app, job_id, REQUEUE_DELAY)
+def run_stage(store: Store, settings: Settings, job_id: str, rank: int, attempt: int) -> None:
+    """Stage `rank` of a pipeline job's attempt over several workers (worker/stages.py): join its stage 0 and train
+    this stage until stage 0 says stop. Stage 0's attempt does all the job's bookkeeping; this only trains."""
+    job = patiently(settings, lambda: store.get_job(job_id))
+    rendezvous = job.rendezvous if job and job.status in ("running", "cancelling") else None
+    if not rendezvous or rendezvous["attempt"] != attempt:
+        log.info("job %s: its attempt %d is over; stage %d does nothing", job_id, attempt, rank)
+        return
+    artifacts = artifacts_for(settings)
+    model, training = training_arguments(job.spec)
+    join_as(rendezvous, rank)
+    source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
+    scratch = settings.data_dir / "stages"  # this stage saves nothing, but train() wants a directory
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as out:
+        try:
+            train(source, out, job.spec.get("preset", "default"), model, training)
+        except Exception as e:  # stage 0 reports the attempt's failure; this worker stays up for the next job
+            log.warning("job %s: stage %d of attempt %d stopped: %s", job_id, rank, attempt, e)
             return
+    log.info("job %s: stage %d of attempt %d done", job_id, rank, attempt)
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    def start() -> bool:
+        if SHUTTING_DOWN.is_set():  # forked by a worker already shutting down: leave the job to the next one
+            return False
         allow_child_processes()
         listen_for_shutdown()
         # Training processes side by side share the cores rather than each spinning a thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
-        run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job, REQUEUE_DELAY))
+        return True
+
+    @app.task(name=TRAIN_TASK, ignore_result=True)
+    def train_job(job_id: str) -> None:
+        if not start():
+            enqueue(app, job_id, REQUEUE_DELAY)
+            return
+        run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job, REQUEUE_DELAY),
+                send_stage=lambda job, rank, attempt: enqueue_stage(app, job, rank, attempt))
+
+    @app.task(name=STAGE_TASK, ignore_result=True)
+    def train_stage(job_id: str, rank: int, attempt: int) -> None:
+        if not start():
+            enqueue_stage(app, job_id, rank, attempt)
+            return
+        run_stage(get_store(settings.store_url), settings, job_id, rank, attempt)

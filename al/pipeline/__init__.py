@@ -20,6 +20,7 @@ request_stop). The end of a run of batches (epoch end or stop) is a sync point.
 
 from al.pipeline.plan import balance_by_time, parse_stages
 from al.pipeline.runners import ProcessesRunner, ThreadsRunner, pipeline_runner
-from al.pipeline.transport import PipelineError
+from al.pipeline.transport import PipelineError, StagesMissing
 
-__all__ = ["PipelineError", "ProcessesRunner", "ThreadsRunner", "balance_by_time", "parse_stages", "pipeline_runner"]
+__all__ = ["PipelineError", "ProcessesRunner", "StagesMissing", "ThreadsRunner", "balance_by_time", "parse_stages",
+           "pipeline_runner"]

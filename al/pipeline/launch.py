@@ -30,6 +30,7 @@ from al.pipeline.transport import (
     Link,
     PipelineError,
     RunState,
+    StagesMissing,
     backend_for,
     comm_device,
     components_state,
@@ -74,7 +75,11 @@ class StageProcesses:
         group_timeout = timedelta(seconds=timeout)
         if torchrun:
             # rendezvous from torchrun's environment; the workers built their own components
-            self.control = join_group(self.backend, stages[0].device, timeout=group_timeout)
+            try:
+                self.control = join_group(self.backend, stages[0].device, timeout=group_timeout)
+            except RuntimeError as e:  # torch's DistStoreError: the waiting for the other ranks timed out
+                raise StagesMissing(f"the other {len(stages) - 1} stage(s) did not join within {timeout:g} s: "
+                                    f"{e}") from e
             self.store = dist.distributed_c10d._get_default_store()
             self.hold_state = False
             return

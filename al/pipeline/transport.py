@@ -27,6 +27,10 @@ class PipelineError(RuntimeError):
     """A stage failed; the message names the stage and the cause."""
 
 
+class StagesMissing(PipelineError):
+    """The other ranks did not join rank 0 in time: nothing has trained yet."""
+
+
 class Aborted(Exception):
     """Another part of the run failed first; this part stops without an error of its own."""
 

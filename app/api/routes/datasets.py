@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-import shutil
 import time
 from pathlib import PurePath
 from typing import Annotated
@@ -76,8 +76,11 @@ def upload_dataset(
     staged = incoming / f"{dataset_id}{suffix}"
     final = settings.datasets_dir / f"{dataset_id}{suffix}"
     try:
+        digest = hashlib.sha256()
         with open(staged, "wb") as out:
-            shutil.copyfileobj(file.file, out, COPY_CHUNK)
+            for chunk in iter(lambda: file.file.read(COPY_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
         try:
             summary = summarize_dataset(service, str(staged))  # also checks it has a train and a test split
         except DataError as e:
@@ -87,6 +90,7 @@ def upload_dataset(
         row = DatasetRow(
             id=dataset_id, tenant=caller.tenant, name=original, path=str(final.relative_to(settings.data_dir)),
             rows=summary.rows, shape=list(summary.input_shape), classes=summary.classes, size_bytes=size,
+            sha256=digest.hexdigest(),
             created_at=time.time(),
         )
         try:

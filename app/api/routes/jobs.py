@@ -35,7 +35,8 @@ def job_public(job: JobRow) -> JobPublic:
     return JobPublic(
         id=job.id, name=job.name, status=job.status, dataset=job.spec["dataset"], spec=job.spec,
         progress=Progress(epoch=job.epoch, epochs=job.epochs, step=job.step, steps=job.steps),
-        metrics=metrics or None, error=job.error, attempts=job.attempts, resumed_from_epoch=job.resumed_from_epoch,
+        metrics=metrics or None, error=job.error, waiting=job.waiting, attempts=job.attempts,
+        resumed_from_epoch=job.resumed_from_epoch,
         created_at=iso(job.created_at), started_at=iso(job.started_at), finished_at=iso(job.finished_at),
         model=ModelRef(name=job.model_name, version=job.model_version) if job.model_name else None,
     )

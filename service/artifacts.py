@@ -1,0 +1,155 @@
+"""The artifact store: datasets, job checkpoints and registered model versions, each a file under a key.
+
+A key is the file's path relative to the data directory, the one the job store records:
+datasets/<id>.<ext>, jobs/<job>/<file>, models/<tenant>/<name>/<version>/<file>. Every host keeps
+the files it uses under its own data directory with the same keys, so the rest of the service reads
+and writes local files; the store decides what moves between hosts. AL_ARTIFACTS_URL chooses it:
+
+- unset: this host's data directory is the store (one host, or a filesystem that every host mounts);
+  nothing moves.
+- http(s)://API-HOST:PORT: the API's data directory is the store. A worker on another host fetches
+  and uploads through the API's /v1/artifacts routes (app/api/routes/artifacts.py), with the
+  worker-scoped key in AL_API_KEY, as MLflow's artifact proxy does.
+
+Each upload replaces its file atomically on the API's side, and a job's checkpoint goes up after its
+model files: the latest checkpoint there is always a whole one, from the epoch it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+
+from al.checkpoint import MODEL_FILES, TRAINING_STATE, replace_atomically
+from service.settings import Settings
+
+# Top folders of the keys, and the characters of a key's parts: what the API's routes accept, nothing
+# that could leave the data directory ("..", an absolute path) or name a temporary file (a leading ".").
+KINDS = ("datasets", "jobs", "models")
+KEY_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+CHUNK = 1 << 20
+
+
+class ArtifactError(OSError):
+    """An artifact could not be fetched or stored; the message names it and why. An OSError, like a full disk:
+    the attempt fails (or, at registration, nothing is registered) and the job's checkpoint stays."""
+
+
+def checked_key(key: str) -> str:
+    """`key` if it names a file of the store; ValueError otherwise."""
+    parts = key.split("/")
+    if len(parts) < 2 or parts[0] not in KINDS or not all(KEY_PART.fullmatch(p) for p in parts):
+        raise ValueError(f"{key!r} is not an artifact key: {'|'.join(KINDS)}/... with parts of letters, digits, "
+                         "'.', '_' or '-', none starting with '.'")
+    return key
+
+
+def job_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/{name}"
+
+
+class LocalArtifacts:
+    """This host's data directory is the store: every method finds the file where it already is."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+
+    def path(self, key: str) -> Path:
+        return self.data_dir / key
+
+    def dataset(self, key: str, sha256: str | None) -> Path:
+        """An uploaded dataset's file on this host."""
+        return self.path(key)
+
+    def pull_job(self, job_id: str) -> None:
+        """The job's directory as the store holds it, for an attempt to resume from."""
+
+    def push_job(self, job_id: str) -> None:
+        """The job's model files, then its checkpoint, to the store (after every save)."""
+
+    def push_model(self, key: str) -> None:
+        """A model version's files, once copied under `key`, to the store."""
+
+
+class HttpArtifacts(LocalArtifacts):
+    """The API's data directory is the store; this host keeps copies under its own."""
+
+    def __init__(self, data_dir: Path, url: str, token: str | None, timeout: float = 60.0):
+        super().__init__(data_dir)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=f"{self.url}/v1/artifacts/", headers=headers, timeout=timeout)
+
+    def dataset(self, key: str, sha256: str | None) -> Path:
+        # Cached by content: a dataset uploaded twice, or used by many jobs, is fetched once per host.
+        cached = self.data_dir / "cache" / "datasets" / f"{sha256 or key.replace('/', '_')}{Path(key).suffix}"
+        if not cached.is_file():
+            self._fetch(key, cached, sha256)
+        return cached
+
+    def pull_job(self, job_id: str) -> None:
+        directory = self.path(f"jobs/{job_id}")
+        # Files an earlier attempt left on this host may be older than the store's: the store's win.
+        shutil.rmtree(directory, ignore_errors=True)
+        for name in (*MODEL_FILES, TRAINING_STATE):
+            self._fetch(job_key(job_id, name), directory / name, missing_ok=True)
+
+    def push_job(self, job_id: str) -> None:
+        for name in (*MODEL_FILES, TRAINING_STATE):  # the checkpoint last: it names what resumes
+            self._push(job_key(job_id, name))
+
+    def push_model(self, key: str) -> None:
+        for name in MODEL_FILES:
+            self._push(f"{key}/{name}")
+
+    def _fetch(self, key: str, destination: Path, sha256: str | None = None, missing_ok: bool = False) -> None:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+
+        def download(tmp: Path) -> None:
+            digest = hashlib.sha256()
+            with self.client.stream("GET", key) as response, open(tmp, "wb") as out:
+                self._check(response, key, "fetch")
+                for chunk in response.iter_bytes(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if sha256 and digest.hexdigest() != sha256:
+                raise ArtifactError(f"artifact {key} from {self.url} does not match its SHA-256: damaged on the way")
+
+        try:
+            replace_atomically(destination, download)
+        except _Missing:
+            if not missing_ok:
+                raise ArtifactError(f"artifact {key} is not in the store at {self.url}") from None
+        except httpx.HTTPError as e:
+            raise ArtifactError(f"cannot fetch artifact {key} from {self.url}: {e}") from None
+
+    def _push(self, key: str) -> None:
+        try:
+            with open(self.path(key), "rb") as f:
+                self._check(self.client.put(key, content=iter(lambda: f.read(CHUNK), b"")), key, "store")
+        except httpx.HTTPError as e:
+            raise ArtifactError(f"cannot store artifact {key} at {self.url}: {e}") from None
+
+    @staticmethod
+    def _check(response: httpx.Response, key: str, verb: str) -> None:
+        if response.status_code == 404 and verb == "fetch":
+            raise _Missing
+        if response.status_code >= 400:
+            response.read()
+            raise ArtifactError(f"cannot {verb} artifact {key}: {response.status_code} {response.text[:300]}")
+
+
+class _Missing(Exception):
+    """The store has no such file (an HTTP 404)."""
+
+
+def artifacts_for(settings: Settings) -> LocalArtifacts:
+    """The store AL_ARTIFACTS_URL names."""
+    if settings.artifacts_url is None:
+        return LocalArtifacts(settings.data_dir)
+    return HttpArtifacts(settings.data_dir, settings.artifacts_url,
+                         settings.api_key.get_secret_value() if settings.api_key else None)

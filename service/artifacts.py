@@ -18,6 +18,7 @@ model files: the latest checkpoint there is always a whole one, from the epoch i
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ from service.settings import Settings
 KINDS = ("datasets", "jobs", "models")
 KEY_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 CHUNK = 1 << 20
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per file moved
 
 
 class ArtifactError(OSError):

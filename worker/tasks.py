@@ -306,7 +306,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job, REQUEUE_DELAY),
                 send_stage=lambda job, rank, attempt: enqueue_stage(app, job, rank, attempt))
 
-    @app.task(name=STAGE_TASK, ignore_result=True)
+    # Acknowledged when it starts: a stage whose process dies is never sent again, since its attempt fails with it.
+    @app.task(name=STAGE_TASK, ignore_result=True, acks_late=False, reject_on_worker_lost=False)
     def train_stage(job_id: str, rank: int, attempt: int) -> None:
         if not start():
             enqueue_stage(app, job_id, rank, attempt)

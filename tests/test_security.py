@@ -336,3 +336,24 @@ def test_a_real_run_never_logs_a_key(tmp_path):
     leaked = [name for name, token in {**keys, "wrong": "wrong-key-Jh55"}.items() if token in log]
     assert not leaked, f"keys in the log: {leaked}"
 
+
+
+def test_artifacts_are_for_worker_keys_within_the_data_directory_and_registered_versions_never_change(
+        tmp_path, monkeypatch, trained_model_dir):
+    client = make_client(tmp_path, monkeypatch, AL_API_KEYS=SCOPED_KEYS)
+    worker = bearer(TOKENS["worker"])
+    stored = client.put("/v1/artifacts/jobs/job_1/checkpoint.pt", content=b"state", headers=worker)
+    assert stored.status_code == 204, stored.text
+    assert client.get("/v1/artifacts/jobs/job_1/checkpoint.pt", headers=worker).content == b"state"
+    assert client.get("/v1/artifacts/jobs/job_1/checkpoint.pt", headers=bearer(TOKENS["admin"])).status_code == 403
+    assert client.get("/v1/artifacts/jobs/job_2/checkpoint.pt", headers=worker).status_code == 404
+    for key in ("al.db", "jobs/../al.db", "jobs/job_1/.checkpoint.pt.tmp", "broker/queue/x", "jobs"):
+        refused = client.put(f"/v1/artifacts/{key}", content=b"x", headers=worker)
+        assert refused.status_code in (400, 404), (key, refused.text)  # 404: a path the router never matches
+    assert (tmp_path / "data" / "al.db").stat().st_size > 1 and not (tmp_path / "data" / "broker" / "queue" / "x").exists()
+
+    register_model(Settings(), trained_model_dir)  # version 1 of "digits"
+    refused = client.put("/v1/artifacts/models/default/digits/1/model.safetensors", content=b"x", headers=worker)
+    assert refused.status_code == 409 and "never change" in detail(refused)
+    assert client.put("/v1/artifacts/models/default/digits/2/model.safetensors", content=b"x",
+                      headers=worker).status_code == 204  # not registered yet: a registration uploads it first

@@ -68,7 +68,7 @@ class Cluster:
         self.api = f"http://{self.a.address}:8000"
         shared = {"DATABASE_URL": f"postgresql://postgres@{self.a.address}:5432/postgres",
                   "REDIS_URL": f"redis://{self.a.address}:6379/0", "AL_QUEUE": "al.hosts"}
-        base = {k: v for k, v in os.environ.items() if not k.startswith("AL_") and k not in ("REDIS_URL", "DATABASE_URL")}
+        base = {k: v for k, v in os.environ.items() if not k.startswith("AL_") and k not in shared}
         self.env = {**base, **FAST, **shared, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.processes: dict[str, subprocess.Popen] = {}
 

@@ -74,6 +74,9 @@
     document.getElementById("started").textContent = AL.localTime(job.started_at);
     document.getElementById("finished").textContent = AL.localTime(job.finished_at);
     document.getElementById("model").replaceChildren(job.model ? AL.modelLink(job.model) : "–");
+    const waiting = document.getElementById("waiting");  // why a queued job is not running yet
+    waiting.textContent = job.status === "queued" && job.waiting ? `Waiting: ${job.waiting}` : "";
+    waiting.hidden = !waiting.textContent;
     const error = document.getElementById("error");
     error.textContent = job.error || "";
     error.hidden = !job.error;

@@ -292,8 +292,6 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def start() -> bool:
         if SHUTTING_DOWN.is_set():  # forked by a worker already shutting down: leave the job to the next one
             return False
-        allow_child_processes()
-        listen_for_shutdown()
         # Training processes side by side share the cores rather than each spinning a thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
         return True
@@ -303,10 +301,14 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         if not start():
             enqueue(app, job_id, REQUEUE_DELAY)
             return
+        allow_child_processes()
+        listen_for_shutdown()
         run_job(get_store(settings.store_url), settings, job_id, requeue=lambda job: enqueue(app, job, REQUEUE_DELAY),
                 send_stage=lambda job, rank, attempt: enqueue_stage(app, job, rank, attempt))
 
     # Acknowledged when it starts: a stage whose process dies is never sent again, since its attempt fails with it.
+    # It does not listen for the shutdown: the worker's SHUTDOWN_SIGNAL ends it at once (the signal's default
+    # action), so that a stopping worker does not wait for the whole job; stage 0 then resumes the job.
     @app.task(name=STAGE_TASK, ignore_result=True, acks_late=False, reject_on_worker_lost=False)
     def train_stage(job_id: str, rank: int, attempt: int) -> None:
         if not start():

@@ -15,9 +15,12 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Callable
 from urllib.parse import urlparse
 
+from service.jobspec import pipeline_workers
 from service.settings import Settings
+from service.store import JobRow, Store
 
 SIOCGIFADDR = 0x8915  # <linux/sockios.h>: an interface's IPv4 address
 
@@ -57,9 +60,15 @@ def free_port(address: str) -> int:
         return s.getsockname()[1]
 
 
-def open_rendezvous(settings: Settings, workers: int) -> dict:
-    address = stage_zero_address(settings)
-    return {"address": address, "port": free_port(address), "workers": workers}
+def start_stages(store: Store, settings: Settings, job: JobRow, owner: str,
+                 send_stage: Callable[[str, int, int], None]) -> None:
+    """As stage 0 of the job's attempt: publish where the other stages meet it, join as rank 0, send them."""
+    workers, address = pipeline_workers(job.spec), stage_zero_address(settings)
+    rendezvous = {"address": address, "port": free_port(address), "workers": workers, "attempt": job.attempts}
+    store.publish_rendezvous(job.id, owner, rendezvous)
+    join_as(rendezvous, 0)
+    for rank in range(1, workers):
+        send_stage(job.id, rank, job.attempts)
 
 
 def join_as(rendezvous: dict, rank: int) -> None:

@@ -35,7 +35,7 @@ from service.registry import published_copy
 from service.settings import Settings
 from service.store import OUTAGE, Store, get_store, worker_identity
 from service.studies import trial_pruning
-from worker.stages import join_as, open_rendezvous
+from worker.stages import join_as, start_stages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,13 +203,8 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
         pruning = trial_pruning(settings, study) if study else None
         source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
         patiently(settings, lambda: artifacts.pull_job(job_id), ArtifactError)  # the latest checkpoint, from any host
-        workers = pipeline_workers(job.spec)
-        if workers > 1:
-            rendezvous = open_rendezvous(settings, workers) | {"attempt": job.attempts}
-            store.publish_rendezvous(job_id, owner, rendezvous)
-            join_as(rendezvous, 0)
-            for rank in range(1, workers):
-                send_stage(job_id, rank, job.attempts)
+        if pipeline_workers(job.spec) > 1:
+            start_stages(store, settings, job, owner, send_stage)
         callbacks = [reporter, pruning] if pruning else [reporter]
         result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True,
                        may_save=lambda: patiently(settings, lambda: store.holds_lease(job_id, owner)),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import httpx
@@ -94,11 +93,13 @@ class HttpArtifacts(LocalArtifacts):
         return cached
 
     def pull_job(self, job_id: str) -> None:
-        directory = self.path(f"jobs/{job_id}")
-        # Files an earlier attempt left on this host may be older than the store's: the store's win.
-        shutil.rmtree(directory, ignore_errors=True)
+        # Files an earlier attempt left on this host may be older than the store's: the store's replace them,
+        # and one the store lacks goes. (Each is replaced, never first deleted: this host's data directory may
+        # be the API's own.)
         for name in (*MODEL_FILES, TRAINING_STATE):
-            self._fetch(job_key(job_id, name), directory / name, missing_ok=True)
+            local = self.path(job_key(job_id, name))
+            if not self._fetch(job_key(job_id, name), local, missing_ok=True):
+                local.unlink(missing_ok=True)
 
     def push_job(self, job_id: str) -> None:
         for name in (*MODEL_FILES, TRAINING_STATE):  # the checkpoint last: it names what resumes
@@ -108,7 +109,8 @@ class HttpArtifacts(LocalArtifacts):
         for name in MODEL_FILES:
             self._push(f"{key}/{name}")
 
-    def _fetch(self, key: str, destination: Path, sha256: str | None = None, missing_ok: bool = False) -> None:
+    def _fetch(self, key: str, destination: Path, sha256: str | None = None, missing_ok: bool = False) -> bool:
+        """Whether the store has the file; it is at `destination` if so."""
         destination.parent.mkdir(parents=True, exist_ok=True)
 
         def download(tmp: Path) -> None:
@@ -123,9 +125,11 @@ class HttpArtifacts(LocalArtifacts):
 
         try:
             replace_atomically(destination, download)
+            return True
         except _Missing:
             if not missing_ok:
                 raise ArtifactError(f"artifact {key} is not in the store at {self.url}") from None
+            return False
         except httpx.HTTPError as e:
             raise ArtifactError(f"cannot fetch artifact {key} from {self.url}: {e}") from None
 

@@ -4,7 +4,7 @@ Host A runs the API with its own PostgreSQL and Redis, bound to A's address; hos
 worker each. Every host has its own empty data directory: workers reach datasets and checkpoints only
 through the API's artifact store (AL_ARTIFACTS_URL), with a worker key. All traffic stays between the
 namespaces this test makes; the test itself talks to the API from inside host A. The tests run in
-order on one cluster: each starts from the workers the one before left running.
+order on one cluster, and each starts the workers it needs that are not running.
 """
 
 from __future__ import annotations
@@ -80,9 +80,13 @@ class Cluster:
             host.command([sys.executable, "-m", "al.cli", *args]), env={**self.env, "AL_DATA_DIR": str(data), **env},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start_worker(self, name: str, host) -> None:
-        self.start(name, host, ["worker"], AL_ARTIFACTS_URL=self.api, AL_API_KEY=WORKER)
-        wait_for(lambda: " ready." in self.log(name), 90, f"worker {name} to start")
+    def start_worker(self, name: str) -> None:
+        """The worker of host `name` ("b" or "c"), unless it runs already."""
+        if name in self.processes and self.processes[name].poll() is None:
+            return
+        offset = len(self.log(name)) if (self.root / f"{name}.log").exists() else 0
+        self.start(name, {"b": self.b, "c": self.c}[name], ["worker"], AL_ARTIFACTS_URL=self.api, AL_API_KEY=WORKER)
+        wait_for(lambda: " ready." in self.log(name)[offset:], 90, f"worker {name} to start")
 
     def kill(self, name: str) -> None:
         """SIGKILL the process and everything it started, as a host that dies."""
@@ -132,7 +136,6 @@ def cluster():
                         return False
 
                 wait_for(ready, 90, "the API on host A", interval=0.3)
-                cluster.start_worker("b", cluster.b)
                 yield cluster
         finally:
             for name in list(cluster.processes):
@@ -162,6 +165,7 @@ def submit(cluster: Cluster, spec: dict) -> str:
 
 
 def test_upload_on_a_train_on_b_predict_on_a(cluster):
+    cluster.start_worker("b")
     with inside(cluster.a.namespace):
         upload = cluster.client.post("/v1/datasets", files={"file": ("digits.npz", digits_npz())})
         assert upload.status_code == 201, upload.text
@@ -186,10 +190,13 @@ def test_upload_on_a_train_on_b_predict_on_a(cluster):
 def test_a_job_whose_host_is_killed_resumes_on_another_host(cluster):
     spec = {"dataset": "digits", "name": "resumed-on-c", "preset": "lean",
             "model": {"arch": "mlp", "widths": [256, 256], "target_width": 64}, "training": {"epochs": 40}}
+    cluster.start_worker("b")
+    if "c" in cluster.processes:
+        cluster.kill("c")
     job_id = submit(cluster, spec)
     wait_for(lambda: job_status(cluster, job_id)["progress"]["epoch"] >= 2, 120, "two epochs on B", interval=0.2)
-    cluster.kill("b")  # host B dies with its worker; C has never seen this job
-    cluster.start_worker("c", cluster.c)
+    cluster.kill("b")  # host B dies with its worker; C has not seen this job
+    cluster.start_worker("c")
     done = wait_job(cluster, job_id, ("succeeded", "failed"), timeout=240)
     assert done["status"] == "succeeded", (done, cluster.log("c")[-3000:])
     assert done["attempts"] == 2 and done["resumed_from_epoch"] >= 2, done
@@ -197,7 +204,8 @@ def test_a_job_whose_host_is_killed_resumes_on_another_host(cluster):
 
 
 def test_a_pipeline_over_two_workers_equals_a_sequential_run(cluster, tmp_path):
-    cluster.start_worker("b", cluster.b)  # B is back; C runs since the test before
+    cluster.start_worker("b")
+    cluster.start_worker("c")
     job_id = submit(cluster, {**PIPELINE_JOB, "name": "piped"})
     done = wait_job(cluster, job_id, ("succeeded", "failed"))
     assert done["status"] == "succeeded", (done, cluster.log("b")[-3000:], cluster.log("c")[-3000:])
@@ -215,6 +223,8 @@ def test_a_pipeline_over_two_workers_equals_a_sequential_run(cluster, tmp_path):
 
 def test_a_killed_stage_ends_the_attempt_and_the_job_resumes(cluster):
     spec = {**PIPELINE_JOB, "name": "piped-killed", "training": {"epochs": 30, "batch_size": 64, "seed": 5}}
+    cluster.start_worker("b")
+    cluster.start_worker("c")
     seen = {name: len(cluster.log(name)) for name in ("b", "c")}
     job_id = submit(cluster, spec)
     wait_for(lambda: job_status(cluster, job_id)["progress"]["epoch"] >= 2, 120, "two epochs", interval=0.2)
@@ -233,6 +243,7 @@ def stage_process(cluster: Cluster, seen: dict[str, int]) -> int:
 
 
 def test_a_job_asking_for_more_workers_than_exist_waits_and_says_why(cluster):
+    cluster.start_worker("b")
     job_id = submit(cluster, {**PIPELINE_JOB, "name": "too-wide",
                               "pipeline": {**PIPELINE_JOB["pipeline"], "workers": 4, "stages": "0,1,2,3"}})
     waiting = wait_for(lambda: (j := job_status(cluster, job_id))["waiting"] and j, 30, "the reason it waits")

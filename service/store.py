@@ -510,11 +510,12 @@ class Store:
             return list(s.scalars(select(JobRow).where(JobRow.status == "queued", JobRow.waiting.is_not(None))))
 
     def stop_waiting(self, job: JobRow) -> bool:
-        """Claim the resend of a waiting job (one reconciler of many wins); its reason stays until a lease."""
+        """Claim the resend of a waiting job: one reconciler of many wins, once. The reason goes with it: the
+        delivery sets a new one if the job must wait again."""
         with self.writing() as s, s.begin():
             return bool(s.execute(update(JobRow).where(
-                JobRow.id == job.id, JobRow.status == "queued", JobRow.enqueued_at == job.enqueued_at,
-            ).values(enqueued_at=time.time())).rowcount)
+                JobRow.id == job.id, JobRow.status == "queued", JobRow.waiting == job.waiting,
+            ).values(waiting=None, enqueued_at=time.time())).rowcount)
 
     # --- models -------------------------------------------------------------------------
 

@@ -189,7 +189,7 @@ def test_upload_on_a_train_on_b_predict_on_a(cluster):
 
 def test_a_job_whose_host_is_killed_resumes_on_another_host(cluster):
     spec = {"dataset": "digits", "name": "resumed-on-c", "preset": "lean",
-            "model": {"arch": "mlp", "widths": [256, 256], "target_width": 64}, "training": {"epochs": 40}}
+            "model": {"arch": "mlp", "widths": [128, 128], "target_width": 64}, "training": {"epochs": 15}}
     cluster.start_worker("b")
     if "c" in cluster.processes:
         cluster.kill("c")

@@ -242,9 +242,10 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
         return None
     if status == "queued":  # "cancelled" if that was asked meanwhile
         released = patiently(settings, lambda: store.release(job_id, owner, not failed_attempt, waiting=error))
-        if released == "queued":
+        if released == "queued" and error is None:  # a job that waits with a reason is the reconciler's to send
             requeue(job_id)
-            log.info("job %s: requeued at epoch %d step %d (%s)", job_id, store.get_job(job_id).epoch,
+        if released == "queued":
+            log.info("job %s: queued again at epoch %d step %d (%s)", job_id, store.get_job(job_id).epoch,
                      store.get_job(job_id).step, error or "worker shutting down; checkpointed")
         return released
     # A study registers only its best trial's model, under the study's name (service/studies.py).

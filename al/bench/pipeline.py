@@ -34,11 +34,15 @@ def predicted_seconds(stage_seconds: list[float], batches: int, cores: int | Non
     return pipelined if cores is None else max(pipelined, batches * sum(stage_seconds) / cores)
 
 
-def one_run(spec: dict) -> dict:
-    """Train as `spec` says in this process; throughput of the second epoch, stage times, peak memory."""
+def one_run(spec: dict, callbacks=()) -> dict:
+    """Train as `spec` says in this process; throughput of the second epoch, stage times, peak memory.
+    A rank > 0 (started with torchrun's RANK and WORLD_SIZE) trains its stage for rank 0 and says only that."""
+    from al.pipeline import ProcessesRunner
     from al.pipeline.launch import peak_rss_bytes
 
-    trainer = build_trainer(spec, epochs=2, val_fraction=0.05)
+    trainer = build_trainer(spec, callbacks, epochs=2, val_fraction=0.05)
+    if isinstance(trainer.runner, ProcessesRunner) and trainer.runner.is_worker:
+        return trainer.runner.serve(trainer.work)
     trainer.fit()
     seconds = trainer.history[-1]["seconds"]
     result = {"samples_per_second": len(trainer.train_x) / seconds, "seconds": seconds,
@@ -54,6 +58,10 @@ def one_run(spec: dict) -> dict:
 
 
 def bench_pipeline(args) -> None:
+    if args.hosts:
+        from al.bench.pipeline_hosts import bench_hosts  # here: it imports this module
+
+        return bench_hosts(args)
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = str(subset_file(args.dataset, args.samples, Path(tmp)))
@@ -246,6 +254,9 @@ def add_parser(kinds, common) -> None:
     p.add_argument("--devices", type=lambda text: text.split(","), default=None,
                    help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
                    "pipeline use the first")
+    p.add_argument("--hosts", type=int, default=None,
+                   help="instead: one CPU stage on each of this many hosts, network namespaces on this machine "
+                   "(root; see al/bench/pipeline_hosts.py)")
     p.set_defaults(func=bench_pipeline)
 
 

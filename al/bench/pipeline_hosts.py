@@ -7,9 +7,11 @@ Each host runs one rank, `python -m al.bench.pipeline_hosts RUN_JSON` with torch
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank k trains stage k, as under torchrun.
 
 Rank 0 measures, besides what `one_run` measures:
-- traffic: the bytes through its host's eth0 (/proc/net/dev is per namespace, and the counters are
-  the kernel's) in the middle half of epoch 2, per step: out = the batches to stage
-  1 (s, t, labels) with TCP/IP headers; in = the last stage's loss reports and TCP acknowledgements.
+- traffic per step: the bytes through its host's eth0 in epoch 2 (/proc/net/dev is per namespace,
+  and the counters are the kernel's), divided by the batches. Out is the epoch's command and its
+  batches to stage 1 (s, t, labels); in is the loss reports and, at the epoch's end, the pull of
+  the other stages' state (weights and optimizer state), which rank 0 does at every sync. Both with
+  TCP/IP headers and acknowledgements.
 - the link: after training, ranks 0 and 1 stream LINK_MESSAGES messages of one step's out bytes
   from host 0 to host 1 over gloo, as the pipeline's send thread does; link s = the time per message.
 """
@@ -49,23 +51,20 @@ def eth0_bytes() -> tuple[int, int]:
 
 
 class Traffic(Callback):
-    """eth0's counters at a quarter and at three quarters of the last epoch, per step between them.
+    """eth0's counters at the end of each epoch, after its sync: what an epoch moved, per batch.
 
-    Steps as rank 0 counts them, when a step's report comes back: between two such steps mid-epoch
-    as many batches went out as steps were counted; at the ends the pipeline fills and drains."""
+    Per step within an epoch would be inexact: a step counts when its report reaches rank 0, and a
+    sender may run several batches ahead of the reports, into the socket's buffer."""
 
     def __init__(self):
-        self.marks: list[tuple[int, tuple[int, int]]] = []
+        self.marks: list[tuple[int, int]] = []  # received, sent
 
-    def on_step(self, trainer) -> None:
-        quarters = (trainer.steps_per_epoch // 4, 3 * trainer.steps_per_epoch // 4)
-        if trainer.epoch == trainer.cfg.epochs - 1 and trainer.step_in_epoch in quarters:
-            self.marks.append((trainer.step_in_epoch, eth0_bytes()))
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.marks.append(eth0_bytes())
 
-    def per_step(self) -> dict:
-        (first, (received, sent)), (last, (received_end, sent_end)) = self.marks
-        return {"bytes_out_per_step": (sent_end - sent) / (last - first),
-                "bytes_in_per_step": (received_end - received) / (last - first)}
+    def per_step(self, steps: int) -> dict:
+        (received, sent), (received_end, sent_end) = self.marks[-2:]
+        return {"bytes_out_per_step": (sent_end - sent) / steps, "bytes_in_per_step": (received_end - received) / steps}
 
 
 def link_seconds(rank: int, message_bytes: int = 0) -> float:
@@ -91,7 +90,7 @@ def rank_run(spec: dict) -> dict:
     traffic = Traffic()
     result = one_run(spec, [traffic])
     if rank == 0:
-        result.update(traffic.per_step())
+        result.update(traffic.per_step(result["batches"]))
         result["link_seconds"] = link_seconds(0, int(result["bytes_out_per_step"]))
     elif rank == 1:
         link_seconds(1)
@@ -203,13 +202,14 @@ NOTES = (
     "bridge, so the bytes really cross a TCP link but every host shares the machine's cores (2 here: one "
     "per stage, and the kernel's and gloo's copying competes with the stages for them). samples/s: epoch 2 "
     "of 2 (training only), the median run over rounds (range: slowest-fastest). KiB out/in per step: what "
-    "host 0's eth0 sent/received per mini-batch in the middle half of epoch 2 (steps M/4 to 3M/4), counted "
-    "by the kernel: out is the batch stage 0 hands on (s, t, labels) plus TCP/IP headers, in is the last stage's "
-    "loss report plus TCP acknowledgements. link ms per step: after training, host 0 streams 50 messages of "
-    "one step's out bytes to host 1 over gloo; the time per message. transfer %: link ms per step / the "
-    "epoch's wall time per step, the share of a step that the link is busy with its batch (it overlaps "
-    "compute: each rank sends on a thread of its own). bubble %: the mean share of the epoch a stage was "
-    "idle. model samples/s: the schedule model fed with this run's stage busy time and link time."
+    "host 0's eth0 sent/received in epoch 2 per mini-batch, counted by the kernel (headers included): out "
+    "is the batches that stage 0 hands on (s, t, labels), in the last stage's loss reports plus the pull "
+    "of the other stages' weights and optimizer state at the epoch's end (a sync). link ms per step: after "
+    "training, host 0 streams 50 messages of one step's out bytes to host 1 over gloo; the time per "
+    "message. transfer %: link ms per step / the epoch's wall time per step, the share of a step that the "
+    "link is busy with its batch (it overlaps compute: each rank sends on a thread of its own). bubble %: "
+    "the mean share of the epoch a stage was idle. model samples/s: the schedule model fed with this run's "
+    "stage busy times and link time."
 )
 MODEL_NOTES = (
     "The measured compute per mini-batch W (all stages' busy seconds / batches) cut into L equal stages, "

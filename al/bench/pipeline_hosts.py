@@ -152,47 +152,46 @@ def bench_hosts(args) -> None:
             raw={"settings": vars_of(args)})
 
 
-def per_batch(result: dict) -> tuple[float, float, int]:
-    """The median run's compute seconds per batch (all stages together), link seconds per step, batches."""
+def per_batch(result: dict) -> tuple[list[float], float, int]:
+    """A run's compute seconds per batch of each stage, its link seconds per step, its batches."""
     batches = result["batches"]
-    return sum(result["busy_seconds"]) / batches, result["link_seconds"], batches
+    return [b / batches for b in result["busy_seconds"]], result["link_seconds"], batches
 
 
-def hosts_seconds(work: float, link: float, hosts: int, batches: int) -> float:
-    """The schedule model for `hosts` equal stages of `work` with a hop of `link` between each two: a hop
-    is a stage of its own, since each rank sends on a thread of its own while it computes the next batch."""
-    return predicted_seconds([work / hosts, link] * (hosts - 1) + [work / hosts], batches)
+def with_hops(stage_seconds: list[float], link: float, batches: int) -> float:
+    """The schedule model with a hop of `link` seconds between each two stages: a hop is a part of the
+    pipeline of its own, since each rank sends on a thread of its own while it computes the next batch."""
+    return predicted_seconds([part for t in stage_seconds for part in (t, link)][:-1], batches)
 
 
 def measured_row(result: dict, args) -> dict:
-    work, link, batches = per_batch(result)
+    stage_seconds, link, batches = per_batch(result)
     step = result["pipeline_seconds"] / batches
-    predicted = batches * args.batch_size / hosts_seconds(work, link, args.hosts, batches)
     return {
         "arch": result["arch"], "components": result["components"], "hosts": args.hosts,
         "samples/s": f"{result['samples_per_second']:.0f}", "range": result["spread"],
         "stage busy s": " / ".join(f"{b:.2f}" for b in result["busy_seconds"]),
         "KiB out per step": f"{result['bytes_out_per_step'] / 2**10:.0f}",
-        "KiB in per step": f"{result['bytes_in_per_step'] / 2**10:.1f}",
+        "KiB in per step": f"{result['bytes_in_per_step'] / 2**10:.0f}",
         "link ms per step": f"{1000 * link:.2f}",
         "transfer %": f"{100 * link / step:.0f}",
         "bubble %": f"{100 * sum(result['idle_fraction']) / len(result['idle_fraction']):.0f}",
-        "model samples/s": f"{predicted:.0f}",
+        "model samples/s": f"{batches * args.batch_size / with_hops(stage_seconds, link, batches):.0f}",
     }
 
 
 def model_rows(result: dict, batch_size: int) -> list[dict]:
-    work, link, batches = per_batch(result)
+    stage_seconds, link, batches = per_batch(result)
+    work = sum(stage_seconds)
     rows = []
     for hosts in MODEL_HOSTS:
-        throughput = batches * batch_size / hosts_seconds(work, link, hosts, batches)
+        equal = [work / hosts] * hosts
         rows.append({
             "arch": result["arch"], "components": result["components"], "hosts L": hosts,
             "stage ms": f"{1000 * work / hosts:.2f}", "link ms": f"{1000 * link:.2f}",
-            "predicted samples/s": f"{throughput:.0f}",
-            "without transfer": f"{batches * batch_size / hosts_seconds(work, 0.0, hosts, batches):.0f}",
-            "measured samples/s": f"{result['samples_per_second']:.0f}" if hosts == len(result["busy_seconds"])
-            else "",
+            "predicted samples/s": f"{batches * batch_size / with_hops(equal, link, batches):.0f}",
+            "without transfer": f"{batches * batch_size / with_hops(equal, 0.0, batches):.0f}",
+            "measured samples/s": f"{result['samples_per_second']:.0f}" if hosts == len(stage_seconds) else "",
         })
     return rows
 

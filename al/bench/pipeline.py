@@ -58,10 +58,6 @@ def one_run(spec: dict, callbacks=()) -> dict:
 
 
 def bench_pipeline(args) -> None:
-    if args.hosts:
-        from al.bench.pipeline_hosts import bench_hosts  # here: it imports this module
-
-        return bench_hosts(args)
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = str(subset_file(args.dataset, args.samples, Path(tmp)))
@@ -244,6 +240,15 @@ MODEL_NOTES = (
 def add_parser(kinds, common) -> None:
     p = kinds.add_parser("pipeline", parents=[common],
                          help="pipelined AL (threads, processes) against sequential AL and BP")
+    add_case_arguments(p)
+    p.add_argument("--devices", type=lambda text: text.split(","), default=None,
+                   help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
+                   "pipeline use the first")
+    p.set_defaults(func=bench_pipeline)
+
+
+def add_case_arguments(p) -> None:
+    """The data, models and repeats of a pipeline benchmark (`al bench pipeline`, `al bench hosts`)."""
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--samples", type=int, default=8192, help="training samples (an epoch)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -251,13 +256,6 @@ def add_parser(kinds, common) -> None:
     p.add_argument("--depths", nargs="+", type=int, default=[2, 4])
     p.add_argument("--mlp-width", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration; the median is reported")
-    p.add_argument("--devices", type=lambda text: text.split(","), default=None,
-                   help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
-                   "pipeline use the first")
-    p.add_argument("--hosts", type=int, default=None,
-                   help="instead: one CPU stage on each of this many hosts, network namespaces on this machine "
-                   "(root; see al/bench/pipeline_hosts.py)")
-    p.set_defaults(func=bench_pipeline)
 
 
 if __name__ == "__main__":

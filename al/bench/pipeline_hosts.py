@@ -1,4 +1,4 @@
-"""`al bench pipeline --hosts N`: pipelined AL with one stage per host, what crosses between the hosts, and
+"""`al bench hosts`: pipelined AL with one stage per host, what crosses between the hosts, and
 the schedule model's figures for more hosts, from what was measured.
 
 The hosts are network namespaces on one machine (al/bench/hosts.py), so they share its cores and
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from al.bench.hosts import Hosts, unavailable
-from al.bench.pipeline import median_run, one_run, predicted_seconds, vars_of
+from al.bench.pipeline import add_case_arguments, median_run, one_run, predicted_seconds, vars_of
 from al.bench.report import destination, publish
 from al.bench.runs import case_model, fresh_process, run_result, subset_file
 from al.train import Callback
@@ -119,7 +119,7 @@ def run_on_hosts(spec: dict, count: int) -> dict:
 def bench_hosts(args) -> None:
     reason = unavailable()
     if reason:
-        raise SystemExit(f"al bench pipeline --hosts: the hosts are network namespaces, and {reason}")
+        raise SystemExit(f"al bench hosts: the hosts are network namespaces, and {reason}")
     cases = [(arch, depth) for arch in args.archs for depth in args.depths]
     runs: dict[tuple[str, int], list[dict]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,6 +218,15 @@ MODEL_NOTES = (
     "many bytes as the measured one (true for the mlp, whose components are all as wide) and each host's "
     "own cores; once W/L falls below h the link is the slowest part and more hosts add nothing."
 )
+
+
+def add_parser(kinds, common) -> None:
+    p = kinds.add_parser("hosts", parents=[common],
+                         help="pipelined AL with one CPU stage per host, the hosts network namespaces on this "
+                         "machine (needs root)")
+    add_case_arguments(p)
+    p.add_argument("--hosts", type=int, default=2, help="hosts, one stage each (default 2)")
+    p.set_defaults(func=bench_hosts)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from al.bench.runs import case_model, fresh_process, run_result, subset_file
 from al.train import Callback
 
 PORT = 29500  # any port: each run's hosts have a network of their own
-LINK_MESSAGES = 50
+LINK_MESSAGES = 200  # under a second of streaming, long enough that one descheduled moment weighs little
 MODEL_HOSTS = (2, 4, 8, 16)
 
 
@@ -204,7 +204,7 @@ NOTES = (
     "host 0's eth0 sent/received in epoch 2 per mini-batch, counted by the kernel (headers included): out "
     "is the batches that stage 0 hands on (s, t, labels), in the last stage's loss reports plus the pull "
     "of the other stages' weights and optimizer state at the epoch's end (a sync). link ms per step: after "
-    "training, host 0 streams 50 messages of one step's out bytes to host 1 over gloo; the time per "
+    f"training, host 0 streams {LINK_MESSAGES} messages of one step's out bytes to host 1 over gloo; the time per "
     "message. transfer %: link ms per step / the epoch's wall time per step, the share of a step that the "
     "link is busy with its batch (it overlaps compute: each rank sends on a thread of its own). bubble %: "
     "the mean share of the epoch a stage was idle. model samples/s: the schedule model fed with this run's "

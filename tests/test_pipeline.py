@@ -216,7 +216,7 @@ def test_a_checkpoint_from_one_mode_resumes_in_another(tmp_path, one_thread, fir
 
 
 def train_command(out: Path) -> list[str]:
-    """`al train` of MODELS["mlp"] with TRAINING on two processes stages, one per torchrun rank."""
+    """`al train` of MODELS["mlp"] with TRAINING, two stages in `processes` mode: one per torchrun rank."""
     return [os.path.join(os.path.dirname(sys.executable), "al"), "train", "--dataset", "digits",
             "--widths", "24,24,24,24", "--target-width", "12", "--epochs", "2", "--batch-size", "64",
             "--schedule", "step", "--device", "cpu", "--pipeline", "processes", "--devices", "cpu,cpu",

@@ -215,22 +215,58 @@ def test_a_checkpoint_from_one_mode_resumes_in_another(tmp_path, one_thread, fir
 # --- across hosts: the same code under torchrun, rank = stage --------------------------
 
 
-def test_torchrun_ranks_train_the_stages(tmp_path, one_thread):
-    import subprocess
+def train_command(out: Path) -> list[str]:
+    """`al train` of MODELS["mlp"] with TRAINING, two stages in `processes` mode: one per torchrun rank."""
+    return [os.path.join(os.path.dirname(sys.executable), "al"), "train", "--dataset", "digits",
+            "--widths", "24,24,24,24", "--target-width", "12", "--epochs", "2", "--batch-size", "64",
+            "--schedule", "step", "--device", "cpu", "--pipeline", "processes", "--devices", "cpu,cpu",
+            "--stages", "0-1,2-3", "--stage-threads", "1", "--quiet", "--json", "--out", str(out)]
 
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    al = os.path.join(os.path.dirname(sys.executable), "al")
-    command = [torchrun, "--standalone", "--nproc-per-node", "2", al, "train", "--dataset", "digits",
-               "--widths", "24,24,24,24", "--target-width", "12", "--epochs", "2", "--batch-size", "64",
-               "--schedule", "step", "--device", "cpu", "--pipeline", "processes", "--devices", "cpu,cpu",
-               "--stages", "0-1,2-3", "--stage-threads", "1", "--quiet", "--json", "--out", str(tmp_path / "ranked")]
+
+def assert_same_as_sequential(tmp_path: Path, ranked: Path, stdout: str) -> None:
+    straight = train(DIGITS, tmp_path / "straight", "default", MODELS["mlp"], TRAINING)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "straight", ranked))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert f'"test_accuracy": {straight["test_accuracy"]}' in stdout
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def test_torchrun_ranks_train_the_stages(tmp_path, one_thread):
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", *train_command(tmp_path / "ranked")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
-    straight = train(DIGITS, tmp_path / "straight", "default", MODELS["mlp"], TRAINING)
-    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "ranked"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert f'"test_accuracy": {straight["test_accuracy"]}' in done.stdout
+    assert_same_as_sequential(tmp_path, tmp_path / "ranked", done.stdout)
+
+
+def test_torchrun_across_two_hosts_trains_the_stages(tmp_path, one_thread):
+    """One torchrun per host (a network namespace, al/bench/hosts.py), each with its own --out."""
+    from al.bench.hosts import Hosts, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    # gloo binds to the address the hostname resolves to, which is often 127.0.0.1 (/etc/hosts): each
+    # rank would then offer its own loopback to the other ("Connection refused, remote=[127.0.0.1]").
+    # Naming the interface makes it bind to the host's address on the bridge.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+    with Hosts(2) as hosts:
+        ranks = [
+            subprocess.Popen(host.command([
+                # any port: the hosts' network is private to this test
+                TORCHRUN, "--nnodes", "2", "--node-rank", str(k), "--nproc-per-node", "1",
+                "--master-addr", hosts[0].address, "--master-port", "29500",
+                *train_command(tmp_path / f"host{k}")]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, env=environment)
+            for k, host in enumerate(hosts)
+        ]
+        # A rank that hangs makes communicate raise; leaving the block then kills every process in the hosts.
+        done = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], done[0][1][-3000:] + done[1][1][-3000:]
+    assert '"status": "stage worker"' in done[1][0] and not (tmp_path / "host1" / "model.safetensors").exists()
+    assert_same_as_sequential(tmp_path, tmp_path / "host0", done[0][0])
 
 
 def _alive(pid: int) -> bool:

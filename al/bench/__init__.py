@@ -8,7 +8,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from al.bench import accuracy, early_exit, pipeline, serve, time_to_accuracy
+    from al.bench import accuracy, early_exit, pipeline, pipeline_hosts, serve, time_to_accuracy
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--results-dir", default="benchmarks/results",
@@ -17,5 +17,5 @@ def add_parser(sub) -> None:
                         help="the Markdown report whose tables are updated (default docs/benchmarks.md)")
     p = sub.add_parser("bench", help="benchmarks; results go to --results-dir and --report")
     kinds = p.add_subparsers(dest="bench", required=True)
-    for module in (accuracy, time_to_accuracy, early_exit, serve, pipeline):
+    for module in (accuracy, time_to_accuracy, early_exit, serve, pipeline, pipeline_hosts):
         module.add_parser(kinds, common)

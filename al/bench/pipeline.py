@@ -34,11 +34,15 @@ def predicted_seconds(stage_seconds: list[float], batches: int, cores: int | Non
     return pipelined if cores is None else max(pipelined, batches * sum(stage_seconds) / cores)
 
 
-def one_run(spec: dict) -> dict:
-    """Train as `spec` says in this process; throughput of the second epoch, stage times, peak memory."""
+def one_run(spec: dict, callbacks=()) -> dict:
+    """Train as `spec` says in this process; throughput of the second epoch, stage times, peak memory.
+    A rank > 0 (started with torchrun's RANK and WORLD_SIZE) trains its stage for rank 0 and says only that."""
+    from al.pipeline import ProcessesRunner
     from al.pipeline.launch import peak_rss_bytes
 
-    trainer = build_trainer(spec, epochs=2, val_fraction=0.05)
+    trainer = build_trainer(spec, callbacks, epochs=2, val_fraction=0.05)
+    if isinstance(trainer.runner, ProcessesRunner) and trainer.runner.is_worker:
+        return trainer.runner.serve(trainer.work)
     trainer.fit()
     seconds = trainer.history[-1]["seconds"]
     result = {"samples_per_second": len(trainer.train_x) / seconds, "seconds": seconds,
@@ -236,6 +240,15 @@ MODEL_NOTES = (
 def add_parser(kinds, common) -> None:
     p = kinds.add_parser("pipeline", parents=[common],
                          help="pipelined AL (threads, processes) against sequential AL and BP")
+    add_case_arguments(p)
+    p.add_argument("--devices", type=lambda text: text.split(","), default=None,
+                   help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
+                   "pipeline use the first")
+    p.set_defaults(func=bench_pipeline)
+
+
+def add_case_arguments(p) -> None:
+    """The data, models and repeats of a pipeline benchmark (`al bench pipeline`, `al bench hosts`)."""
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--samples", type=int, default=8192, help="training samples (an epoch)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -243,10 +256,6 @@ def add_parser(kinds, common) -> None:
     p.add_argument("--depths", nargs="+", type=int, default=[2, 4])
     p.add_argument("--mlp-width", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration; the median is reported")
-    p.add_argument("--devices", type=lambda text: text.split(","), default=None,
-                   help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
-                   "pipeline use the first")
-    p.set_defaults(func=bench_pipeline)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,17 @@ def build_trainer(spec: dict, callbacks=(), **training):
     return Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=pipeline_runner(train_cfg))
 
 
+def fresh_process(module: str, spec: dict) -> list[str]:
+    """The command of a run: `python -m module SPEC_JSON`, whose last line of output is the run's JSON result."""
+    return [sys.executable, "-m", module, json.dumps(spec)]
+
+
+def run_result(spec: dict, returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        raise RuntimeError(f"benchmark run {spec} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run_in_fresh_process(module: str, spec: dict) -> dict:
-    """`python -m module SPEC_JSON`, whose last line of output is the run's JSON result."""
-    done = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark run {spec} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run(fresh_process(module, spec), capture_output=True, text=True, timeout=3600)
+    return run_result(spec, done.returncode, done.stdout, done.stderr)

@@ -155,7 +155,7 @@ class _Missing(Exception):
 
 def artifacts_for(settings: Settings) -> LocalArtifacts:
     """The store AL_ARTIFACTS_URL names."""
-    if settings.artifacts_url is None:
+    if not settings.artifacts_url:
         return LocalArtifacts(settings.data_dir)
     return HttpArtifacts(settings.data_dir, settings.artifacts_url,
                          settings.api_key.get_secret_value() if settings.api_key else None)

@@ -70,9 +70,9 @@ class Settings(BaseSettings):
     )
     # Many hosts (docs/deploy.md): workers elsewhere reach the artifacts through the API, and each other's stages.
     artifacts_url: str | None = Field(
-        None, pattern=r"^https?://[^/\s]+/?$",
+        None, pattern=r"^(https?://[^/\s]+/?)?$",
         description="where datasets, checkpoints and model versions live: unset = data_dir; "
-        "http(s)://API-HOST:PORT = the API serves them to workers on other hosts (service/artifacts.py)",
+        "http(s)://API-HOST:PORT = the API serves them to workers on other hosts (service/artifacts.py); empty = unset",
     )
     api_key: SecretStr | None = Field(None, description="the key a worker sends to the API (scope worker)")
     stage_address: str | None = Field(

@@ -6,12 +6,35 @@ Settings follow ../shared/docs/service-notes.md for long jobs. The broker only c
 
 from __future__ import annotations
 
+import os
+import uuid
+from time import monotonic
+
 from celery import Celery
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from service.settings import Settings
 
 TRAIN_TASK = "al.train_job"
 STAGE_TASK = "al.train_stage"  # one stage of a pipeline job over several workers (worker/stages.py)
+
+
+class AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel creates a message's file and then writes it: a consumer that takes the file in
+    between reads it empty, and its worker stops for good ("Unrecoverable error: JSONDecodeError"). This one
+    writes under a name that consumers skip (a leading '.') and then renames the file into place."""
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"  # kombu's own naming: consumers sort by it
+        staged = os.path.join(self.data_folder_out, f".{name}.tmp")
+        with open(staged, "wb") as f:
+            f.write(dumps(payload).encode())
+        os.replace(staged, os.path.join(self.data_folder_out, name))
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    Channel = AtomicFilesystemChannel
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -45,6 +68,8 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_backend=None,
         broker_transport_options=transport_options,
+        # The embedded broker's transport (the URL alone would pick kombu's own); Redis's otherwise.
+        broker_transport=None if settings.redis_url else f"{__name__}:AtomicFilesystemTransport",
         result_backend_transport_options=transport_options,
         visibility_timeout=settings.visibility_timeout,
         broker_connection_retry_on_startup=True,

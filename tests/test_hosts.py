@@ -234,12 +234,36 @@ def test_a_killed_stage_ends_the_attempt_and_the_job_resumes(cluster):
     assert done["resumed_from_epoch"] >= 2, done
 
 
-def stage_process(cluster: Cluster, seen: dict[str, int]) -> int:
-    """The pool process (the only one: concurrency 1) of the worker whose log, since `seen`, took stage 1."""
+def stage_worker(cluster: Cluster, seen: dict[str, int]) -> str:
+    """The worker whose log, since `seen`, took stage 1."""
     [name] = [n for n in ("b", "c") if "al.train_stage" in cluster.log(n)[seen[n]:]]
-    found = subprocess.run(["pgrep", "-P", str(cluster.processes[name].pid)], capture_output=True, text=True)
+    return name
+
+
+def stage_process(cluster: Cluster, seen: dict[str, int]) -> int:
+    """The pool process (the only one: concurrency 1) of the worker that took stage 1."""
+    found = subprocess.run(["pgrep", "-P", str(cluster.processes[stage_worker(cluster, seen)].pid)],
+                           capture_output=True, text=True)
     [pool_process] = [int(p) for p in found.stdout.split()]
     return pool_process
+
+
+def test_a_worker_shutting_down_ends_its_stage_at_once(cluster):
+    """A warm shutdown waits for running tasks; a stage's task must not make it wait for the whole job."""
+    cluster.start_worker("b")
+    cluster.start_worker("c")
+    seen = {name: len(cluster.log(name)) for name in ("b", "c")}
+    job_id = submit(cluster, {**PIPELINE_JOB, "name": "piped-shutdown",
+                              "training": {"epochs": 200, "batch_size": 64, "seed": 5}})
+    wait_for(lambda: job_status(cluster, job_id)["progress"]["epoch"] >= 1, 120, "an epoch", interval=0.2)
+    name = stage_worker(cluster, seen)
+    cluster.processes[name].send_signal(signal.SIGTERM)
+    cluster.processes[name].wait(timeout=30)  # the job's 200 epochs would take minutes
+    waiting = wait_for(lambda: (j := job_status(cluster, job_id))["status"] == "queued" and j["waiting"] and j, 60,
+                       "the job back in the queue")
+    assert "attempt 1 failed" in waiting["waiting"] or "asks for 2" in waiting["waiting"], waiting
+    with inside(cluster.a.namespace):
+        assert cluster.client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
 
 def test_a_job_asking_for_more_workers_than_exist_waits_and_says_why(cluster):

@@ -62,6 +62,7 @@ def _emit(result: dict, as_json: bool) -> None:
 
 
 def cmd_train(args) -> None:
+    from al.config import make_config
     from al.run import train
 
     model = {
@@ -86,7 +87,7 @@ def cmd_train(args) -> None:
         "stage_threads": args.stage_threads,
     }
     callbacks = [] if args.quiet else [ProgressBar()]
-    result = train(args.dataset, args.out, args.preset, model, training, callbacks, resume=args.resume)
+    result = train(args.dataset, args.out, make_config(args.preset, model, training), callbacks, resume=args.resume)
     if result["status"] != "stage worker":  # a torchrun rank > 0 trains a stage and writes no model
         result = {**result, "model": str(args.out)}
     _emit(result, args.json)

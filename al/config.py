@@ -1,13 +1,20 @@
-"""Configuration of an AL network and its training, and the named presets.
+"""Configuration of an AL network and its training, the named presets, and the job spec that names them.
 
-Every choice the reference code (R1) hard-codes is a field here; the `paper`
-preset holds R1's values, see ../shared/docs/associated-learning.md section 2.
+Each field is declared once, here, with what it means and its limits (`setting`). The command line,
+the service's HTTP schema (service/jobspec.py derives it from these fields) and the studies' search
+space (al/study.py) read them from here. Every choice the reference code (R1) hard-codes is a field;
+the `paper` preset holds R1's values (Kao & Chen 2021, their reference code's defaults).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 ARCHS = ("mlp", "cnn", "resnet")
 METHODS = ("al", "bp")
@@ -15,22 +22,59 @@ ACTIVATIONS = ("elu", "relu", "sigmoid", "tanh", "identity")
 SCHEDULES = ("step", "cosine", "none")
 PIPELINES = ("sequential", "threads", "processes")
 H1_LOSSES = ("mse", "ce")
+MAX_WIDTH = 8192
+MAX_COMPONENTS = 32
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a field means and which values it takes; for a list, the bounds apply to each item."""
+
+    doc: str
+    choices: tuple | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    items: tuple[int, int] | None = None  # a list's least and most items
+    pattern: str | None = None  # a string's (or each string item's) form
+    max_length: int | None = None  # a string's most characters
+    search: bool = False  # a study may search it (al/study.py)
+
+
+def setting(default: Any, doc: str, **limits) -> Any:
+    return field(default=default, metadata={"limits": Limits(doc, **limits)})
+
+
+def limits_of(cls) -> dict[str, Limits]:
+    return {f.name: f.metadata["limits"] for f in dataclasses.fields(cls)}
+
+
+def value_type(cls, name: str) -> type:
+    """A field's type without its None: int, float, bool, str, or list[...] (e.g. `int | None` -> int)."""
+    hint = typing.get_type_hints(cls)[name]
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] if typing.get_origin(hint) in (
+        types.UnionType, typing.Union) else [hint]
+    return kinds[0]
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"
-    # mlp: width of each component's encoder; cnn: channels of each conv block;
-    # resnet: channels of the stem and of each stage (first entry = stem).
-    widths: list[int] | None = None
-    target_width: int | None = None  # n, the width of t_i (None: per arch)
-    encoder_activation: str = "elu"
-    bridge_activation: str = "sigmoid"
-    target_activation: str = "sigmoid"  # g_i and h_i (i > 1)
-    bridge_hidden_factor: int = 5  # hidden bridge layer is factor * n wide
-    bridge_depth: int = 2  # dense layers in b_i
-    bridge_pool: int | None = None  # conv maps: adaptive-avg-pool to PxP before b_i
-    h1_loss: str = "mse"  # loss of the decoder h_1 against the label: mse (one-hot) | ce
+    arch: str = setting("mlp", "mlp | cnn | resnet", choices=ARCHS)
+    widths: list[int] | None = setting(
+        None, "mlp: width of each component's encoder; cnn: channels per block; resnet: stem then stages",
+        ge=1, le=MAX_WIDTH, items=(1, MAX_COMPONENTS))
+    target_width: int | None = setting(None, "n, the width of the label codes t_i", ge=1, le=MAX_WIDTH,
+                                       search=True)
+    encoder_activation: str = setting("elu", "activation of the encoders f_i", choices=ACTIVATIONS, search=True)
+    bridge_activation: str = setting("sigmoid", "activation of the bridges b_i", choices=ACTIVATIONS, search=True)
+    target_activation: str = setting("sigmoid", "activation of g_i and h_i (i > 1)", choices=ACTIVATIONS,
+                                     search=True)
+    bridge_hidden_factor: int = setting(5, "hidden bridge layer is factor * n wide", ge=1, le=64, search=True)
+    bridge_depth: int = setting(2, "dense layers in each bridge", ge=1, le=16, search=True)
+    bridge_pool: int | None = setting(None, "conv maps: adaptive-average-pool to PxP before b_i", ge=1, le=64)
+    h1_loss: str = setting("mse", "loss of h_1 against the label: mse | ce", choices=H1_LOSSES, search=True)
 
     def resolved(self) -> ModelConfig:
         """Fill the per-architecture defaults."""
@@ -51,25 +95,38 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "al"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-4  # encoder side (f, b); BP uses it for the whole net
-    target_lr_factor: float = 2.0  # target side (g, h) learns at lr * factor
-    associated_weight: float = 1.0
-    autoencoder_weight: float = 1.0
-    detach_target: bool = True  # sg(t_i) in the associated loss; False can collapse t_i
-    schedule: str = "step"
-    seed: int = 0
-    val_fraction: float = 0.1
-    device: str = "auto"
-    # Pipelined AL (spec section 4, al/pipeline/): stages of consecutive components train at once.
-    pipeline: str = "sequential"  # sequential | threads | processes
-    devices: list[str] | None = None  # one per stage, e.g. ["cpu", "cpu"]; None: the cores or GPUs, up to the depth
-    stages: str | None = None  # components per stage, e.g. "0-1,2-3"; None: balanced by measured time
-    queue_depth: int = 2  # mini-batches that may wait between two stages
-    stage_threads: int | None = None  # CPU intra-op threads per stage; None: the cores shared out
-    stage_timeout: float = 300.0  # seconds any stage waits for a message before the run fails
+    method: str = setting("al", "al (associated learning) | bp (end-to-end backpropagation)", choices=METHODS,
+                          search=True)
+    epochs: int = setting(20, "passes over the training split", ge=1, le=1000, search=True)
+    batch_size: int = setting(32, "samples per step", ge=1, le=65536, search=True)
+    lr: float = setting(1e-4, "learning rate of f and b (BP: of the whole net)", gt=0, le=10, search=True)
+    target_lr_factor: float = setting(2.0, "g and h learn at lr * factor", gt=0, le=100, search=True)
+    associated_weight: float = setting(1.0, "weight of the associated losses", ge=0, le=1e6, search=True)
+    autoencoder_weight: float = setting(1.0, "weight of the autoencoder losses", ge=0, le=1e6, search=True)
+    detach_target: bool = setting(True, "stop the gradient of t_i in the associated loss (False can collapse t_i)",
+                                  search=True)
+    schedule: str = setting("step", "learning-rate schedule: step | cosine | none", choices=SCHEDULES, search=True)
+    seed: int = setting(0, "seeds initialisation and batch order", ge=0, le=2**31 - 1)
+    val_fraction: float = setting(0.1, "share of the training split held out for validation", ge=0, lt=1)
+    device: str = setting("auto", "auto (CUDA if present), cpu, cuda, cuda:N", pattern=DEVICE_PATTERN,
+                          max_length=32)
+    # Pipelined AL (al/pipeline/): stages of consecutive components train at once. Where a run computes,
+    # not what: the pipeline is bit-identical to sequential training.
+    pipeline: str = setting("sequential", "sequential: one device; threads / processes: stages of components "
+                            "train at once", choices=PIPELINES)
+    devices: list[str] | None = setting(
+        None, "sequential: the one device to train on; pipelined: one device per stage (default: the cores or "
+        "GPUs, up to the depth)", pattern=DEVICE_PATTERN, items=(1, MAX_COMPONENTS))
+    stages: str | None = setting(None, 'components per stage, e.g. "0-1,2-3" (default: balanced by time)',
+                                 pattern=r"^[0-9,\- ]+$", max_length=256)
+    queue_depth: int = setting(2, "mini-batches that may wait between two stages", ge=1, le=64)
+    stage_threads: int | None = setting(None, "CPU threads per stage (default: the cores shared out)", ge=1, le=256)
+    stage_timeout: float = setting(300.0, "seconds a stage waits for a message before the run fails", gt=0,
+                                   le=86400)
+
+
+# Where a run computes, not what it computes: a run may resume with other values of these.
+PLACEMENT = frozenset({"device", "pipeline", "devices", "stages", "queue_depth", "stage_threads", "stage_timeout"})
 
 
 @dataclass
@@ -94,21 +151,70 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def build_configs(
-    preset: str = "default",
-    model_overrides: dict | None = None,
-    train_overrides: dict | None = None,
-) -> tuple[ModelConfig, TrainConfig]:
-    """The preset's values, then the caller's overrides (None values are ignored)."""
+@dataclass
+class RunConfig:
+    """Everything a training run needs besides its data: the preset it started from, the network, the training."""
+
+    preset: str
+    model: ModelConfig
+    training: TrainConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        """A RunConfig stored by `to_dict`, checked again (ValueError if this library no longer takes it)."""
+        try:
+            model = _make(ModelConfig, values["model"])
+            training = _make(TrainConfig, values["training"])
+            preset = values["preset"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a stored run configuration ({type(e).__name__}: {e})") from None
+        validate(model, training)
+        return cls(preset, model, training)
+
+
+def make_config(preset: str = "default", model: dict | None = None, training: dict | None = None) -> RunConfig:
+    """The preset's values, then the caller's (None values are ignored); ValueError names what is wrong."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
-    model_values = {**chosen.model, **_given(model_overrides)}
-    train_values = {**chosen.train, **_given(train_overrides)}
-    model_cfg = _make(ModelConfig, model_values).resolved()
-    train_cfg = _make(TrainConfig, train_values)
+    model_cfg = _make(ModelConfig, {**chosen.model, **_given(model)}).resolved()
+    train_cfg = _make(TrainConfig, {**chosen.train, **_given(training)})
     validate(model_cfg, train_cfg)
-    return model_cfg, train_cfg
+    return RunConfig(preset, model_cfg, train_cfg)
+
+
+# A job spec's `pipeline` section: its `mode` is TrainConfig.pipeline, the rest are TrainConfig's fields by name.
+PIPELINE_SECTION = {"mode": "pipeline", "devices": "devices", "stages": "stages", "queue_depth": "queue_depth",
+                    "stage_threads": "stage_threads", "stage_timeout": "stage_timeout"}
+
+
+def from_spec(spec: dict) -> RunConfig:
+    """The RunConfig of a job spec `{"preset", "method", "model": {...}, "training": {...}, "pipeline": {...}}`
+    (every part optional): the one reading of that shape, for the command line, studies and the service."""
+    training = dict(spec.get("training") or {})
+    if spec.get("method"):
+        training["method"] = spec["method"]
+    pipeline = {k: v for k, v in (spec.get("pipeline") or {}).items() if v is not None}
+    unknown = sorted(set(pipeline) - set(PIPELINE_SECTION))
+    if unknown:
+        raise ValueError(f"unknown pipeline field(s): {', '.join(unknown)}")
+    if pipeline.get("mode", "sequential") == "sequential":
+        devices = pipeline.pop("devices", None)
+        if set(pipeline) - {"mode"}:
+            raise ValueError(f"pipeline {', '.join(sorted(set(pipeline) - {'mode'}))} apply to the threads and "
+                             "processes modes only")
+        if devices and len(devices) > 1:
+            raise ValueError("sequential mode trains on one device; name one, or use mode threads or processes")
+        if devices:
+            if training.get("device", devices[0]) != devices[0]:
+                raise ValueError("training.device and pipeline.devices disagree")
+            training["device"] = devices[0]
+    else:
+        training.update({PIPELINE_SECTION[k]: v for k, v in pipeline.items()})
+    return make_config(spec.get("preset") or "default", spec.get("model"), training)
 
 
 def _given(values: dict | None) -> dict:
@@ -116,42 +222,49 @@ def _given(values: dict | None) -> dict:
 
 
 def _make(cls, values: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - set(limits_of(cls)))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**values)
 
 
-def validate(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
-    def choice(name, value, allowed):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+def check_limits(config) -> None:
+    """Each field's value against its Limits (None: the per-architecture default or unset)."""
+    for name, limits in limits_of(type(config)).items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if limits.items is not None:
+            low, high = limits.items
+            if not isinstance(value, list) or not low <= len(value) <= high:
+                raise ValueError(f"{name} must be a list of {low} to {high} values")
+            for item in value:
+                _check_value(name, item, limits)
+        else:
+            _check_value(name, value, limits)
 
-    choice("arch", model_cfg.arch, ARCHS)
-    choice("method", train_cfg.method, METHODS)
-    choice("schedule", train_cfg.schedule, SCHEDULES)
-    choice("h1_loss", model_cfg.h1_loss, H1_LOSSES)
-    for name in ("encoder_activation", "bridge_activation", "target_activation"):
-        choice(name, getattr(model_cfg, name), ACTIVATIONS)
-    if not model_cfg.widths or any(w < 1 for w in model_cfg.widths):
+
+def _check_value(name: str, value, limits: Limits) -> None:
+    if limits.choices is not None and value not in limits.choices:
+        raise ValueError(f"{name} must be one of {', '.join(limits.choices)}, got {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        for bound, holds, sign in ((limits.ge, operator.ge, ">="), (limits.gt, operator.gt, ">"),
+                                   (limits.le, operator.le, "<="), (limits.lt, operator.lt, "<")):
+            if bound is not None and not holds(value, bound):
+                raise ValueError(f"{name} must be {sign} {bound:g}, got {value!r}")
+    if limits.max_length is not None and len(value) > limits.max_length:
+        raise ValueError(f"{name} must be at most {limits.max_length} characters")
+    if limits.pattern is not None and not re.fullmatch(limits.pattern, value):
+        raise ValueError(f"{name} {value!r} is not of the form {limits.pattern}")
+
+
+def validate(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Each field's limits, then what holds across fields."""
+    check_limits(model_cfg)
+    check_limits(train_cfg)
+    if not model_cfg.widths:
         raise ValueError("widths must be a non-empty list of positive integers")
     if model_cfg.arch == "resnet" and len(model_cfg.widths) < 2:
         raise ValueError("resnet widths need the stem and at least one stage")
-    if model_cfg.target_width < 1 or model_cfg.bridge_hidden_factor < 1 or model_cfg.bridge_depth < 1:
-        raise ValueError("target_width, bridge_hidden_factor and bridge_depth must be >= 1")
-    if model_cfg.bridge_pool is not None and model_cfg.bridge_pool < 1:
-        raise ValueError("bridge_pool must be >= 1 or unset")
-    if train_cfg.epochs < 1 or train_cfg.batch_size < 1:
-        raise ValueError("epochs and batch_size must be >= 1")
-    if not train_cfg.lr > 0 or not train_cfg.target_lr_factor > 0:
-        raise ValueError("lr and target_lr_factor must be > 0")
-    if not 0 <= train_cfg.val_fraction < 1:
-        raise ValueError("val_fraction must be in [0, 1)")
-    choice("pipeline", train_cfg.pipeline, PIPELINES)
     if train_cfg.pipeline != "sequential" and train_cfg.method != "al":
         raise ValueError("pipelining is for AL only: BP's backward pass locks every layer until the loss is known")
-    if train_cfg.queue_depth < 1 or (train_cfg.stage_threads is not None and train_cfg.stage_threads < 1):
-        raise ValueError("queue_depth and stage_threads must be >= 1")
-    if not train_cfg.stage_timeout > 0:
-        raise ValueError("stage_timeout must be > 0")

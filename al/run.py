@@ -17,7 +17,7 @@ from al.checkpoint import (
     read_metrics,
     save_model,
 )
-from al.config import build_configs
+from al.config import PLACEMENT, RunConfig
 from al.data import DataError, Dataset, load_dataset, prepare_splits
 from al.model import build_network
 from al.pipeline import ProcessesRunner, pipeline_runner
@@ -45,11 +45,6 @@ class SaveEachEpoch(Callback):
             self.saved()
 
 
-# Where a run computes, not what it computes (the pipeline is bit-identical to sequential training): a run
-# may resume with other values of these.
-PLACEMENT = frozenset({"device", "pipeline", "devices", "stages", "queue_depth", "stage_threads", "stage_timeout"})
-
-
 def run_changes(saved: dict, config: dict) -> list[str]:
     """What differs between a checkpoint's run and this one: any of it would mix two runs' data or settings."""
     changed = ["method"] if saved["method"] != config["method"] else []
@@ -64,33 +59,31 @@ def run_changes(saved: dict, config: dict) -> list[str]:
 def train(
     dataset: str | Dataset,
     out_dir: str | Path,
-    preset: str = "default",
-    model: dict | None = None,
-    training: dict | None = None,
+    config: RunConfig,
     callbacks: list[Callback] = (),
     resume: bool = False,
     may_save: Callable[[], bool] = lambda: True,
     saved: Callable[[], None] = lambda: None,
 ) -> dict:
-    """Train a model into `out_dir`; with `resume`, continue from its checkpoint if there is one. Each save
-    first asks `may_save()` (a worker whose lease was lost must not overwrite its successor's checkpoint), and
-    then calls `saved()`."""
+    """Train a model of `config` (al.config.make_config or from_spec) into `out_dir`; with `resume`, continue
+    from its checkpoint if there is one. Each save first asks `may_save()` (a worker whose lease was lost must
+    not overwrite its successor's checkpoint), and then calls `saved()`."""
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
-    model_cfg, train_cfg = build_configs(preset, model, training)
+    model_cfg, train_cfg = config.model, config.training
     out = Path(out_dir)
     torch.manual_seed(train_cfg.seed)
     splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
     net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
-    config = model_config_json(
-        model_cfg, train_cfg, preset, data.input_shape, data.classes, splits.normalization, data.name,
+    config_json = model_config_json(
+        model_cfg, train_cfg, config.preset, data.input_shape, data.classes, splits.normalization, data.name,
         data.fingerprint(),
     )
     runner = pipeline_runner(train_cfg)
-    callbacks = [*callbacks, SaveEachEpoch(out, config, may_save, saved)]
+    callbacks = [*callbacks, SaveEachEpoch(out, config_json, may_save, saved)]
     trainer = Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=runner)
     checkpoint = out / TRAINING_STATE
     if resume and checkpoint.is_file() and (out / CONFIG).is_file():
-        changed = run_changes(json.loads((out / CONFIG).read_text()), config)
+        changed = run_changes(json.loads((out / CONFIG).read_text()), config_json)
         if changed:
             raise ValueError(f"{out} holds a checkpoint of a different run ({', '.join(changed)} changed); resume "
                              "with the same settings and data, or use another --out")

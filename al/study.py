@@ -19,29 +19,26 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from al.config import ACTIVATIONS, H1_LOSSES, METHODS, SCHEDULES, build_configs
+from al.config import ModelConfig, TrainConfig, from_spec, limits_of, value_type
 from al.train import Callback
 
 OBJECTIVES = ("val_accuracy",)
-# The switches a study may search (al/config.py): a tuple lists the allowed values; int and float take ranges.
-SEARCHABLE: dict[str, tuple | type] = {
-    "method": METHODS,
-    "model.encoder_activation": ACTIVATIONS,  # f_i
-    "model.bridge_activation": ACTIVATIONS,  # b_i
-    "model.target_activation": ACTIVATIONS,  # g_i, h_i
-    "model.bridge_depth": int,
-    "model.bridge_hidden_factor": int,  # bridge width: factor * target_width
-    "model.target_width": int,
-    "model.h1_loss": H1_LOSSES,
-    "training.lr": float,  # f and b
-    "training.target_lr_factor": float,  # g and h learn at lr * factor
-    "training.associated_weight": float,
-    "training.autoencoder_weight": float,
-    "training.schedule": SCHEDULES,
-    "training.detach_target": (True, False),
-    "training.batch_size": int,
-    "training.epochs": int,
-}
+
+
+def searchable() -> dict[str, tuple | type]:
+    """The switches a study may search, by their path in a job spec: the config fields marked `search`
+    (al/config.py). A tuple lists the allowed values; int and float take ranges."""
+    switches = {}
+    for cls, section in ((ModelConfig, "model."), (TrainConfig, "training.")):
+        for name, limits in limits_of(cls).items():
+            if limits.search:
+                kind = value_type(cls, name)
+                path = "method" if name == "method" else section + name  # a job spec names the method at its top
+                switches[path] = limits.choices or ((True, False) if kind is bool else kind)
+    return switches
+
+
+SEARCHABLE = searchable()
 PARAM_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "log"},
               "categorical": {"type", "choices"}}
 MAX_CHOICES = 64
@@ -58,7 +55,7 @@ class SpaceError(ValueError):
 
 
 def check_spec_with_library(spec: dict) -> None:
-    build_configs(*spec_arguments(spec))
+    from_spec(spec)
 
 
 def parse_space(space: dict, base: dict, check: Callable[[dict], None] = check_spec_with_library
@@ -139,14 +136,6 @@ def apply_params(base: dict, params: dict) -> dict:
     return spec
 
 
-def spec_arguments(spec: dict) -> tuple[str, dict, dict]:
-    """preset, model and training arguments of al.run.train for a spec without a pipeline."""
-    training = dict(spec.get("training") or {})
-    if spec.get("method"):
-        training["method"] = spec["method"]
-    return spec.get("preset", "default"), dict(spec.get("model") or {}), training
-
-
 def make_pruner(config: dict | None) -> optuna.pruners.BasePruner:
     """`{"type": "median", "startup_trials", "warmup_epochs"}` (the default) or `{"type": "none"}`."""
     config = config or {}
@@ -217,8 +206,7 @@ def run_local(dataset: str, base: dict, space: dict, trials: int, out_dir: str |
     for _ in range(trials):
         trial = study.ask(distributions)
         pruning = PruneAtEpochEnd(trial)
-        preset, model, training = spec_arguments(apply_params(base, trial.params))
-        result = train(data, out / f"trial-{trial.number}", preset, model, training,
+        result = train(data, out / f"trial-{trial.number}", from_spec(apply_params(base, trial.params)),
                        [pruning, *callbacks(trial.number)])
         value = objective_value(result)
         if pruning.pruned_at is not None:

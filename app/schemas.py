@@ -4,29 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from al.config import ACTIVATIONS, ARCHS, H1_LOSSES, METHODS, PRESETS, SCHEDULES
+from al.config import MAX_COMPONENTS, TrainConfig, limits_of
+from service.jobspec import JobSpec, ModelAndTraining, Strict
 
-MAX_EPOCHS = 1000
-MAX_WIDTH = 8192
-MAX_COMPONENTS = 32
-MAX_BATCH_SIZE = 65536
 MAX_PREDICT_ROWS = 4096
+MAX_EPOCHS = int(limits_of(TrainConfig)["epochs"].le)
 MAX_FEATURES = 1_000_000
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
-
-Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 PAGE_LIMIT = "page size"
 PAGE_OFFSET = "items skipped"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # --- datasets -------------------------------------------------------------------------
@@ -55,91 +46,17 @@ class DatasetList(BaseModel):
 # --- jobs -----------------------------------------------------------------------------
 
 
-class ModelSpec(Strict):
-    """The network; every field left out takes the preset's value (see al/config.py)."""
-
-    arch: Literal[ARCHS] | None = Field(None, description="mlp | cnn | resnet")  # type: ignore[valid-type]
-    widths: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_COMPONENTS,
-        description="mlp: width of each component's encoder; cnn: channels per block; resnet: stem then stages",
-    )
-    target_width: int | None = Field(None, ge=1, le=MAX_WIDTH, description="n, the width of the label codes t_i")
-    encoder_activation: Activation | None = Field(None, description="activation of the encoders f_i")
-    bridge_activation: Activation | None = Field(None, description="activation of the bridges b_i")
-    target_activation: Activation | None = Field(None, description="activation of g_i and h_i (i > 1)")
-    bridge_hidden_factor: int | None = Field(None, ge=1, le=64, description="hidden bridge layer is factor * n wide")
-    bridge_depth: int | None = Field(None, ge=1, le=16, description="dense layers in each bridge")
-    bridge_pool: int | None = Field(None, ge=1, le=64, description="conv maps: adaptive-average-pool to PxP before b_i")
-    h1_loss: Literal[H1_LOSSES] | None = Field(None, description="loss of h_1 against the label: mse | ce")  # type: ignore[valid-type]
-
-
-class TrainingSpec(Strict):
-    """Optimisation; every field left out takes the preset's value."""
-
-    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="passes over the training split")
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="samples per step")
-    lr: float | None = Field(None, gt=0, le=10, allow_inf_nan=False, description="learning rate of f and b")
-    target_lr_factor: float | None = Field(
-        None, gt=0, le=100, allow_inf_nan=False, description="g and h learn at lr * factor"
-    )
-    associated_weight: float | None = Field(
-        None, ge=0, le=1e6, allow_inf_nan=False, description="weight of the associated losses"
-    )
-    autoencoder_weight: float | None = Field(
-        None, ge=0, le=1e6, allow_inf_nan=False, description="weight of the autoencoder losses"
-    )
-    detach_target: bool | None = Field(None, description="stop the gradient of t_i in the associated loss")
-    schedule: Literal[SCHEDULES] | None = Field(None, description="learning-rate schedule: step | cosine | none")  # type: ignore[valid-type]
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seeds initialisation and batch order")
-    val_fraction: float | None = Field(
-        None, ge=0, lt=1, description="share of the training split held out for validation"
-    )
-    device: str | None = Field(
-        None, max_length=32, pattern=DEVICE_PATTERN, description="auto (CUDA if the worker has it), cpu, cuda, cuda:N"
-    )
-
-
-class PipelineSpec(Strict):
-    """Where the components train: all on one device, or as pipeline stages (al/pipeline/)."""
-
-    mode: Literal["sequential", "threads", "processes"] = Field(
-        "sequential", description="sequential: one device; threads / processes: stages of components train at once"
-    )
-    devices: list[Annotated[str, Field(pattern=DEVICE_PATTERN)]] | None = Field(
-        None, min_length=1, max_length=MAX_COMPONENTS,
-        description="sequential: the one device to train on; pipelined: one device per stage",
-    )
-    stages: str | None = Field(None, max_length=256, pattern=r"^[0-9,\- ]+$",
-                               description='components per stage, e.g. "0-1,2-3" (default: balanced by time)')
-    queue_depth: int | None = Field(None, ge=1, le=64, description="mini-batches that may wait between two stages")
-    stage_threads: int | None = Field(None, ge=1, le=256, description="CPU threads per stage")
-    stage_timeout: float | None = Field(None, gt=0, le=86400, description="seconds a stage waits before the run fails")
-    workers: int | None = Field(
-        None, ge=1, le=MAX_COMPONENTS, description="processes mode: run stage k in the k-th of this many workers, "
-        "on any hosts, instead of in processes on one worker's host",
-    )
-
-
-class ModelAndTraining(Strict):
-    """What a model learns and how: a job spec's model, method, preset and training (a study's base)."""
-
-    model: ModelSpec = Field(default_factory=ModelSpec, description="architecture fields")
-    method: Literal[METHODS] = Field("al", description="al (associated learning) | bp (end-to-end backpropagation)")  # type: ignore[valid-type]
-    preset: Literal[tuple(PRESETS)] = Field("default", description="named defaults: paper (R1 as published) | default")  # type: ignore[valid-type]
-    training: TrainingSpec = Field(default_factory=TrainingSpec, description="optimisation fields")
-
-
 DATASET_DESCRIPTION = "a built-in name (digits, mnist, ...) or an uploaded dataset's id"
 
 
-class JobCreate(ModelAndTraining):
+class JobCreate(JobSpec):
+    """A training job: what it trains on, the name its model is registered under, and its job spec
+    (service/jobspec.py, whose fields are the library's config fields)."""
+
     dataset: str = Field(min_length=1, max_length=64, description=DATASET_DESCRIPTION)
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="model name to register on success (default: the job id)"
     )
-    pipeline: PipelineSpec = Field(default_factory=PipelineSpec, description="where the components run")
 
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned"]

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from al.bench.runs import subset_file
+from al.config import from_spec
 from al.run import train
-from al.study import apply_params, run_local, spec_arguments
+from al.study import apply_params, run_local
 from al.train import Callback
 
 SAMPLES, EPOCHS, TRIALS, SEEDS = 3000, 2, 30, (0, 1, 2)
@@ -66,8 +67,8 @@ def main() -> None:
         for label, spec in candidates.items():
             runs = []
             for seed in SEEDS:
-                preset, model, training = spec_arguments(apply_params(spec, {"training.seed": seed}))
-                result = train(data, Path(tmp) / f"{label}-{seed}", preset, model, training)
+                config = from_spec(apply_params(spec, {"training.seed": seed}))
+                result = train(data, Path(tmp) / f"{label}-{seed}", config)
                 kept = ("test_accuracy", "val_accuracy", "train_seconds")
                 runs.append({"seed": seed, **{k: result[k] for k in kept}})
                 log(f"{label} seed {seed}: test {result['test_accuracy']:.4f}")

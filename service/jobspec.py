@@ -1,35 +1,134 @@
-"""A job spec's mapping to the arguments of al.run.train: the API checks a spec with it when the job
-is submitted, and the worker trains the job with what it returns."""
+"""The job spec, owned here: its HTTP schema, derived from the library's config fields (al/config.py), and
+`resolve`, which turns a spec into the RunConfig a job trains with. The API resolves a spec once, when the
+job is submitted (and a study's base and trials when it is created); the store keeps the RunConfig, and the
+worker trains with it as stored.
+
+A job spec: `{"preset", "method", "model": {ModelConfig fields}, "training": {TrainConfig fields but the
+pipeline's}, "pipeline": {"mode", "devices", "stages", ..., "workers"}}`; a field left out takes the preset's
+value.
+"""
 
 from __future__ import annotations
 
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from al.config import (
+    METHODS,
+    PIPELINE_SECTION,
+    PRESETS,
+    Limits,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    from_spec,
+    limits_of,
+    value_type,
+)
+from al.model import count_parameters
+
+# TrainConfig fields that a job spec holds elsewhere: the method at its top, the placement under `pipeline`.
+NOT_IN_TRAINING = {"method", *PIPELINE_SECTION.values()} - {"device"}
+MAX_WORKERS = 32
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _pydantic_type(kind, limits: Limits):
+    """The annotation that checks a value of `kind` against `limits`, as the HTTP schema shows it."""
+    if limits.choices is not None:
+        return Literal[limits.choices]
+    bounds = {k: getattr(limits, k) for k in ("ge", "gt", "le", "lt", "pattern", "max_length")
+              if getattr(limits, k) is not None}
+    if kind is float:
+        bounds["allow_inf_nan"] = False
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        return Annotated[list[Annotated[item, Field(**bounds)]], Field(min_length=limits.items[0],
+                                                                       max_length=limits.items[1])]
+    return Annotated[kind, Field(**bounds)] if bounds else kind
+
+
+def section_model(name: str, cls, fields: dict[str, str], doc: str, **extra) -> type[BaseModel]:
+    """A pydantic model of the `cls` fields named in `fields` (spec name -> field name), each optional."""
+    limits = limits_of(cls)
+    declared = {spec_name: (_pydantic_type(value_type(cls, field), limits[field]) | None,
+                            Field(None, description=limits[field].doc))
+                for spec_name, field in fields.items()}
+    return create_model(name, __base__=Strict, __doc__=doc, **declared, **extra)
+
+
+ModelSpec = section_model("ModelSpec", ModelConfig, {name: name for name in limits_of(ModelConfig)},
+                          "The network; every field left out takes the preset's value (al/config.py).")
+TrainingSpec = section_model(
+    "TrainingSpec", TrainConfig, {n: n for n in limits_of(TrainConfig) if n not in NOT_IN_TRAINING},
+    "Optimisation; every field left out takes the preset's value.")
+PipelineSpec = section_model(
+    "PipelineSpec", TrainConfig, {k: v for k, v in PIPELINE_SECTION.items() if k != "mode"},
+    "Where the components train: all on one device, or as pipeline stages (al/pipeline/).",
+    mode=(Literal[limits_of(TrainConfig)["pipeline"].choices], Field(
+        "sequential", description=limits_of(TrainConfig)["pipeline"].doc)),
+    workers=(int | None, Field(None, ge=1, le=MAX_WORKERS, description=(
+        "processes mode: run stage k in the k-th of this many workers, on any hosts, instead of in processes "
+        "on one worker's host"))),
+)
+
+
+class ModelAndTraining(Strict):
+    """What a model learns and how: a job spec's model, method, preset and training (a study's base)."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="architecture fields")
+    method: Literal[METHODS] = Field("al", description=limits_of(TrainConfig)["method"].doc)
+    preset: Literal[tuple(PRESETS)] = Field("default", description="named defaults: " + " | ".join(PRESETS))
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="optimisation fields")
+
+
+class JobSpec(ModelAndTraining):
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec, description="where the components run")
+
+
+@dataclass
+class Resolved:
+    """A checked job spec: what it trains, and on how many workers."""
+
+    config: RunConfig
+    workers: int  # one per stage of a `processes` pipeline over several workers; 1 otherwise
+
+
+def resolve(spec: ModelAndTraining | dict) -> Resolved:
+    """The job spec checked field by field (the schema) and across fields (the library); ValueError names the
+    problem. Pass the validated model when FastAPI has made it already."""
+    if isinstance(spec, dict):
+        try:
+            spec = JobSpec.model_validate(spec)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+                                       for error in e.errors()[:3])) from None
+    values = spec.model_dump(exclude_none=True)
+    pipeline = values.get("pipeline") or {}
+    workers = pipeline.pop("workers", None)
+    if workers is not None and pipeline.get("mode") != "processes":
+        raise ValueError("pipeline.workers applies to the processes mode only")
+    if workers is not None and pipeline.get("devices") and len(pipeline["devices"]) != workers:
+        raise ValueError(f"pipeline.devices names {len(pipeline['devices'])} devices for {workers} workers: "
+                         "one per worker")
+    return Resolved(from_spec(values), workers or 1)
+
+
+def check_fits(config: RunConfig, input_shape: tuple[int, ...], num_classes: int, max_parameters: int) -> None:
+    """The network fits the data and the parameter limit (AL_MAX_PARAMETERS); ValueError says how it does not."""
+    parameters = count_parameters(config.model, input_shape, num_classes, config.training.method)
+    if parameters > max_parameters:
+        raise ValueError(f"the network would have {parameters:,} parameters, over the limit of "
+                         f"{max_parameters:,} (AL_MAX_PARAMETERS)")
+
 
 def pipeline_workers(spec: dict) -> int:
-    """How many workers train the job at once: one per stage of a `processes` pipeline that asks for them."""
+    """How many workers train a (checked) job spec at once: one per stage of a `processes` pipeline that asks
+    for them."""
     return int((spec.get("pipeline") or {}).get("workers") or 1)
-
-
-def training_arguments(spec: dict) -> tuple[dict, dict]:
-    """The job spec's model and training dicts as al.run.train takes them (ValueError if they conflict)."""
-    training = dict(spec.get("training") or {})
-    if spec.get("method"):
-        training["method"] = spec["method"]
-    pipeline = dict(spec.get("pipeline") or {})
-    mode, devices = pipeline.pop("mode", "sequential"), pipeline.pop("devices", None)
-    workers = pipeline.pop("workers", None)
-    if workers is not None and mode != "processes":
-        raise ValueError("pipeline.workers applies to the processes mode only")
-    if workers is not None and devices and len(devices) != workers:
-        raise ValueError(f"pipeline.devices names {len(devices)} devices for {workers} workers: one per worker")
-    if mode == "sequential":
-        if pipeline:
-            raise ValueError(f"pipeline {', '.join(sorted(pipeline))} apply to the threads and processes modes only")
-        if devices and len(devices) > 1:
-            raise ValueError("sequential mode trains on one device; name one, or use mode threads or processes")
-        if devices:
-            if training.get("device", devices[0]) != devices[0]:
-                raise ValueError("training.device and pipeline.devices disagree")
-            training["device"] = devices[0]
-    else:  # TrainConfig's pipeline fields (al/config.py)
-        training.update(pipeline, pipeline=mode, devices=devices)
-    return dict(spec.get("model") or {}), training

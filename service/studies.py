@@ -1,13 +1,10 @@
 """Studies: hyperparameter searches whose trials are ordinary training jobs.
 
 Optuna keeps the trials in its RDB storage, in the job store's own database; the table `al_studies`
-keeps each study's request and status. The driver (`Studies.drive`, run by every worker's reconciler)
-holds no state of its own: each pass reads the trials and their jobs, tells Optuna about the jobs that
-ended, asks for new trials up to the budget and registers the best trial's model. So a restarted
-worker, or another worker, carries on where the last pass stopped.
-
-A trial's job is found by its idempotency key `study:<study id>:<trial number>`: a pass that dies
-between asking Optuna and creating the job creates it on the next pass, never twice.
+keeps each study's request and status (service/store/studies.py). The driver (`Studies.drive`, run by
+every worker's reconciler) holds no state of its own: each pass reads the trials and their jobs, tells
+Optuna about the jobs that ended, asks for new trials up to the budget and registers the best trial's
+model. So a restarted worker, or another worker, carries on where the last pass stopped.
 """
 
 from __future__ import annotations
@@ -19,10 +16,7 @@ from collections.abc import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import JSON, Float, Integer, String, Text, func, select, update
-from sqlalchemy.orm import Mapped, mapped_column
 
-from al.config import build_configs
 from al.study import (
     PruneAtEpochEnd,
     apply_params,
@@ -34,39 +28,10 @@ from al.study import (
     trial_summary,
 )
 from service.artifacts import artifacts_for
-from service.jobspec import training_arguments
+from service.jobspec import resolve
 from service.registry import published_copy
 from service.settings import Settings
-from service.store import (
-    TERMINAL,
-    Base,
-    JobRow,
-    Store,
-    add_version,
-    get_store,
-    new_id,
-    next_version,
-    tenant_column,
-    with_installed_driver,
-)
-
-STUDY_TERMINAL = ("succeeded", "failed", "cancelled")
-DRIVER_TURN_SECONDS = 60.0  # a driver pass that died frees its study after this
-
-
-class StudyRow(Base):
-    __tablename__ = "al_studies"  # Optuna's own tables include `studies`
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    tenant: Mapped[str] = tenant_column()  # its trial jobs and its registered model are this tenant's
-    name: Mapped[str] = mapped_column(String(64))
-    spec: Mapped[dict] = mapped_column(JSON)  # dataset, base, space, trials, parallel, objective, pruner, seed
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[float] = mapped_column(Float, index=True)
-    finished_at: Mapped[float | None] = mapped_column(Float)
-    driver_until: Mapped[float | None] = mapped_column(Float)  # a driver pass holds the study until then
-    seed: Mapped[int] = mapped_column(Integer)
-
+from service.store import TERMINAL, JobRow, Store, StudyRow, get_store, new_id, trial_key, with_installed_driver
 
 _storages: dict[tuple[int, str], optuna.storages.RDBStorage] = {}
 
@@ -81,10 +46,6 @@ def optuna_storage(url: str, check_schema: bool = True) -> optuna.storages.RDBSt
                                                     skip_compatibility_check=not check_schema,
                                                     skip_table_creation=not check_schema)
     return _storages[key]
-
-
-def trial_key(study_id: str, number: int) -> str:
-    return f"study:{study_id}:{number}"
 
 
 def trial_pruning(settings: Settings, study: dict) -> PruneAtEpochEnd:
@@ -107,7 +68,6 @@ class Studies:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store: Store = get_store(settings.store_url)
-        self.store.create_tables()  # al_studies too, now that StudyRow is defined
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     @property
@@ -122,35 +82,13 @@ class Studies:
         row = StudyRow(id=new_id("study_"), tenant=tenant, name=name, spec=spec, status="running",
                        created_at=time.time(), seed=seed)
         optuna.create_study(study_name=row.id, storage=self.storage, direction="maximize")
-        with self.store.writing() as s, s.begin():
-            s.add(row)
-        return row
-
-    def get(self, study_id: str, tenant: str | None = None) -> StudyRow | None:
-        """The study; with `tenant` (as the API asks), only if it is that tenant's."""
-        with self.store.session() as s:
-            row = s.get(StudyRow, study_id)
-        return row if row is not None and tenant in (None, row.tenant) else None
-
-    def list(self, tenant: str, limit: int, offset: int) -> tuple[list[StudyRow], int]:
-        mine = StudyRow.tenant == tenant
-        with self.store.session() as s:
-            rows = s.scalars(select(StudyRow).where(mine).order_by(StudyRow.created_at.desc()).limit(limit)
-                             .offset(offset))
-            return list(rows), s.scalar(select(func.count()).select_from(StudyRow).where(mine))
-
-    def request_cancel(self, study_id: str) -> StudyRow | None:
-        """The study asks for no more trials; the next driver pass cancels its running trials' jobs."""
-        with self.store.writing() as s, s.begin():
-            s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.status == "running")
-                      .values(status="cancelling"))
-        return self.get(study_id)
+        return self.store.add_study(row)
 
     def view(self, row: StudyRow, with_importances: bool = True) -> dict:
         """Trials with their jobs, the best trial, and importances once there are enough trials."""
         study = optuna.load_study(study_name=row.id, storage=self.storage)
         trials = study.get_trials(deepcopy=False)
-        jobs = self._jobs(row.id, [t.number for t in trials])
+        jobs = self.store.trial_jobs(row.id, [t.number for t in trials])
         best = best_trial(study)
         listed = [{**trial_summary(t), **self._job_fields(jobs.get(t.number))} for t in trials]
         return {
@@ -166,40 +104,23 @@ class Studies:
         model = {"name": job.model_name, "version": job.model_version} if job.model_name else None
         return {"job_id": job.id, "job_status": job.status, "result": job.result, "model": model}
 
-    def _jobs(self, study_id: str, numbers: list[int]) -> dict[int, JobRow]:
-        keys = {trial_key(study_id, n): n for n in numbers}
-        with self.store.session() as s:
-            rows = s.scalars(select(JobRow).where(JobRow.idempotency_key.in_(list(keys))))
-            return {keys[job.idempotency_key]: job for job in rows}
-
     # --- the driver: every worker's reconciler runs it ------------------------------------
 
     def drive(self, enqueue: Callable[[str], None]) -> None:
         """One pass over every unfinished study that no other driver holds."""
-        with self.store.session() as s:
-            ids = list(s.scalars(select(StudyRow.id).where(StudyRow.status.in_(("running", "cancelling")))))
-        for study_id in ids:
-            if not self._take_turn(study_id):
+        for study_id in self.store.unfinished_studies():
+            if not self.store.take_study_turn(study_id):
                 continue
             try:
-                self._drive(self.get(study_id), enqueue)
+                self._drive(self.store.get_study(study_id), enqueue)
             finally:
-                with self.store.writing() as s, s.begin():
-                    s.execute(update(StudyRow).where(StudyRow.id == study_id).values(driver_until=None))
-
-    def _take_turn(self, study_id: str) -> bool:
-        now = time.time()
-        with self.store.writing() as s, s.begin():
-            return bool(s.execute(update(StudyRow).where(
-                StudyRow.id == study_id, StudyRow.status.in_(("running", "cancelling")),
-                StudyRow.driver_until.is_(None) | (StudyRow.driver_until < now),
-            ).values(driver_until=now + DRIVER_TURN_SECONDS)).rowcount)
+                self.store.end_study_turn(study_id)
 
     def _drive(self, row: StudyRow, enqueue: Callable[[str], None]) -> None:
         spec = row.spec
         study = optuna.load_study(study_name=row.id, storage=self.storage)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        jobs = self._jobs(row.id, [t.number for t in running])
+        jobs = self.store.trial_jobs(row.id, [t.number for t in running])
         still_running = 0
         for trial in running:
             job = jobs.get(trial.number) or self._start_trial(row, trial, enqueue)
@@ -217,7 +138,7 @@ class Studies:
         self._register_best(row, study)
         if row.status == "cancelling":
             if not still_running:
-                self._finish(row.id, "cancelled")
+                self.store.finish_study(row.id, "cancelled")
             return
         distributions = parse_space(spec["space"], spec["base"], check=lambda _: None)  # checked when created
         asked = len(study.trials)
@@ -227,14 +148,13 @@ class Studies:
             asked, still_running = asked + 1, still_running + 1
         if asked >= spec["trials"] and not still_running:
             complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            self._finish(row.id, "succeeded" if complete else "failed",
-                         None if complete else "no trial completed: see the trials' jobs")
+            self.store.finish_study(row.id, "succeeded" if complete else "failed",
+                                    None if complete else "no trial completed: see the trials' jobs")
 
     def _start_trial(self, row: StudyRow, trial: FrozenTrial | optuna.Trial, enqueue: Callable[[str], None]) -> JobRow:
         spec = trial_job_spec(row, trial)
-        model, training = training_arguments(spec)
-        _, train_cfg = build_configs(spec.get("preset", "default"), model, training)
-        job, created = self.store.create_job(row.tenant, spec["name"], spec, train_cfg.epochs,
+        config = resolve(apply_params(row.spec["base"], trial.params)).config  # the space was checked at create
+        job, created = self.store.create_job(row.tenant, spec["name"], spec, config.to_dict(),
                                              trial_key(row.id, trial.number), None)
         if created:
             enqueue(job.id)
@@ -245,19 +165,9 @@ class Studies:
         best = best_trial(study)
         if best is None:
             return
-        job = self._jobs(row.id, [best.number])[best.number]
+        job = self.store.trial_jobs(row.id, [best.number])[best.number]
         if job.model_name is not None:
             return
         artifacts = artifacts_for(self.settings)
         artifacts.pull_job(job.id)  # it may have trained on another host
-        publish = published_copy(artifacts, job.id, row.tenant)
-        with self.store.writing() as s, s.begin():
-            version = next_version(s, row.tenant, row.name)
-            if s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.model_name.is_(None))
-                         .values(model_name=row.name, model_version=version)).rowcount:
-                add_version(s, row.tenant, row.name, version, job.id, publish)
-
-    def _finish(self, study_id: str, status: str, error: str | None = None) -> None:
-        with self.store.writing() as s, s.begin():
-            s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.status.not_in(STUDY_TERMINAL))
-                      .values(status=status, error=error, finished_at=time.time()))
+        self.store.register_job_model(row.tenant, row.name, job.id, published_copy(artifacts, job.id, row.tenant))

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from service_support import FAST, digits_npz, digits_rows, wait_for
 
 from al.bench.hosts import Hosts, unavailable
+from al.config import from_spec
 from al.run import train
-from service.jobspec import training_arguments
 
 POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path(
     "/usr/lib/postgresql").is_dir() else None
@@ -209,11 +209,10 @@ def test_a_pipeline_over_two_workers_equals_a_sequential_run(cluster, tmp_path):
     job_id = submit(cluster, {**PIPELINE_JOB, "name": "piped"})
     done = wait_job(cluster, job_id, ("succeeded", "failed"))
     assert done["status"] == "succeeded", (done, cluster.log("b")[-3000:], cluster.log("c")[-3000:])
-    model, training = training_arguments({**PIPELINE_JOB, "pipeline": None})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train("digits", tmp_path / "sequential", "default", model, training)
+        train("digits", tmp_path / "sequential", from_spec({**PIPELINE_JOB, "pipeline": None}))
     finally:
         torch.set_num_threads(threads)
     piped = load_file(str(cluster.root / "api" / "models" / "default" / "piped" / "1" / "model.safetensors"))

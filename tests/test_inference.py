@@ -13,6 +13,7 @@ import pytest
 from service_support import digits_rows, drop_queue, register_model, registered_model_client, wait_for
 
 from al.checkpoint import Prediction, load_model
+from al.config import make_config
 from al.run import train
 from app import batching, inference
 
@@ -23,7 +24,8 @@ NATIVE, V2 = "/v1/models/digits/predict", "/v2/models/digits/infer"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("model") / "digits"
-    train("digits", directory, model=TWO_COMPONENTS, training={"epochs": 2, "batch_size": 128, "device": "cpu"})
+    training = {"epochs": 2, "batch_size": 128, "device": "cpu"}
+    train("digits", directory, make_config(model=TWO_COMPONENTS, training=training))
     return directory
 
 

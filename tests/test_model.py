@@ -1,12 +1,12 @@
 import torch
 import torch.nn.functional as F
 
-from al.config import build_configs
+from al.config import make_config
 from al.model import build_network
 
 
 def _net(arch="mlp", method="al", input_shape=(1, 8, 8), **model):
-    model_cfg, _ = build_configs("paper", {"arch": arch, "widths": [16, 16], "target_width": 8, **model})
+    model_cfg = make_config("paper", {"arch": arch, "widths": [16, 16], "target_width": 8, **model}).model
     return build_network(model_cfg, input_shape, num_classes=3, method=method)
 
 
@@ -58,7 +58,7 @@ def test_bp_net_has_the_same_parameters_as_al_and_ends_in_logits():
 
 def test_cnn_and_resnet_build_and_run_on_small_images():
     for arch, widths in (("cnn", [4, 8, 8, 8]), ("resnet", [4, 4, 8, 8])):
-        model_cfg, _ = build_configs("default", {"arch": arch, "widths": widths, "target_width": 8, "bridge_pool": 1})
+        model_cfg = make_config("default", {"arch": arch, "widths": widths, "target_width": 8, "bridge_pool": 1}).model
         net = build_network(model_cfg, (1, 8, 8), num_classes=3, method="al").eval()
         assert net.depth == (4 if arch == "cnn" else 3)
         assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
@@ -71,7 +71,7 @@ def test_paper_bridge_is_two_layers_five_n_wide():
 
 
 def _deep_net():
-    model_cfg, _ = build_configs("default", {"arch": "mlp", "widths": [16, 16, 16, 16], "target_width": 8}, {})
+    model_cfg = make_config("default", {"arch": "mlp", "widths": [16, 16, 16, 16], "target_width": 8}, {}).model
     torch.manual_seed(0)
     return build_network(model_cfg, (1, 8, 8), 3, "al").eval()
 

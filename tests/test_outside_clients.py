@@ -30,6 +30,7 @@ from service_support import (
     wait_for,
 )
 
+from al.config import make_config
 from al.run import train
 
 KEY = "outside-client-key"
@@ -52,8 +53,8 @@ def server(tmp_path_factory):
     """The API alone (a test starts a worker when it needs one), with "digits" version 1 registered."""
     root = tmp_path_factory.mktemp("outside")
     model_dir = root / "model"
-    train("digits", model_dir, model={"arch": "mlp", "widths": [32, 32], "target_width": 16},
-          training={"epochs": 2, "batch_size": 128, "device": "cpu"})
+    train("digits", model_dir, make_config(model={"arch": "mlp", "widths": [32, 32], "target_width": 16},
+                                           training={"epochs": 2, "batch_size": 128, "device": "cpu"}))
     env = service_env(root / "data", fresh_redis(), AL_API_KEYS=KEY, AL_EMBEDDED_WORKER="0",
                       AL_MAX_DATASET_BYTES=str(MAX_DATASET_BYTES), AL_MAX_PARAMETERS="200000")
     (root / "data").mkdir()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from al.checkpoint import load_model
-from al.config import build_configs
+from al.config import make_config
 from al.data import load_dataset, prepare_splits
 from al.model import build_network
 from al.pipeline import PipelineError, balance_by_time, parse_stages, pipeline_runner
@@ -47,7 +47,8 @@ def one_thread():
 
 
 def make_trainer(model: dict, callbacks=(), **training) -> Trainer:
-    model_cfg, train_cfg = build_configs("default", model, {**TRAINING, **training})
+    config = make_config("default", model, {**TRAINING, **training})
+    model_cfg, train_cfg = config.model, config.training
     torch.manual_seed(train_cfg.seed)
     splits = prepare_splits(DIGITS, train_cfg.val_fraction, train_cfg.seed)
     net = build_network(model_cfg, DIGITS.input_shape, DIGITS.num_classes, "al")
@@ -116,7 +117,7 @@ def test_stage_lists_are_checked():
 
 def test_pipelining_bp_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="AL only"):
-        build_configs("default", MODELS["mlp"], {"method": "bp", "pipeline": "threads"})
+        make_config("default", MODELS["mlp"], {"method": "bp", "pipeline": "threads"})
 
 
 # --- failures: an error that names the stage, never a hang ---------------------------
@@ -196,13 +197,13 @@ class StopAt(Callback):
 def test_a_checkpoint_from_one_mode_resumes_in_another(tmp_path, one_thread, first, second):
     model = MODELS["cnn"]
     common = {k: v for k, v in TRAINING.items()}
-    straight = train(DIGITS, tmp_path / "straight", "default", model, common)
+    straight = train(DIGITS, tmp_path / "straight", make_config("default", model, common))
     piped = {**common, "devices": ["cpu", "cpu"], "stages": STAGES[2]}
-    stopped = train(DIGITS, tmp_path / "resumed", "default", model, {**piped, "pipeline": first},
+    stopped = train(DIGITS, tmp_path / "resumed", make_config("default", model, {**piped, "pipeline": first}),
                     callbacks=[StopAt(30)])  # mid-epoch 2 (23 batches an epoch)
     assert stopped["status"] == "stopped"
     second_training = {**piped, "pipeline": second} if second != "sequential" else common
-    resumed = train(DIGITS, tmp_path / "resumed", "default", model, second_training, resume=True)
+    resumed = train(DIGITS, tmp_path / "resumed", make_config("default", model, second_training), resume=True)
     assert resumed["status"] == "completed"
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -224,7 +225,7 @@ def train_command(out: Path) -> list[str]:
 
 
 def assert_same_as_sequential(tmp_path: Path, ranked: Path, stdout: str) -> None:
-    straight = train(DIGITS, tmp_path / "straight", "default", MODELS["mlp"], TRAINING)
+    straight = train(DIGITS, tmp_path / "straight", make_config("default", MODELS["mlp"], TRAINING))
     a, b = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "straight", ranked))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert f'"test_accuracy": {straight["test_accuracy"]}' in stdout

@@ -23,6 +23,7 @@ from service_support import (
     wait_for,
 )
 
+from al.config import make_config
 from al.run import train
 from app.api.deps import REACHES, known_key
 from app.main import create_app
@@ -36,7 +37,8 @@ INFER = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "dat
 @pytest.fixture(scope="module")
 def trained_model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("model") / "digits"
-    train("digits", directory, model=TINY_MODEL, training={"epochs": 1, "batch_size": 128, "device": "cpu"})
+    training = {"epochs": 1, "batch_size": 128, "device": "cpu"}
+    train("digits", directory, make_config(model=TINY_MODEL, training=training))
     return directory
 
 

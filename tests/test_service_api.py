@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import TINY_MODEL, digits_rows, drop_queue, registered_model_client
 
-from al.config import ModelConfig, TrainConfig
+from al.config import ModelConfig, TrainConfig, make_config
 from al.run import train
-from app.schemas import PipelineSpec, TrainingSpec
+from service.jobspec import PipelineSpec, TrainingSpec
 
 UPLOAD_LIMIT = 1_500_000
 REQUEST_LIMIT = 200_000
@@ -24,7 +24,8 @@ REQUEST_LIMIT = 200_000
 def trained_model_dir(tmp_path_factory):
     """One tiny digits model, trained by the library, reused by every test here."""
     directory = tmp_path_factory.mktemp("model") / "digits"
-    train("digits", directory, model=TINY_MODEL, training={"epochs": 1, "batch_size": 128, "device": "cpu"})
+    training = {"epochs": 1, "batch_size": 128, "device": "cpu"}
+    train("digits", directory, make_config(model=TINY_MODEL, training=training))
     return directory
 
 
@@ -308,7 +309,7 @@ def test_openapi_documents_every_field(client):
 
 def test_every_library_setting_is_reachable_from_a_job_spec():
     """A field added to ModelConfig or TrainConfig needs a place in app/schemas.py."""
-    from app.schemas import ModelSpec
+    from service.jobspec import ModelSpec
 
     assert set(ModelSpec.model_fields) == {f.name for f in dataclasses.fields(ModelConfig)}
     reachable = set(TrainingSpec.model_fields) | {"method", "pipeline"} | set(PipelineSpec.model_fields) - {"mode"}

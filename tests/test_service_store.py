@@ -12,6 +12,7 @@ import pytest
 from service_support import use_env
 
 from al.checkpoint import TRAINING_STATE, WEIGHTS, load_model
+from al.config import make_config
 from al.run import train
 from service.artifacts import LocalArtifacts
 from service.queue import enqueue, make_celery
@@ -21,6 +22,7 @@ from service.store import Store, with_installed_driver
 from worker.reconcile import reconcile_once
 from worker.tasks import run_job
 
+CONFIG = make_config(training={"epochs": 2}).to_dict()  # what a job trains with, as the API stores it
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
@@ -61,7 +63,7 @@ def store(database_url):
 
 
 def new_job(store: Store, name: str = "m", key: str | None = None, tenant: str = DEFAULT_TENANT):
-    job, _ = store.create_job(tenant, name, {"dataset": "digits"}, 2, key, None)
+    job, _ = store.create_job(tenant, name, {"dataset": "digits"}, CONFIG, key, None)
     return job
 
 
@@ -120,7 +122,7 @@ def test_epochs_are_recorded_once_and_versions_count_per_name(store):
 
 def test_idempotency_key_returns_the_first_job(store):
     job = new_job(store, key="abc")
-    again, created = store.create_job(DEFAULT_TENANT, "other", {"dataset": "digits"}, 2, "abc", None)
+    again, created = store.create_job(DEFAULT_TENANT, "other", {"dataset": "digits"}, CONFIG, "abc", None)
     assert not created and again.id == job.id
 
 
@@ -211,7 +213,13 @@ def test_a_plain_postgresql_url_uses_the_installed_driver():
     for url in ("postgresql://postgres@127.0.0.1:5432/test", "postgres://postgres@127.0.0.1:5432/test"):
         store = Store(url)
         store.create_tables()
-        assert store.count_by_status() is not None
+        assert store.engine.dialect.driver == "psycopg2"
+        queued = store.count_by_status()["queued"]
+        job = new_job(store)  # a write and reads through that driver
+        assert store.get_job(job.id).spec == {"dataset": "digits"}
+        assert store.count_by_status()["queued"] == queued + 1
+        store.request_cancel(job.id)
+        store.engine.dispose()
 
 
 # The schema as it was before tenants (issue 8), with a row in every table.
@@ -267,7 +275,7 @@ def test_a_database_from_before_tenants_opens_with_everything_the_default_tenant
 def test_a_registered_version_is_a_copy_that_later_writes_do_not_change(tmp_path, monkeypatch):
     settings = use_env(monkeypatch, {"AL_DATA_DIR": str(tmp_path)})
     job_dir = settings.jobs_dir / "job_x"
-    train("digits", job_dir, "default", {"widths": [8], "target_width": 8}, {"epochs": 1})
+    train("digits", job_dir, make_config("default", {"widths": [8], "target_width": 8}, {"epochs": 1}))
     path = published_copy(LocalArtifacts(settings.data_dir), "job_x", "team-a")("digits", 1)
     assert path == "models/team-a/digits/1" and not (tmp_path / path / TRAINING_STATE).exists()
     registered = (tmp_path / path / WEIGHTS).read_bytes()
@@ -278,5 +286,6 @@ def test_a_registered_version_is_a_copy_that_later_writes_do_not_change(tmp_path
 
 def test_an_attempt_that_may_not_save_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    train("digits", out, "default", {"widths": [8], "target_width": 8}, {"epochs": 1}, may_save=lambda: False)
+    train("digits", out, make_config("default", {"widths": [8], "target_width": 8}, {"epochs": 1}),
+          may_save=lambda: False)
     assert not (out / WEIGHTS).exists() and not (out / TRAINING_STATE).exists()

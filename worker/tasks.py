@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
 
 import torch
 from celery import Celery
@@ -24,21 +24,22 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 # Imported in the worker's main process on purpose: forked pool children then start a job
 # without importing torch again. Importing torch does not initialise CUDA; only the task does.
+from al.config import RunConfig
 from al.data import BUILTIN_DATASETS
 from al.pipeline import PipelineError, StagesMissing
 from al.run import train
 from al.train import Callback
 from service.artifacts import ArtifactError, LocalArtifacts, artifacts_for
-from service.jobspec import pipeline_workers, training_arguments
+from service.jobspec import pipeline_workers
 from service.queue import STAGE_TASK, TRAIN_TASK, enqueue, enqueue_stage
 from service.registry import published_copy
+from service.retry import Retrying
 from service.settings import Settings
-from service.store import OUTAGE, Store, get_store, worker_identity
+from service.store import OUTAGE, JobRow, Store, get_store, worker_identity
 from service.studies import trial_pruning
 from worker.stages import join_as, start_stages
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Warmed here for the same reason (seconds per job on a busy CPU): Adam's first construction imports
 # torch._dynamo, and the built-in digits dataset comes from scikit-learn.
@@ -62,18 +63,10 @@ def listen_for_shutdown() -> None:
         signal.signal(signum, lambda *_: SHUTTING_DOWN.set())
 
 
-def patiently(settings: Settings, call: Callable[[], T], errors: tuple[type[Exception], ...] = OUTAGE) -> T:
-    """`call()` on the store (or the artifact store), retried while it does not answer (a restart, a failover), for
-    up to AL_STORE_OUTAGE_SECONDS; then its error ends the attempt, and the job resumes later from its checkpoint."""
-    deadline = time.monotonic() + settings.store_outage_seconds
-    while True:
-        try:
-            return call()
-        except errors as e:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("%s; retrying in 1 s", e if errors is not OUTAGE else "the job store does not answer")
-            time.sleep(1)
+def patient(store: Store, settings: Settings) -> Retrying:
+    """The job store as a training job reaches it: each call retried through an outage (a restart, a failover)
+    for up to AL_STORE_OUTAGE_SECONDS; then its error ends the attempt, and the job resumes from its checkpoint."""
+    return Retrying(store, settings.store_outage_seconds, OUTAGE, "the job store")
 
 
 class JobReporter(Callback):
@@ -83,7 +76,7 @@ class JobReporter(Callback):
     only looks at flags between steps.
     """
 
-    def __init__(self, store: Store, job_id: str, owner: str, settings: Settings):
+    def __init__(self, store: Retrying, job_id: str, owner: str, settings: Settings):
         self.store, self.job_id, self.owner, self.settings = store, job_id, owner, settings
         self.cancel_requested = threading.Event()
         self.lease_lost = threading.Event()
@@ -93,9 +86,9 @@ class JobReporter(Callback):
 
     def _beat(self) -> None:
         while not self._finished.wait(self.settings.heartbeat_interval):
-            try:
-                status = self.store.heartbeat(self.job_id, self.owner, self.settings.lease_seconds)
-            except Exception:  # a store hiccup: the next beat retries well within the lease
+            try:  # once: the next beat is the retry, well within the lease
+                status = self.store.once.heartbeat(self.job_id, self.owner, self.settings.lease_seconds)
+            except Exception:
                 log.exception("heartbeat of job %s failed", self.job_id)
                 continue
             if status is None:
@@ -112,10 +105,8 @@ class JobReporter(Callback):
 
     def on_train_start(self, trainer):
         resumed = trainer.global_step > 0  # a checkpoint was loaded
-        patiently(self.settings, lambda: self.store.record_progress(
-            self.job_id, self.owner, epoch=trainer.epoch, epochs=trainer.cfg.epochs, step=trainer.step_in_epoch,
-            steps=trainer.steps_per_epoch, resumed_from_epoch=trainer.epoch if resumed else None,
-        ))
+        self.store.record_progress(self.job_id, self.owner, epoch=trainer.epoch, step=trainer.step_in_epoch,
+                                   steps=trainer.steps_per_epoch, resumed_from_epoch=trainer.epoch if resumed else None)
         if resumed:
             log.info("job %s resumes at epoch %d step %d", self.job_id, trainer.epoch, trainer.step_in_epoch)
 
@@ -125,13 +116,14 @@ class JobReporter(Callback):
         now = time.monotonic()
         if now - self._last_write >= self.settings.progress_interval:
             self._last_write = now
-            try:
-                self.store.record_progress(self.job_id, self.owner, epoch=trainer.epoch, step=trainer.step_in_epoch)
-            except OUTAGE:  # progress is a hint: training goes on, the next write catches up
+            try:  # once: progress is a hint, and training goes on; the next write catches up
+                self.store.once.record_progress(self.job_id, self.owner, epoch=trainer.epoch,
+                                                step=trainer.step_in_epoch)
+            except OUTAGE:
                 log.warning("job %s: the job store does not answer; progress not recorded", self.job_id)
 
     def on_epoch_end(self, trainer, metrics):
-        patiently(self.settings, lambda: self.store.record_epoch(self.job_id, self.owner, metrics))
+        self.store.record_epoch(self.job_id, self.owner, metrics)
 
 
 def dataset_source(store: Store, artifacts: LocalArtifacts, tenant: str, dataset: str) -> str:
@@ -155,17 +147,26 @@ def allow_child_processes() -> None:
     process._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(process.authkey))
 
 
-def too_few_workers(store: Store, settings: Settings, job_id: str) -> str | None:
-    """Why a pipeline job over several workers cannot start now: fewer worker slots are live than it has stages."""
+def waiting_reason(store: Store, settings: Settings, job_id: str) -> str | None:
+    """Why a pipeline job over several workers cannot start now (fewer worker slots are live than it has stages);
+    None when it can."""
     job = store.get_job(job_id)
     workers = pipeline_workers(job.spec) if job else 1
-    if workers == 1:
-        return None
-    live = store.live_slots(settings.worker_seen_within)
+    live = store.live_slots(settings.worker_seen_within) if workers > 1 else workers
     if live >= workers:
         return None
     return (f"waiting for workers: its pipeline asks for {workers} (one per stage) and {live} worker slot(s) are "
             "live; start more workers (al worker, on any host) or ask for fewer")
+
+
+@dataclass
+class Outcome:
+    """How an attempt ended: the job's status (None: another attempt holds the job now), its result, why."""
+
+    status: str | None
+    result: dict | None = None
+    error: str | None = None
+    failed_attempt: bool = False  # counts towards AL_MAX_ATTEMPTS
 
 
 def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[str], None],
@@ -173,111 +174,134 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     """Train a job to its end (or until cancelled, or the worker shuts down: then `requeue(job_id)`); a pipeline
     job over several workers sends its other stages with `send_stage(job_id, rank, attempt)`. The status it ended
     with, or None if it was not ours to run."""
-    waiting = patiently(settings, lambda: too_few_workers(store, settings, job_id))
+    store = patient(store, settings)
+    waiting = waiting_reason(store, settings, job_id)
     if waiting:  # the reconciler sends it again once enough workers are live; this worker stays free meanwhile
         store.wait(job_id, waiting)
         log.info("job %s: %s", job_id, waiting)
         return None
     owner = worker_identity()
-    claim = patiently(settings, lambda: store.take_lease(job_id, owner, settings.lease_seconds))
+    claim = store.take_lease(job_id, owner, settings.lease_seconds)
     if claim is None:
         log.info("job %s is finished or held by a live lease elsewhere; this delivery does nothing", job_id)
         return None
     job = claim.job
     if job.status == "cancelling":  # cancelled while its previous attempt was dead
-        store.finish(job_id, owner, "cancelled")
-        return "cancelled"
-    if job.attempts - job.releases > settings.max_attempts:  # a shutdown that handed it back is no failure
-        store.finish(job_id, owner, "failed", error=f"gave up after {settings.max_attempts} attempts "
-                     "(the worker died each time; see the worker logs)")
-        return "failed"
-    log.info("job %s: attempt %d", job_id, job.attempts)
-    reporter = JobReporter(store, job_id, owner, settings)
-    reporter.start_heartbeat()  # before loading the data, which can take longer than a lease
-    artifacts = artifacts_for(settings)
-    model_dir = artifacts.path(f"jobs/{job_id}")
-    model, training = training_arguments(job.spec)
-    study = job.spec.get("study")  # a study's trial: its pruner may stop it at an epoch's end
-    failed_attempt = False
+        outcome = Outcome("cancelled")
+    elif job.attempts - job.releases > settings.max_attempts:  # a shutdown that handed it back is no failure
+        outcome = Outcome("failed", error=f"gave up after {settings.max_attempts} attempts (the worker died each "
+                          "time; see the worker logs)")
+    else:
+        log.info("job %s: attempt %d", job_id, job.attempts)
+        outcome = attempt(store, settings, job, owner, send_stage)
+    return settle(store, settings, job, owner, outcome, requeue)
+
+
+def stored_config(job: JobRow) -> RunConfig:
+    """The RunConfig the job was submitted with (checked then); ValueError if this version cannot train it."""
+    if job.config is None:
+        raise ValueError("the job was stored without its resolved configuration (by an older version of the "
+                         "service); submit it again")
     try:
+        return RunConfig.from_dict(job.config)
+    except ValueError as e:
+        raise ValueError(f"the job's stored configuration no longer validates: {e}; submit it again") from None
+
+
+def attempt(store: Retrying, settings: Settings, job: JobRow, owner: str,
+            send_stage: Callable[[str, int, int], None]) -> Outcome:
+    """One attempt at training the job, which holds its lease; how it ended."""
+    reporter = JobReporter(store, job.id, owner, settings)
+    reporter.start_heartbeat()  # before loading the data, which can take longer than a lease
+    artifacts = Retrying(artifacts_for(settings), settings.store_outage_seconds, (ArtifactError,), "the artifact store")
+    study = job.spec.get("study")  # a study's trial: its pruner may stop it at an epoch's end
+    pruning = None
+    try:
+        config = stored_config(job)
         pruning = trial_pruning(settings, study) if study else None
         source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
-        patiently(settings, lambda: artifacts.pull_job(job_id), ArtifactError)  # the latest checkpoint, from any host
+        artifacts.pull_job(job.id)  # the latest checkpoint, from any host
         if pipeline_workers(job.spec) > 1:
             start_stages(store, settings, job, owner, send_stage)
-        callbacks = [reporter, pruning] if pruning else [reporter]
-        result = train(source, model_dir, job.spec.get("preset", "default"), model, training, callbacks, resume=True,
-                       may_save=lambda: patiently(settings, lambda: store.holds_lease(job_id, owner)),
-                       saved=lambda: patiently(settings, lambda: artifacts.push_job(job_id), ArtifactError))
+        result = train(source, artifacts.path(f"jobs/{job.id}"), config, [reporter, *([pruning] if pruning else [])],
+                       resume=True, may_save=lambda: store.holds_lease(job.id, owner),
+                       saved=lambda: artifacts.push_job(job.id))
     except SoftTimeLimitExceeded:
-        status, result, error = "failed", None, f"time limit of {settings.job_soft_time_limit} s exceeded"
+        return Outcome("failed", error=f"time limit of {settings.job_soft_time_limit} s exceeded")
     except StagesMissing as e:  # every worker was busy: queued again, and this attempt is no failure
-        status, result, error = "queued", None, f"waiting for workers: {e}"
+        return Outcome("queued", error=f"waiting for workers: {e}")
     except PipelineError as e:  # a stage died: the attempt failed, and the job resumes from its checkpoint
-        log.warning("job %s: attempt %d failed: %s", job_id, job.attempts, e)
-        status, result, error = "queued", None, f"attempt {job.attempts} failed, resuming from its checkpoint: {e}"
-        failed_attempt = True
+        log.warning("job %s: attempt %d failed: %s", job.id, job.attempts, e)
+        return Outcome("queued", error=f"attempt {job.attempts} failed, resuming from its checkpoint: {e}",
+                       failed_attempt=True)
     except ValueError as e:  # DataError, ModelError, config errors: the message names the problem
-        status, result, error = "failed", None, str(e)
+        return Outcome("failed", error=str(e))
     except Exception as e:
-        log.exception("job %s failed", job_id)
-        status, result, error = "failed", None, f"{type(e).__name__}: {e}"
-    else:
-        error = None
-        if result["status"] == "completed":
-            status = "succeeded"
-        elif reporter.cancel_requested.is_set():
-            status = "cancelled"
-        elif pruning and pruning.pruned_at is not None:
-            status, result = "pruned", {**result, "pruned_at_epoch": pruning.pruned_at}
-            error = (f"pruned by its study after epoch {pruning.pruned_at}: its validation accuracy was below the "
-                     "median of the earlier trials' at that epoch")
-        elif reporter.lease_lost.is_set():
-            status = None  # the attempt that holds the lease now reports
-        else:
-            status = "queued"  # the worker is shutting down; the checkpoint holds the current step
+        log.exception("job %s failed", job.id)
+        return Outcome("failed", error=f"{type(e).__name__}: {e}")
     finally:
         reporter.stop_heartbeat()
+    return ended_run(result, reporter, pruning)
+
+
+def ended_run(result: dict, reporter: JobReporter, pruning) -> Outcome:
+    """How a training run that returned ended: completed, or stopped (and why)."""
+    if result["status"] == "completed":
+        return Outcome("succeeded", result)
+    if reporter.cancel_requested.is_set():
+        return Outcome("cancelled", result)
+    if pruning and pruning.pruned_at is not None:
+        return Outcome("pruned", {**result, "pruned_at_epoch": pruning.pruned_at},
+                       f"pruned by its study after epoch {pruning.pruned_at}: its validation accuracy was below the "
+                       "median of the earlier trials' at that epoch")
+    if reporter.lease_lost.is_set():
+        return Outcome(None)  # the attempt that holds the lease now reports
+    return Outcome("queued", result)  # the worker is shutting down; the checkpoint holds the current step
+
+
+def settle(store: Retrying, settings: Settings, job: JobRow, owner: str, outcome: Outcome,
+           requeue: Callable[[str], None]) -> str | None:
+    """Record how the attempt ended: the job queued again, or finished (and its model registered)."""
+    status, result, error = outcome.status, outcome.result, outcome.error
     if status is None:
         return None
     if status == "queued":  # "cancelled" if that was asked meanwhile
-        released = patiently(settings, lambda: store.release(job_id, owner, not failed_attempt, waiting=error))
+        released = store.release(job.id, owner, not outcome.failed_attempt, waiting=error)
         if released == "queued" and error is None:  # a job that waits with a reason is the reconciler's to send
-            requeue(job_id)
+            requeue(job.id)
         if released == "queued":
-            log.info("job %s: queued again at epoch %d step %d (%s)", job_id, store.get_job(job_id).epoch,
-                     store.get_job(job_id).step, error or "worker shutting down; checkpointed")
+            log.info("job %s: queued again (%s)", job.id, error or "worker shutting down; checkpointed")
         return released
     # A study registers only its best trial's model, under the study's name (service/studies.py).
-    publish = published_copy(artifacts, job_id, job.tenant) if status == "succeeded" and not study else None
+    publish = (published_copy(artifacts_for(settings), job.id, job.tenant)
+               if status == "succeeded" and not job.spec.get("study") else None)
     try:
-        patiently(settings, lambda: store.finish(job_id, owner, status, result=result, error=error, publish=publish))
+        store.finish(job.id, owner, status, result=result, error=error, publish=publish)
     except OSError as e:  # the copy failed (a full disk): nothing was registered
-        log.exception("job %s: could not register its model", job_id)
+        log.exception("job %s: could not register its model", job.id)
         status, error = "failed", f"could not register the model: {e}"
-        patiently(settings, lambda: store.finish(job_id, owner, status, result=result, error=error))
-    log.info("job %s: %s", job_id, status)
+        store.finish(job.id, owner, status, result=result, error=error)
+    log.info("job %s: %s", job.id, status)
     return status
-
 
 
 def run_stage(store: Store, settings: Settings, job_id: str, rank: int, attempt: int) -> None:
     """Stage `rank` of a pipeline job's attempt over several workers (worker/stages.py): join its stage 0 and train
     this stage until stage 0 says stop. Stage 0's attempt does all the job's bookkeeping; this only trains."""
-    job = patiently(settings, lambda: store.get_job(job_id))
+    store = patient(store, settings)
+    job = store.get_job(job_id)
     rendezvous = job.rendezvous if job and job.status in ("running", "cancelling") else None
     if not rendezvous or rendezvous["attempt"] != attempt:
         log.info("job %s: its attempt %d is over; stage %d does nothing", job_id, attempt, rank)
         return
     artifacts = artifacts_for(settings)
-    model, training = training_arguments(job.spec)
     join_as(rendezvous, rank)
-    source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
     scratch = settings.data_dir / "stages"  # this stage saves nothing, but train() wants a directory
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch) as out:
         try:
-            train(source, out, job.spec.get("preset", "default"), model, training)
+            source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
+            train(source, out, stored_config(job))
         except Exception as e:  # stage 0 reports the attempt's failure; this worker stays up for the next job
             log.warning("job %s: stage %d of attempt %d stopped: %s", job_id, rank, attempt, e)
             return

@@ -9,6 +9,7 @@ from al.bench.report import Destination, destination, mean_sd, publish
 
 
 def bench_accuracy(args) -> None:
+    from al.config import make_config
     from al.data import load_dataset
     from al.run import train
 
@@ -24,7 +25,7 @@ def bench_accuracy(args) -> None:
                 training = {"method": method, "epochs": args.epochs, "seed": seed, "device": args.device,
                             "batch_size": args.batch_size}
                 with tempfile.TemporaryDirectory() as out:
-                    result = train(data, out, preset, {"arch": args.arch}, training)
+                    result = train(data, out, make_config(preset, {"arch": args.arch}, training))
                 runs[key].append(result)
                 print(f"{key} seed {seed}: test_accuracy {result['test_accuracy']:.4f} "
                       f"({result['train_seconds']:.1f}s)", file=sys.stderr)

@@ -40,6 +40,7 @@ def one_row_ms(model, x: np.ndarray, depth: int | None, exit_confidence: float |
 
 def bench_early_exit(args) -> None:
     from al.checkpoint import load_model
+    from al.config import make_config
     from al.data import Dataset, load_dataset
     from al.run import train
 
@@ -51,8 +52,8 @@ def bench_early_exit(args) -> None:
             subset = Dataset(data.train_x[: args.samples], data.train_y[: args.samples], data.test_x, data.test_y,
                              data.classes, data.name)
             model_spec = {"arch": args.arch, "widths": args.widths}
-            result = train(subset, tmp, args.preset, model_spec, {"epochs": args.epochs, "batch_size": args.batch_size,
-                                                                  "device": "cpu", "seed": 0})
+            training = {"epochs": args.epochs, "batch_size": args.batch_size, "device": "cpu", "seed": 0}
+            result = train(subset, tmp, make_config(args.preset, model_spec, training))
             print(f"trained: test accuracy {result['test_accuracy']:.4f}", file=sys.stderr)
             model_dir = tmp
         model = load_model(model_dir)

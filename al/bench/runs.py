@@ -34,7 +34,7 @@ def case_model(arch: str, depth: int, mlp_width: int) -> dict:
 
 def build_trainer(spec: dict, callbacks=(), **training):
     """The trainer of a run spec {"data", "model", "training", "threads", "preset"?}, with `training` on top."""
-    from al.config import build_configs
+    from al.config import make_config
     from al.data import load_dataset, prepare_splits
     from al.model import build_network
     from al.pipeline import pipeline_runner
@@ -42,8 +42,8 @@ def build_trainer(spec: dict, callbacks=(), **training):
 
     torch.set_num_threads(spec["threads"])
     data = load_dataset(spec["data"])
-    model_cfg, train_cfg = build_configs(spec.get("preset", "default"), spec["model"],
-                                         {**spec["training"], **training})
+    config = make_config(spec.get("preset", "default"), spec["model"], {**spec["training"], **training})
+    model_cfg, train_cfg = config.model, config.training
     torch.manual_seed(train_cfg.seed)
     splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
     net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)

@@ -25,7 +25,8 @@ from app.api.routes.datasets import dataset_public
 from app.api.routes.jobs import job_public
 from app.api.routes.models import version_public
 from app.api.routes.studies import study_public
-from app.schemas import JobCreate, PipelineSpec
+from app.schemas import JobCreate
+from service.jobspec import PipelineSpec
 from service.store import ModelRow
 
 HERE = Path(__file__).parent
@@ -175,14 +176,14 @@ def model_page(request: Request, caller: PredictPage, service: ServiceDep, name:
 
 @router.get("/studies")
 def studies_page(request: Request, caller: TrainPage, service: ServiceDep) -> HTMLResponse:
-    rows, total = service.studies.list(caller.tenant, PAGE, 0)
+    rows, total = service.store.list_studies(caller.tenant, PAGE, 0)
     return page(request, "studies.html", active="studies", total=total,
                 studies=[study_public(service, r, with_importances=False) for r in rows])
 
 
 @router.get("/studies/{study_id}")
 def study_page(request: Request, caller: TrainPage, service: ServiceDep, study_id: str) -> HTMLResponse:
-    row = service.studies.get(study_id, caller.tenant)
+    row = service.store.get_study(study_id, caller.tenant)
     if row is None:
         return page(request, "missing.html", 404, active="studies", message=f"There is no study {study_id!r}.")
     study = study_public(service, row)

@@ -12,12 +12,10 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
-from al.config import build_configs
 from al.data import BUILTIN_DATASETS, DataError, summarize
-from al.model import count_parameters
 from app.api.deps import AdminCaller, Caller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
 from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
-from service.jobspec import training_arguments
+from service.jobspec import check_fits, resolve
 from service.queue import enqueue
 from service.store import TERMINAL, Conflict, JobRow
 
@@ -77,16 +75,12 @@ def create_job(
                                                   "returns the job the first one created")] = None,
 ) -> JobPublic:
     input_shape, num_classes = dataset_shape(service, caller, spec.dataset)
-    spec_dict = spec.model_dump(exclude_none=True)
-    try:  # the library's own checks, across fields, and the network's fit to the data
-        model, training = training_arguments(spec_dict)
-        model_cfg, train_cfg = build_configs(spec.preset, model, training)
-        parameters = count_parameters(model_cfg, input_shape, num_classes, train_cfg.method)
+    try:  # the fields were checked by the schema; now across fields, and the network's fit to the data
+        config = resolve(spec).config
+        check_fits(config, input_shape, num_classes, service.settings.max_parameters)
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None
-    if parameters > service.settings.max_parameters:
-        raise HTTPException(422, f"invalid job spec: the network would have {parameters:,} parameters, over the "
-                                 f"limit of {service.settings.max_parameters:,} (AL_MAX_PARAMETERS)")
+    spec_dict = spec.model_dump(exclude_none=True)
     queued, most = service.store.queued_jobs(caller.tenant), service.settings.max_queued_jobs
     if queued >= most:
         raise HTTPException(429, f"tenant {caller.tenant!r} has {queued} queued jobs, the most AL_MAX_QUEUED_JOBS "
@@ -94,7 +88,7 @@ def create_job(
                             headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     request_hash = hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()
     try:
-        job, created = service.store.create_job(caller.tenant, spec.name, spec_dict, train_cfg.epochs,
+        job, created = service.store.create_job(caller.tenant, spec.name, spec_dict, config.to_dict(),
                                                 idempotency_key, request_hash)
     except Conflict as e:
         raise HTTPException(409, str(e)) from None

@@ -7,29 +7,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
-from al.config import build_configs
 from al.data import BUILTIN_DATASETS
 from al.study import SpaceError, parse_space
 from app.api.deps import OffsetQuery, ServiceDep, TrainCaller, iso
-from app.schemas import JobCreate, StudyCreate, StudyList, StudyPublic
-from service.jobspec import training_arguments
-from service.studies import STUDY_TERMINAL, StudyRow
+from app.schemas import StudyCreate, StudyList, StudyPublic
+from service.jobspec import resolve
+from service.store import STUDY_TERMINAL, StudyRow
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
-
-
-def check_trial_spec(spec: dict) -> None:
-    """A trial's job spec passes the same checks as a submitted job (ValueError naming the problem)."""
-    try:
-        job = JobCreate.model_validate(spec)
-    except ValidationError as e:
-        problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3]]
-        raise ValueError("; ".join(problems)) from None
-    model, training = training_arguments(job.model_dump(exclude_none=True))
-    build_configs(job.preset, model, training)
 
 
 def study_public(service, row: StudyRow, with_importances: bool = True) -> StudyPublic:
@@ -39,7 +26,7 @@ def study_public(service, row: StudyRow, with_importances: bool = True) -> Study
 
 
 def get_study_or_404(service, study_id: str, tenant: str) -> StudyRow:
-    row = service.studies.get(study_id, tenant)
+    row = service.store.get_study(study_id, tenant)
     if row is None:
         raise HTTPException(404, f"no study {study_id!r}")
     return row
@@ -54,13 +41,12 @@ def create_study(body: StudyCreate, response: Response, caller: TrainCaller, ser
         raise HTTPException(422, f"unknown dataset {body.dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
     spec = body.model_dump(exclude_none=True)
-    base = {**spec["base"], "dataset": body.dataset}
     try:
-        check_trial_spec(base)
+        resolve(spec["base"])
     except ValueError as e:
         raise HTTPException(422, f"base: {e}") from None
     try:
-        parse_space(spec["space"], base, check_trial_spec)
+        parse_space(spec["space"], spec["base"], resolve)
     except SpaceError as e:
         raise HTTPException(422, str(e)) from None
     row = service.studies.create(caller.tenant, body.name, spec)
@@ -75,7 +61,7 @@ def list_studies(
     limit: Annotated[int, Query(ge=1, le=100, description="page size")] = 20,
     offset: OffsetQuery = 0,
 ) -> StudyList:
-    rows, total = service.studies.list(caller.tenant, limit, offset)
+    rows, total = service.store.list_studies(caller.tenant, limit, offset)
     return StudyList(items=[study_public(service, r, with_importances=False) for r in rows], total=total,
                      limit=limit, offset=offset)
 
@@ -93,7 +79,7 @@ def cancel_study(study_id: str, caller: TrainCaller, service: ServiceDep) -> Stu
     row = get_study_or_404(service, study_id, caller.tenant)
     if row.status in STUDY_TERMINAL:
         raise HTTPException(409, f"study {study_id} has already {row.status}")
-    return study_public(service, service.studies.request_cancel(study_id))
+    return study_public(service, service.store.request_study_cancel(study_id))
 
 
 @router.get("/{study_id}/events", summary="Trials as Server-Sent Events", response_class=EventSourceResponse,
@@ -106,7 +92,7 @@ async def study_events(study_id: str, caller: TrainCaller, service: ServiceDep) 
     async def events():
         reported = set()
         while True:
-            row = await run_in_threadpool(service.studies.get, study_id)
+            row = await run_in_threadpool(service.store.get_study, study_id)
             public = await run_in_threadpool(study_public, service, row, row.status in STUDY_TERMINAL)
             for trial in public.trials:
                 if trial.state not in ("running", "waiting") and trial.number not in reported:

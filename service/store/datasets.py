@@ -1,0 +1,49 @@
+"""Uploaded datasets: their rows (the files are the caller's), per tenant."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from service.store.db import Conflict, Database
+from service.store.rows import ACTIVE, DatasetRow, JobRow
+
+
+class Datasets(Database):
+    def add_dataset(self, row: DatasetRow) -> DatasetRow:
+        with self.writing() as s, s.begin():
+            s.add(row)
+        return row
+
+    def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRow | None:
+        with self.session() as s:
+            return s.scalars(select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.tenant == tenant)).first()
+
+    def list_datasets(self, tenant: str, limit: int, offset: int) -> tuple[list[DatasetRow], int]:
+        with self.session() as s:
+            total = s.scalar(select(func.count()).where(DatasetRow.tenant == tenant))
+            rows = s.scalars(select(DatasetRow).where(DatasetRow.tenant == tenant)
+                             .order_by(DatasetRow.created_at.desc()).limit(limit).offset(offset))
+            return list(rows), total
+
+    def dataset_bytes(self, tenant: str) -> int:
+        """What a tenant's uploads take on disk (its disk quota counts these)."""
+        with self.session() as s:
+            return s.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0))
+                            .where(DatasetRow.tenant == tenant))
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> DatasetRow | None:
+        """Remove a dataset's row (the caller removes its file); None if the tenant has no such dataset.
+        Conflict while a job that has not finished trains on it."""
+        with self.writing() as s, s.begin():
+            row = s.scalars(select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.tenant == tenant)
+                            .with_for_update()).first()
+            if row is None:
+                return None
+            users = list(s.scalars(select(JobRow.id).where(
+                JobRow.tenant == tenant, JobRow.status.in_(ACTIVE), JobRow.spec["dataset"].as_string() == dataset_id
+            ).limit(5)))
+            if users:
+                raise Conflict(f"dataset {dataset_id} is in use by job(s) {', '.join(users)}, which have not "
+                               "finished; cancel them or wait")
+            s.delete(row)
+        return row

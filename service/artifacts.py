@@ -17,8 +17,10 @@ model files: the latest checkpoint there is always a whole one, from the epoch i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -154,8 +156,14 @@ class _Missing(Exception):
 
 
 def artifacts_for(settings: Settings) -> LocalArtifacts:
-    """The store AL_ARTIFACTS_URL names."""
+    """The store AL_ARTIFACTS_URL names; one HTTP client per process and store, kept open for its connections."""
     if not settings.artifacts_url:
         return LocalArtifacts(settings.data_dir)
-    return HttpArtifacts(settings.data_dir, settings.artifacts_url,
-                         settings.api_key.get_secret_value() if settings.api_key else None)
+    return _http_artifacts(os.getpid(), settings.data_dir, settings.artifacts_url,
+                           settings.api_key.get_secret_value() if settings.api_key else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _http_artifacts(pid: int, data_dir: Path, url: str, token: str | None) -> HttpArtifacts:
+    # By process: a forked worker child must not share its parent's connections.
+    return HttpArtifacts(data_dir, url, token)

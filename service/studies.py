@@ -9,12 +9,14 @@ model. So a restarted worker, or another worker, carries on where the last pass 
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
 from collections.abc import Callable
 
 import optuna
+from cachetools import LRUCache
 from optuna.trial import FrozenTrial, TrialState
 
 from al.study import (
@@ -31,7 +33,19 @@ from service.artifacts import artifacts_for
 from service.jobspec import resolve
 from service.registry import published_copy
 from service.settings import Settings
-from service.store import TERMINAL, JobRow, Store, StudyRow, get_store, new_id, trial_key, with_installed_driver
+from service.store import (
+    OUTAGE,
+    TERMINAL,
+    JobRow,
+    Store,
+    StudyRow,
+    get_store,
+    new_id,
+    trial_key,
+    with_installed_driver,
+)
+
+log = logging.getLogger(__name__)
 
 _storages: dict[tuple[int, str], optuna.storages.RDBStorage] = {}
 
@@ -68,6 +82,7 @@ class Studies:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store: Store = get_store(settings.store_url)
+        self._importance_cache: LRUCache = LRUCache(maxsize=256)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     @property
@@ -88,14 +103,22 @@ class Studies:
         """Trials with their jobs, the best trial, and importances once there are enough trials."""
         study = optuna.load_study(study_name=row.id, storage=self.storage)
         trials = study.get_trials(deepcopy=False)
-        jobs = self.store.trial_jobs(row.id, [t.number for t in trials])
+        jobs = self.store.trial_jobs(row, [t.number for t in trials])
         best = best_trial(study)
         listed = [{**trial_summary(t), **self._job_fields(jobs.get(t.number))} for t in trials]
         return {
             "trials": listed,
             "best": None if best is None else listed[best.number],  # trials are numbered 0, 1, ... in order
-            "importances": importances(study) if with_importances else None,
+            "importances": self._importances(study) if with_importances else None,
         }
+
+    def _importances(self, study: optuna.Study) -> dict[str, float] | None:
+        """Computed once per count of complete trials (it fits a forest): a study's page polls them."""
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        key = (study.study_name, complete)
+        if key not in self._importance_cache:
+            self._importance_cache[key] = importances(study)
+        return self._importance_cache[key]
 
     @staticmethod
     def _job_fields(job: JobRow | None) -> dict:
@@ -107,20 +130,27 @@ class Studies:
     # --- the driver: every worker's reconciler runs it ------------------------------------
 
     def drive(self, enqueue: Callable[[str], None]) -> None:
-        """One pass over every unfinished study that no other driver holds."""
+        """One pass over every unfinished study that no other driver holds. A study whose pass fails (but for an
+        outage of the store, which the next pass outlasts) fails with the reason: its fault stays its own."""
         for study_id in self.store.unfinished_studies():
-            if not self.store.take_study_turn(study_id):
+            turn = self.store.take_study_turn(study_id)
+            if turn is None:
                 continue
             try:
                 self._drive(self.store.get_study(study_id), enqueue)
+            except OUTAGE:
+                raise
+            except Exception as e:
+                log.exception("study %s: its driver pass failed; the study fails", study_id)
+                self.store.finish_study(study_id, "failed", f"the study's driver failed: {type(e).__name__}: {e}")
             finally:
-                self.store.end_study_turn(study_id)
+                self.store.end_study_turn(study_id, turn)
 
     def _drive(self, row: StudyRow, enqueue: Callable[[str], None]) -> None:
         spec = row.spec
         study = optuna.load_study(study_name=row.id, storage=self.storage)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        jobs = self.store.trial_jobs(row.id, [t.number for t in running])
+        jobs = self.store.trial_jobs(row, [t.number for t in running])
         still_running = 0
         for trial in running:
             job = jobs.get(trial.number) or self._start_trial(row, trial, enqueue)
@@ -165,8 +195,8 @@ class Studies:
         best = best_trial(study)
         if best is None:
             return
-        job = self.store.trial_jobs(row.id, [best.number])[best.number]
-        if job.model_name is not None:
+        job = self.store.trial_jobs(row, [best.number]).get(best.number)
+        if job is None or job.model_name is not None:  # its job was deleted, or its model is registered already
             return
         artifacts = artifacts_for(self.settings)
         artifacts.pull_job(job.id)  # it may have trained on another host

@@ -183,11 +183,13 @@ def test_a_tenant_sees_and_touches_only_its_own(tmp_path, monkeypatch, trained_m
         assert shown.status_code == 200 and job not in shown.text and dataset not in shown.text, page
     assert job in client.get("/ui/jobs", headers=a).text
 
-    # b cannot train on a's upload, nor reach a's job through a's Idempotency-Key.
+    # b cannot train on a's upload, nor reach a's job through a's Idempotency-Key, nor learn that a used it:
+    # keys are per tenant, so b's key makes b's own job.
     assert client.post("/v1/jobs", json={"dataset": dataset}, headers=b).status_code == 422
     first = client.post("/v1/jobs", json={"dataset": "digits"}, headers={**a, "Idempotency-Key": "k-1"})
-    taken = client.post("/v1/jobs", json={"dataset": "digits"}, headers={**b, "Idempotency-Key": "k-1"})
-    assert taken.status_code == 409 and first.json()["id"] not in taken.text
+    own = client.post("/v1/jobs", json={"dataset": "digits"}, headers={**b, "Idempotency-Key": "k-1"})
+    assert own.status_code == 202 and first.json()["id"] not in own.text
+    assert client.get(f"/v1/jobs/{own.json()['id']}", headers=a).status_code == 404
 
     # Model names are per tenant: b's own "digits" is its version 1, a different model from a's.
     register_model(settings, trained_model_dir, tenant="b")

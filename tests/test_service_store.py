@@ -18,7 +18,7 @@ from service.artifacts import LocalArtifacts
 from service.queue import enqueue, make_celery
 from service.registry import published_copy
 from service.settings import DEFAULT_TENANT
-from service.store import Store, with_installed_driver
+from service.store import DatasetRow, QuotaExceeded, Store, StudyRow, with_installed_driver
 from worker.reconcile import reconcile_once
 from worker.tasks import run_job
 
@@ -289,3 +289,77 @@ def test_an_attempt_that_may_not_save_writes_nothing(tmp_path):
     train("digits", out, make_config("default", {"widths": [8], "target_width": 8}, {"epochs": 1}),
           may_save=lambda: False)
     assert not (out / WEIGHTS).exists() and not (out / TRAINING_STATE).exists()
+
+
+def test_version_numbers_only_grow_after_a_delete(store):
+    """A client pinned to version 2 must never get another model under that number (a deleted one's)."""
+    jobs = [new_job(store, "m") for _ in range(3)]
+    for job in jobs[:2]:
+        assert store.finish(job.id, store.take_lease(job.id, "w", 60).owner, "succeeded",
+                            publish=lambda name, version: f"models/{name}/{version}")
+    assert store.delete_model(DEFAULT_TENANT, "m", 2) is not None
+    assert store.finish(jobs[2].id, store.take_lease(jobs[2].id, "w", 60).owner, "succeeded",
+                        publish=lambda name, version: f"models/{name}/{version}")
+    assert [m.version for m in store.list_models(DEFAULT_TENANT, "m")] == [1, 3]
+    assert store.get_job(jobs[2].id).model_version == 3
+
+
+def test_idempotency_keys_are_per_tenant(store):
+    mine = new_job(store, key="shared-key", tenant="t1")
+    theirs, created = store.create_job("t2", "m", {"dataset": "digits"}, CONFIG, "shared-key", None)
+    assert created and theirs.id != mine.id and theirs.tenant == "t2"  # nothing said of t1's key
+    again, created = store.create_job("t1", "m", {"dataset": "digits"}, CONFIG, "shared-key", None)
+    assert not created and again.id == mine.id
+
+
+def test_racing_submissions_cannot_pass_the_queue_quota_together(store):
+    created, barrier = [], threading.Barrier(8)
+
+    def submit():
+        barrier.wait()
+        try:
+            created.append(store.create_job("racer", "m", {"dataset": "digits"}, CONFIG, None, None, max_queued=3))
+        except QuotaExceeded as e:
+            assert (e.used, e.limit) == (3, 3)
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(created) == 3 and len(store.list_jobs("racer", "queued", 50, 0)[0]) == 3
+
+
+def test_racing_uploads_cannot_pass_the_disk_quota_together(store):
+    added, barrier = [], threading.Barrier(6)
+
+    def upload(i):
+        barrier.wait()
+        row = DatasetRow(id=f"ds_{i}", tenant="racer", name="d.csv", path=f"datasets/ds_{i}.csv", rows=10,
+                         shape=[4], classes=[0, 1], size_bytes=400, created_at=time.time())
+        try:
+            added.append(store.add_dataset(row, quota_bytes=1000))
+        except QuotaExceeded:
+            pass
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(added) == 2 and store.dataset_bytes("racer") == 800
+
+
+def test_a_study_turn_that_ran_over_does_not_free_its_successors_turn(store):
+    study = store.add_study(StudyRow(id="study_x", tenant=DEFAULT_TENANT, name="s", spec={}, status="running",
+                                     created_at=time.time(), seed=0))
+    first = store.take_study_turn(study.id)
+    assert first is not None and store.take_study_turn(study.id) is None  # held
+    with store.writing() as s, s.begin():  # the first pass overran its turn
+        s.get(StudyRow, study.id).driver_until = time.time() - 1
+    second = store.take_study_turn(study.id)
+    assert second is not None
+    store.end_study_turn(study.id, first)  # the overrunning pass ends: the second pass still holds it
+    assert store.take_study_turn(study.id) is None
+    store.end_study_turn(study.id, second)
+    assert store.take_study_turn(study.id) is not None

@@ -25,6 +25,9 @@ from service_support import (
 
 from al.study import SpaceError, parse_space
 from app.main import create_app
+from service.settings import DEFAULT_TENANT
+from service.store import StudyRow
+from service.studies import Studies
 
 # One component of 64: with lr 0.01 they learn digits in an epoch or two; with lr 1e-5 they stay near chance.
 SMALL_MODEL = {"arch": "mlp", "widths": [64], "target_width": 32}
@@ -205,3 +208,21 @@ def test_al_study_searches_locally(tmp_path):
     assert [t["state"] for t in result["trials"]] == ["complete", "complete"]
     assert result["best"]["value"] == max(t["value"] for t in result["trials"])
     assert (tmp_path / "study" / f"trial-{result['best']['number']}" / "model.safetensors").is_file()
+
+
+def test_one_broken_study_fails_alone_and_the_others_go_on(tmp_path, monkeypatch):
+    """A study whose driver pass raises (here: a space that no longer parses) fails with the reason; a study
+    created after it still gets its trials (before, every pass raised on the first and stopped there)."""
+    settings = use_env(monkeypatch, {"AL_DATA_DIR": str(tmp_path)})
+    studies = Studies(settings)
+    body = {"dataset": "digits", "base": BASE, "space": {"training.lr": LR_RANGE}, "trials": 2, "parallel": 1}
+    broken = studies.create(DEFAULT_TENANT, "broken", body)
+    healthy = studies.create(DEFAULT_TENANT, "healthy", body)
+    with studies.store.writing() as s, s.begin():
+        s.get(StudyRow, broken.id).spec = {**body, "space": {"model.no_such_switch": LR_RANGE}}
+    sent = []
+    studies.drive(sent.append)
+    broken, healthy = studies.store.get_study(broken.id), studies.store.get_study(healthy.id)
+    assert broken.status == "failed" and "model.no_such_switch" in broken.error
+    assert healthy.status == "running" and len(sent) == 1  # its first trial's job
+    assert studies.store.get_job(sent[0]).spec["study"]["id"] == healthy.id

@@ -9,17 +9,17 @@ worker's side: attempts, progress, the end of a job), `datasets`, `models` (the 
 from __future__ import annotations
 
 from service.store.datasets import Datasets
-from service.store.db import OUTAGE, Conflict, new_id, with_installed_driver
+from service.store.db import OUTAGE, Conflict, QuotaExceeded, new_id, with_installed_driver
 from service.store.jobs import Jobs
 from service.store.leases import Claim, Leases, worker_identity
 from service.store.models import Models
-from service.store.rows import ACTIVE, STATUSES, TERMINAL, DatasetRow, JobRow, ModelRow, StudyRow
-from service.store.studies import STUDY_TERMINAL, StudyRecords, trial_key
+from service.store.rows import ACTIVE, STATUSES, STUDY_TERMINAL, TERMINAL, DatasetRow, JobRow, ModelRow, StudyRow
+from service.store.studies import StudyRecords, trial_key
 from service.store.workers import Workers
 
 __all__ = ["ACTIVE", "OUTAGE", "STATUSES", "STUDY_TERMINAL", "TERMINAL", "Claim", "Conflict", "DatasetRow",
-           "JobRow", "ModelRow", "Store", "StudyRow", "get_store", "new_id", "trial_key", "with_installed_driver",
-           "worker_identity"]
+           "JobRow", "ModelRow", "QuotaExceeded", "Store", "StudyRow", "get_store", "new_id", "trial_key",
+           "with_installed_driver", "worker_identity"]
 
 
 class Store(Jobs, Leases, Datasets, Models, Workers, StudyRecords):

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from service.store.db import Conflict, Database
-from service.store.rows import ACTIVE, DatasetRow, JobRow
+from service.store.db import Conflict, Database, QuotaExceeded, lock
+from service.store.rows import ACTIVE, STUDY_TERMINAL, DatasetRow, JobRow, StudyRow
 
 
 class Datasets(Database):
-    def add_dataset(self, row: DatasetRow) -> DatasetRow:
+    def add_dataset(self, row: DatasetRow, quota_bytes: int) -> DatasetRow:
+        """Keep a checked upload's row; QuotaExceeded if the tenant's datasets would take more than `quota_bytes`
+        (summed and inserted in one transaction, so racing uploads cannot pass the quota together)."""
         with self.writing() as s, s.begin():
+            lock(s, f"disk/{row.tenant}")
+            used = s.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0))
+                            .where(DatasetRow.tenant == row.tenant))
+            if used + row.size_bytes > quota_bytes:
+                raise QuotaExceeded(used, quota_bytes)
             s.add(row)
         return row
 
@@ -42,8 +49,11 @@ class Datasets(Database):
             users = list(s.scalars(select(JobRow.id).where(
                 JobRow.tenant == tenant, JobRow.status.in_(ACTIVE), JobRow.spec["dataset"].as_string() == dataset_id
             ).limit(5)))
+            users += list(s.scalars(select(StudyRow.id).where(  # its next trials will need it
+                StudyRow.tenant == tenant, StudyRow.status.not_in(STUDY_TERMINAL),
+                StudyRow.spec["dataset"].as_string() == dataset_id).limit(5)))
             if users:
-                raise Conflict(f"dataset {dataset_id} is in use by job(s) {', '.join(users)}, which have not "
-                               "finished; cancel them or wait")
+                raise Conflict(f"dataset {dataset_id} is in use by {', '.join(users)}, which have not finished; "
+                               "cancel them or wait")
             s.delete(row)
         return row

@@ -10,7 +10,7 @@ import os
 import threading
 import uuid
 
-from sqlalchemy import create_engine, event, inspect, select
+from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +25,21 @@ OUTAGE = (OperationalError, InterfaceError)
 
 class Conflict(Exception):
     """The request contradicts the store's state (a dataset in use, a job not finished); the message says how."""
+
+
+class QuotaExceeded(Exception):
+    """A tenant's quota would be exceeded: it uses `used` of `limit` already (what the unit is, the caller knows)."""
+
+    def __init__(self, used: int, limit: int):
+        super().__init__(f"{used} of {limit} used")
+        self.used, self.limit = used, limit
+
+
+def lock(s: Session, name: str) -> None:
+    """Serialise this transaction with every other that locks `name`, until it ends: PostgreSQL's advisory lock
+    (SQLite's writers are one at a time already). For a check and the write it allows in one transaction."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(func.pg_advisory_xact_lock(func.hashtext(name))))
 
 
 def new_id(prefix: str) -> str:

@@ -2,39 +2,55 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from service.store.db import Conflict, Database, new_id
+from service.store.db import Conflict, Database, QuotaExceeded, lock, new_id
 from service.store.rows import STATUSES, TERMINAL, EpochRow, JobRow, ModelRow
+
+
+def scoped_key(tenant: str, idempotency_key: str | None) -> str | None:
+    """An idempotency key as stored: per tenant (one tenant's key says nothing of another's), and of a fixed
+    length whatever the client sent."""
+    if idempotency_key is None:
+        return None
+    return hashlib.sha256(f"{tenant}\n{idempotency_key}".encode()).hexdigest()
 
 
 class Jobs(Database):
     def create_job(self, tenant: str, name: str | None, spec: dict, config: dict, idempotency_key: str | None,
-                   request_hash: str | None) -> tuple[JobRow, bool]:
-        """The new job, trained with `config` (a RunConfig's dict), or the one created earlier with the same
-        idempotency key (created=False)."""
+                   request_hash: str | None, max_queued: int | None = None) -> tuple[JobRow, bool]:
+        """The new job, trained with `config` (a RunConfig's dict), or the one the tenant created earlier with the
+        same idempotency key (created=False). QuotaExceeded if the tenant has `max_queued` queued jobs already:
+        counted and inserted in one transaction, so racing submissions cannot pass the quota together."""
         now = time.time()
         job_id = new_id("job_")
+        key = scoped_key(tenant, idempotency_key)
         row = JobRow(
             id=job_id, tenant=tenant, name=name or job_id, spec=spec, config=config, status="queued",
-            idempotency_key=idempotency_key, request_hash=request_hash, epoch=0, epochs=config["training"]["epochs"],
+            idempotency_key=key, request_hash=request_hash, epoch=0, epochs=config["training"]["epochs"],
             step=0, created_at=now, enqueued_at=now, attempts=0, releases=0,
         )
         try:
             with self.writing() as s, s.begin():
+                earlier = key and s.scalars(select(JobRow).where(JobRow.idempotency_key == key)).first()
+                if earlier:
+                    return earlier, False
+                if max_queued is not None:
+                    lock(s, f"queue/{tenant}")
+                    queued = s.scalar(select(func.count()).where(JobRow.tenant == tenant, JobRow.status == "queued"))
+                    if queued >= max_queued:
+                        raise QuotaExceeded(queued, max_queued)
                 s.add(row)
             return row, True
         except IntegrityError:
-            if idempotency_key is None:
+            if key is None:
                 raise
-            with self.session() as s:
-                earlier = s.scalars(select(JobRow).where(JobRow.idempotency_key == idempotency_key)).one()
-            if earlier.tenant != tenant:  # keys are unique across tenants; say nothing of the other one's job
-                raise Conflict("this Idempotency-Key is taken; send another (a random UUID)") from None
-            return earlier, False
+            with self.session() as s:  # a request with the same key committed first
+                return s.scalars(select(JobRow).where(JobRow.idempotency_key == key)).one(), False
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRow | None:
         """The job; with `tenant` (as the API asks), only if it is that tenant's."""
@@ -67,10 +83,6 @@ class Jobs(Database):
             )
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running").values(status="cancelling"))
         return self.get_job(job_id)
-
-    def queued_jobs(self, tenant: str) -> int:
-        with self.session() as s:
-            return s.scalar(select(func.count()).where(JobRow.tenant == tenant, JobRow.status == "queued"))
 
     def delete_job(self, tenant: str, job_id: str) -> JobRow | None:
         """Remove a finished job and its epochs (the caller removes its directory); None if the tenant has

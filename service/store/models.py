@@ -8,8 +8,8 @@ from collections.abc import Callable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.store.db import Database
-from service.store.rows import JobRow, ModelRow
+from service.store.db import Database, lock
+from service.store.rows import JobRow, ModelNameRow, ModelRow
 
 
 class Models(Database):
@@ -49,13 +49,19 @@ class Models(Database):
 
 
 def next_version(s: Session, tenant: str, name: str) -> int:
-    """The next version of a model name, which stays this transaction's until it ends: PostgreSQL takes an
-    advisory lock on the name (SQLite's writers are one at a time already), so racing registrations wait
-    for each other instead of taking one version twice."""
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"{tenant}/{name}"))))
-    latest = s.scalar(select(func.max(ModelRow.version)).where(ModelRow.tenant == tenant, ModelRow.name == name))
-    return (latest or 0) + 1
+    """The next version of a model name, never one it had before (even if deleted since), which stays this
+    transaction's until it ends: PostgreSQL takes an advisory lock on the name (SQLite's writers are one at a
+    time already), so racing registrations wait for each other instead of taking one version twice."""
+    lock(s, f"model/{tenant}/{name}")
+    counter = s.get(ModelNameRow, (tenant, name))
+    # A database from before the counter has only its registered versions to go by.
+    registered = s.scalar(select(func.max(ModelRow.version)).where(ModelRow.tenant == tenant, ModelRow.name == name))
+    version = max(counter.last_version if counter else 0, registered or 0) + 1
+    if counter is None:
+        s.add(ModelNameRow(tenant=tenant, name=name, last_version=version))
+    else:
+        counter.last_version = version
+    return version
 
 
 def add_version(s: Session, tenant: str, name: str, version: int, job_id: str,

@@ -10,6 +10,7 @@ from service.settings import DEFAULT_TENANT
 
 TERMINAL = ("succeeded", "failed", "cancelled", "pruned")  # pruned: a study's trial its pruner stopped
 ACTIVE = ("queued", "running", "cancelling")
+STUDY_TERMINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned")
 
 
@@ -95,6 +96,16 @@ class ModelRow(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
     path: Mapped[str] = mapped_column(Text)  # relative to the data directory
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ModelNameRow(Base):
+    """The last version number a model name was given: versions only ever grow, so a deleted version's number
+    never comes back (a client pinned to it must not silently get another model)."""
+
+    __tablename__ = "model_names"
+    tenant: Mapped[str] = tenant_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
 
 
 class StudyRow(Base):

@@ -8,9 +8,9 @@ import time
 from sqlalchemy import func, select, update
 
 from service.store.db import Database
-from service.store.rows import JobRow, StudyRow
+from service.store.jobs import scoped_key
+from service.store.rows import STUDY_TERMINAL, JobRow, StudyRow
 
-STUDY_TERMINAL = ("succeeded", "failed", "cancelled")
 DRIVER_TURN_SECONDS = 60.0  # a driver pass that died frees its study after this
 
 
@@ -50,27 +50,33 @@ class StudyRecords(Database):
         with self.session() as s:
             return list(s.scalars(select(StudyRow.id).where(StudyRow.status.in_(("running", "cancelling")))))
 
-    def take_study_turn(self, study_id: str) -> bool:
-        """The study is this driver pass's until it ends its turn (or DRIVER_TURN_SECONDS pass)."""
+    def take_study_turn(self, study_id: str) -> float | None:
+        """The study is this driver pass's until it ends its turn (or DRIVER_TURN_SECONDS pass); the turn's token,
+        or None if another pass holds it."""
         now = time.time()
+        until = now + DRIVER_TURN_SECONDS
         with self.writing() as s, s.begin():
-            return bool(s.execute(update(StudyRow).where(
+            taken = s.execute(update(StudyRow).where(
                 StudyRow.id == study_id, StudyRow.status.in_(("running", "cancelling")),
                 StudyRow.driver_until.is_(None) | (StudyRow.driver_until < now),
-            ).values(driver_until=now + DRIVER_TURN_SECONDS)).rowcount)
+            ).values(driver_until=until)).rowcount
+        return until if taken else None
 
-    def end_study_turn(self, study_id: str) -> None:
+    def end_study_turn(self, study_id: str, turn: float) -> None:
+        """Free the study, if the turn is still this pass's: a pass that overran its turn must not free the study
+        while the pass that took it over runs."""
         with self.writing() as s, s.begin():
-            s.execute(update(StudyRow).where(StudyRow.id == study_id).values(driver_until=None))
+            s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.driver_until == turn)
+                      .values(driver_until=None))
 
     def finish_study(self, study_id: str, status: str, error: str | None = None) -> None:
         with self.writing() as s, s.begin():
             s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.status.not_in(STUDY_TERMINAL))
                       .values(status=status, error=error, finished_at=time.time()))
 
-    def trial_jobs(self, study_id: str, numbers: list[int]) -> dict[int, JobRow]:
-        """The jobs of a study's trials, by trial number."""
-        keys = {trial_key(study_id, n): n for n in numbers}
+    def trial_jobs(self, study: StudyRow, numbers: list[int]) -> dict[int, JobRow]:
+        """The jobs of a study's trials, by trial number (a trial whose job was deleted has none)."""
+        keys = {scoped_key(study.tenant, trial_key(study.id, n)): n for n in numbers}
         with self.session() as s:
             rows = s.scalars(select(JobRow).where(JobRow.idempotency_key.in_(list(keys))))
             return {keys[job.idempotency_key]: job for job in rows}

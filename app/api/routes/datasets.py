@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 from al.data import BUILTIN_DATASETS, DataError, Summary, summarize
 from app.api.deps import AdminCaller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
 from app.schemas import DatasetList, DatasetPublic
-from service.store import Conflict, DatasetRow, new_id
+from service.store import Conflict, DatasetRow, QuotaExceeded, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -45,13 +45,17 @@ def builtin_public(service: Service, name: str) -> DatasetPublic:
     )
 
 
+def past_disk_quota(tenant: str, size: int, used: int, quota: int) -> HTTPException:
+    return HTTPException(507, f"this upload ({size} bytes) would take the datasets of tenant {tenant!r} to "
+                              f"{used + size} bytes, past its disk quota of {quota} bytes (AL_DISK_QUOTA_BYTES); "
+                              "delete datasets it no longer needs (DELETE /v1/datasets/{id})")
+
+
 def check_disk_quota(service: Service, tenant: str, size: int) -> None:
-    quota = service.settings.disk_quota_bytes
-    used = service.store.dataset_bytes(tenant)
+    """Before the upload is read: a file that cannot fit is refused unread (add_dataset checks again, atomically)."""
+    quota, used = service.settings.disk_quota_bytes, service.store.dataset_bytes(tenant)
     if used + size > quota:
-        raise HTTPException(507, f"this upload ({size} bytes) would take the datasets of tenant {tenant!r} to "
-                                 f"{used + size} bytes, past its disk quota of {quota} bytes (AL_DISK_QUOTA_BYTES); "
-                                 "delete datasets it no longer needs (DELETE /v1/datasets/{id})")
+        raise past_disk_quota(tenant, size, used, quota)
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, summary="Upload a dataset",
@@ -94,7 +98,10 @@ def upload_dataset(
             created_at=time.time(),
         )
         try:
-            service.store.add_dataset(row)
+            service.store.add_dataset(row, settings.disk_quota_bytes)
+        except QuotaExceeded as e:
+            final.unlink(missing_ok=True)
+            raise past_disk_quota(caller.tenant, size, e.used, e.limit) from None
         except Exception:
             final.unlink(missing_ok=True)
             raise

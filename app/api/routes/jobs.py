@@ -17,7 +17,7 @@ from app.api.deps import AdminCaller, Caller, OffsetQuery, Service, ServiceDep, 
 from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
 from service.jobspec import check_fits, resolve
 from service.queue import enqueue
-from service.store import TERMINAL, Conflict, JobRow
+from service.store import TERMINAL, Conflict, JobRow, QuotaExceeded
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)
@@ -81,17 +81,14 @@ def create_job(
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None
     spec_dict = spec.model_dump(exclude_none=True)
-    queued, most = service.store.queued_jobs(caller.tenant), service.settings.max_queued_jobs
-    if queued >= most:
-        raise HTTPException(429, f"tenant {caller.tenant!r} has {queued} queued jobs, the most AL_MAX_QUEUED_JOBS "
-                                 f"allows ({most}); retry once some have started, or cancel some",
-                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     request_hash = hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()
     try:
         job, created = service.store.create_job(caller.tenant, spec.name, spec_dict, config.to_dict(),
-                                                idempotency_key, request_hash)
-    except Conflict as e:
-        raise HTTPException(409, str(e)) from None
+                                                idempotency_key, request_hash, service.settings.max_queued_jobs)
+    except QuotaExceeded as e:
+        raise HTTPException(429, f"tenant {caller.tenant!r} has {e.used} queued jobs, the most AL_MAX_QUEUED_JOBS "
+                                 f"allows ({e.limit}); retry once some have started, or cancel some",
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     if not created and job.request_hash != request_hash:
         raise HTTPException(409, "this Idempotency-Key was already used for a different job spec")
     if created:

@@ -1,6 +1,6 @@
 """Local updates: one component with its own two optimizers, the learning-rate clock, and what a runner is.
 
-The trainer (al/train.py) and the pipeline's stages (al/pipeline/) both train components through
+The trainer (al/trainer.py) and the pipeline's stages (al/pipeline/) both train components through
 this module, so neither imports the other: the trainer hands a runner its `Work`, and the runner
 hands back the losses of each mini-batch that every component has trained on.
 """

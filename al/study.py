@@ -20,7 +20,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from al.config import ACTIVATIONS, H1_LOSSES, METHODS, SCHEDULES, build_configs
-from al.train import Callback
+from al.trainer import Callback
 
 OBJECTIVES = ("val_accuracy",)
 # The switches a study may search (al/config.py): a tuple lists the allowed values; int and float take ranges.

@@ -16,7 +16,7 @@ from pathlib import Path
 from al.bench.runs import subset_file
 from al.run import train
 from al.study import apply_params, run_local, spec_arguments
-from al.train import Callback
+from al.trainer import Callback
 
 SAMPLES, EPOCHS, TRIALS, SEEDS = 3000, 2, 30, (0, 1, 2)
 # 2 components, narrower than the presets' 512 (and n = 128, not 512) so that 39 runs fit a busy 2-core CPU.

@@ -26,7 +26,7 @@ from al.data import load_dataset, prepare_splits
 from al.model import build_network
 from al.pipeline import PipelineError, balance_by_time, parse_stages, pipeline_runner
 from al.run import train
-from al.train import Callback, Trainer
+from al.trainer import Callback, Trainer
 
 DIGITS = load_dataset("digits")
 MODELS = {

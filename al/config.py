@@ -1,7 +1,7 @@
 """Configuration of an AL network and its training, and the named presets.
 
 Every choice the reference code (R1) hard-codes is a field here; the `paper`
-preset holds R1's values, see ../shared/docs/associated-learning.md section 2.
+preset holds R1's values, listed in README.md ("Presets").
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ class FailOnCall(nn.Module):
 def test_a_stage_that_raises_stops_the_run_with_its_name_and_cause(mode):
     trainer = make_trainer(MODELS["mlp"], pipeline=mode, devices=["cpu"] * 4, stages=STAGES[4])
     trainer.net.components[2].encoder = FailOnCall(trainer.net.components[2].encoder, fail_at=5)
-    trainer.locals[2].component = trainer.net.components[2]
+    trainer.component_trainers[2].component = trainer.net.components[2]
     started = time.monotonic()
     with pytest.raises(PipelineError, match=r"stage 2 \(component 2 on cpu\).*RuntimeError: injected failure"):
         trainer.fit()

@@ -280,7 +280,7 @@ def _alive(pid: int) -> bool:
 def test_a_stage_process_dies_with_its_sigkilled_parent():
     """What every spawned stage process calls first: a Celery pool process SIGKILLed mid-job must not leave a
     stage that is blocked on a peer (NCCL notices no dead socket) holding memory or a GPU until the timeout."""
-    stage = ("import os, time; from al.pipeline.launch import die_with_parent; die_with_parent(os.getppid()); "
+    stage = ("import os, time; from al.processes import die_with_parent; die_with_parent(os.getppid()); "
              "print('ready', flush=True); time.sleep(600)")
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time; "

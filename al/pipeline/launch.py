@@ -9,12 +9,10 @@ and rank 0 reads it into the run's failures together with the exit codes it sees
 from __future__ import annotations
 
 import copy
-import ctypes
 import os
 import pickle
 import resource
 import signal
-import sys
 import time
 from datetime import timedelta
 
@@ -42,10 +40,10 @@ from al.pipeline.transport import (
     send_object,
     send_thread,
 )
+from al.processes import die_with_parent
 
 ERROR_KEY = "al_pipeline/error/{}"  # in the process group's store: why a worker failed
 STARTED_KEY = "al_pipeline/started/{}"
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def torchrun_rank() -> tuple[int, int] | None:
@@ -207,16 +205,6 @@ def report_failure(store, rank: int, error: BaseException) -> None:
     """Tell rank 0 why this worker fails, before the group is torn down."""
     text = str(error) if isinstance(error, PipelineError) else f"{type(error).__name__}: {error}"
     store.set(ERROR_KEY.format(rank), text)
-
-
-def die_with_parent(parent: int) -> None:
-    """Linux: this process gets SIGKILL when the thread that started it ends, so a SIGKILLed trainer (a Celery
-    pool process, say) leaves no stage holding memory or a GPU until the stage timeout."""
-    if sys.platform != "linux":
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _worker_process(rank: int, world: int, port: int, backend: str, device: str, payload: bytes,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from al.config import ARCHS, METHODS, PIPELINES, PRESETS
-from al.train import Callback
+from al.trainer import Callback
 
 
 class ProgressBar(Callback):

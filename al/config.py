@@ -3,7 +3,7 @@
 Each field is declared once, here, with what it means and its limits (`setting`). The command line,
 the service's HTTP schema (service/jobspec.py derives it from these fields) and the studies' search
 space (al/study.py) read them from here. Every choice the reference code (R1) hard-codes is a field;
-the `paper` preset holds R1's values (Kao & Chen 2021, their reference code's defaults).
+the `paper` preset holds R1's values as README.md ("Presets") lists them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Local updates: one component with its own two optimizers, the learning-rate clock, and what a runner is.
 
-The trainer (al/train.py) and the pipeline's stages (al/pipeline/) both train components through
+The trainer (al/trainer.py) and the pipeline's stages (al/pipeline/) both train components through
 this module, so neither imports the other: the trainer hands a runner its `Work`, and the runner
 hands back the losses of each mini-batch that every component has trained on.
 """
@@ -71,17 +71,17 @@ class ComponentTrainer:
         return s.detach(), t.detach(), associated.detach(), autoencoder.detach()
 
 
-def train_components(locals: list[ComponentTrainer], s, t, labels, lr_factor: float):
+def train_components(trainers: list[ComponentTrainer], s, t, labels, lr_factor: float):
     """One mini-batch through consecutive components: (sg(s), sg(t), [A_i, R_i for each component])."""
     losses = []
-    for local in locals:
-        s, t, associated, autoencoder = local.step(s, t, labels, lr_factor)
+    for trainer in trainers:
+        s, t, associated, autoencoder = trainer.step(s, t, labels, lr_factor)
         losses += [associated, autoencoder]
     return s, t, losses
 
 
 # Components by index: all of them (rank 0, the threads mode) or a stage's own (a stage process)
-Locals = list[ComponentTrainer] | dict[int, ComponentTrainer]
+ComponentTrainers = list[ComponentTrainer] | dict[int, ComponentTrainer]
 # (global step, x, y): one mini-batch and the step that sets its learning rate
 Batches = Iterable[tuple[int, torch.Tensor, torch.Tensor]]
 Record = Callable[[list[torch.Tensor]], None]
@@ -91,7 +91,7 @@ Record = Callable[[list[torch.Tensor]], None]
 class Work:
     """What a runner needs of the trainer to train mini-batches, and nothing more."""
 
-    locals: list[ComponentTrainer]  # AL's components with their optimizers; empty for BP
+    component_trainers: list[ComponentTrainer]  # AL's components with their optimizers; empty for BP
     num_classes: int
     device: torch.device  # the trainer's: where the model lives between runs and the losses are recorded
     total_steps: int  # the learning-rate schedule's horizon

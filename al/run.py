@@ -21,7 +21,7 @@ from al.config import PLACEMENT, RunConfig
 from al.data import DataError, Dataset, load_dataset, prepare_splits
 from al.model import build_network
 from al.pipeline import ProcessesRunner, pipeline_runner
-from al.train import Callback, Trainer
+from al.trainer import Callback, Trainer
 
 
 class SaveEachEpoch(Callback):

@@ -20,7 +20,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from al.config import ModelConfig, TrainConfig, from_spec, limits_of, value_type
-from al.train import Callback
+from al.trainer import Callback
 
 OBJECTIVES = ("val_accuracy",)
 

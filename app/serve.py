@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import torch
 import uvicorn
 
+from al.processes import die_with_parent
 from app.main import create_app
-from service.processes import die_with_parent
 from service.settings import Settings
 
 # The dashboard takes a key once as `?key=` (app/ui/routes.py); uvicorn's access log shows query strings.
@@ -41,7 +43,8 @@ def serve(settings: Settings, host: str, port: int, no_worker: bool) -> None:
     gc.freeze()
     worker = None
     if settings.embedded_worker and not no_worker:
-        worker = subprocess.Popen([sys.executable, "-m", "al.cli", "worker"], preexec_fn=die_with_parent)
+        worker = subprocess.Popen([sys.executable, "-m", "al.cli", "worker"],
+                                  preexec_fn=partial(die_with_parent, os.getpid()))
     broker = "Redis" if settings.redis_url else f"embedded ({settings.broker_dir})"
     docs = "API docs at /docs" if settings.docs_enabled else "API docs off (AL_DOCS)"
     print(f"al serve: http://{host}:{port} ({docs}); data in {settings.data_dir.resolve()}; "

@@ -17,7 +17,7 @@ from al.bench.runs import subset_file
 from al.config import from_spec
 from al.run import train
 from al.study import apply_params, run_local
-from al.train import Callback
+from al.trainer import Callback
 
 SAMPLES, EPOCHS, TRIALS, SEEDS = 3000, 2, 30, (0, 1, 2)
 # 2 components, narrower than the presets' 512 (and n = 128, not 512) so that 39 runs fit a busy 2-core CPU.

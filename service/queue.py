@@ -1,6 +1,6 @@
 """The Celery app: Redis as the broker when REDIS_URL is set, otherwise an embedded one in files.
 
-Settings follow ../shared/docs/service-notes.md for long jobs. The broker only carries
+Its settings suit long jobs (docs/service.md, "What happens when a worker dies"). The broker only carries
 "train job X" messages; job state lives in the job store, so no result backend is used.
 """
 

@@ -104,8 +104,8 @@ class Settings(BaseSettings):
     max_classes: int = Field(1000, ge=2, description="distinct labels of an uploaded dataset")
     max_parameters: int = Field(50_000_000, ge=1000, description="parameters of the network a job asks for")
 
-    # Long jobs (see ../shared/docs/service-notes.md): a lease per running job, renewed by a heartbeat;
-    # a reconciler requeues jobs whose lease expired.
+    # Long jobs (docs/service.md, "What happens when a worker dies"): a lease per running job, renewed
+    # by a heartbeat; a reconciler requeues jobs whose lease expired.
     lease_seconds: float = Field(30.0, gt=0, description="a running job is presumed dead this long after a heartbeat")
     reconcile_interval: float = Field(5.0, gt=0, description="seconds between reconciler passes in each worker")
     requeue_queued_after: float = Field(

@@ -26,7 +26,7 @@ from al.data import load_dataset, prepare_splits
 from al.model import build_network
 from al.pipeline import PipelineError, balance_by_time, parse_stages, pipeline_runner
 from al.run import train
-from al.train import Callback, Trainer
+from al.trainer import Callback, Trainer
 
 DIGITS = load_dataset("digits")
 MODELS = {
@@ -141,7 +141,7 @@ class FailOnCall(nn.Module):
 def test_a_stage_that_raises_stops_the_run_with_its_name_and_cause(mode):
     trainer = make_trainer(MODELS["mlp"], pipeline=mode, devices=["cpu"] * 4, stages=STAGES[4])
     trainer.net.components[2].encoder = FailOnCall(trainer.net.components[2].encoder, fail_at=5)
-    trainer.locals[2].component = trainer.net.components[2]
+    trainer.component_trainers[2].component = trainer.net.components[2]
     started = time.monotonic()
     with pytest.raises(PipelineError, match=r"stage 2 \(component 2 on cpu\).*RuntimeError: injected failure"):
         trainer.fit()
@@ -281,7 +281,7 @@ def _alive(pid: int) -> bool:
 def test_a_stage_process_dies_with_its_sigkilled_parent():
     """What every spawned stage process calls first: a Celery pool process SIGKILLed mid-job must not leave a
     stage that is blocked on a peer (NCCL notices no dead socket) holding memory or a GPU until the timeout."""
-    stage = ("import os, time; from al.pipeline.launch import die_with_parent; die_with_parent(os.getppid()); "
+    stage = ("import os, time; from al.processes import die_with_parent; die_with_parent(os.getppid()); "
              "print('ready', flush=True); time.sleep(600)")
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time; "

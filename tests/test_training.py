@@ -8,7 +8,7 @@ from al.checkpoint import load_model
 from al.config import make_config
 from al.data import Dataset, load_dataset
 from al.run import evaluate, train
-from al.train import Callback
+from al.trainer import Callback
 
 SMALL = {"arch": "mlp", "widths": [32, 32], "target_width": 16}
 

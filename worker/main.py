@@ -7,7 +7,7 @@ from pathlib import Path
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-from service.processes import die_with_parent
+from al.processes import die_with_parent
 from service.queue import make_celery
 from service.settings import Settings
 from service.store import get_store
@@ -35,10 +35,11 @@ def run_worker(settings: Settings) -> None:
     store = get_store(settings.store_url)
     app = make_celery(settings)
     register_tasks(app, settings)
+    parent = os.getpid()  # the pool processes' parent: this process
 
     @worker_process_init.connect(weak=False)
     def _pool_child_started(**_):
-        die_with_parent()
+        die_with_parent(parent)
 
     @worker_shutting_down.connect(weak=False)
     def _checkpoint_running_jobs(**_):

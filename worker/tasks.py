@@ -28,7 +28,7 @@ from al.config import RunConfig
 from al.data import BUILTIN_DATASETS
 from al.pipeline import PipelineError, StagesMissing
 from al.run import train
-from al.train import Callback
+from al.trainer import Callback
 from service.artifacts import ArtifactError, LocalArtifacts, artifacts_for
 from service.jobspec import pipeline_workers
 from service.queue import STAGE_TASK, TRAIN_TASK, enqueue, enqueue_stage

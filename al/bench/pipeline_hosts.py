@@ -33,7 +33,7 @@ from al.bench.hosts import Hosts, unavailable
 from al.bench.pipeline import add_case_arguments, median_run, one_run, predicted_seconds, vars_of
 from al.bench.report import destination, publish
 from al.bench.runs import case_model, fresh_process, run_result, subset_file
-from al.train import Callback
+from al.trainer import Callback
 
 PORT = 29500  # any port: each run's hosts have a network of their own
 LINK_MESSAGES = 200  # under a second of streaming, long enough that one descheduled moment weighs little

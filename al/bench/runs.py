@@ -38,7 +38,7 @@ def build_trainer(spec: dict, callbacks=(), **training):
     from al.data import load_dataset, prepare_splits
     from al.model import build_network
     from al.pipeline import pipeline_runner
-    from al.train import Trainer
+    from al.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])
     data = load_dataset(spec["data"])

@@ -20,7 +20,7 @@ from pathlib import Path
 from al.bench.macs import component_macs, training_macs
 from al.bench.report import destination, mean_sd, publish
 from al.bench.runs import build_trainer, case_model, run_in_fresh_process, subset_file
-from al.train import Callback
+from al.trainer import Callback
 
 TARGET_MARGIN = 0.005  # half a point below BP's reference accuracy
 

@@ -9,19 +9,17 @@ and rank 0 reads it into the run's failures together with the exit codes it sees
 from __future__ import annotations
 
 import copy
-import ctypes
 import os
 import pickle
 import resource
 import signal
-import sys
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from al.local import ComponentTrainer, Locals
+from al.local import ComponentTrainer, ComponentTrainers
 from al.pipeline.stage import Stage, StageRunner, move, serve
 from al.pipeline.transport import (
     CPU,
@@ -42,10 +40,10 @@ from al.pipeline.transport import (
     send_object,
     send_thread,
 )
+from al.processes import die_with_parent
 
 ERROR_KEY = "al_pipeline/error/{}"  # in the process group's store: why a worker failed
 STARTED_KEY = "al_pipeline/started/{}"
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def torchrun_rank() -> tuple[int, int] | None:
@@ -68,7 +66,7 @@ def exit_text(code: int) -> str:
 class StageProcesses:
     """The other ranks of a processes-mode run, as rank 0 sees them: their group, their health, their end."""
 
-    def __init__(self, stages: list[Stage], locals: Locals, torchrun: bool, timeout: float):
+    def __init__(self, stages: list[Stage], trainers: ComponentTrainers, torchrun: bool, timeout: float):
         self.stages, self.timeout = stages, timeout
         self.backend = backend_for([s.device for s in stages])
         self.workers: list = []  # spawned stage processes, index k-1 for rank k
@@ -90,7 +88,7 @@ class StageProcesses:
         for stage in stages[1:]:
             # Plain pickle of CPU copies: torch.multiprocessing would share the tensors' memory with the
             # child, and pickled CUDA tensors would open a context on this process's GPU in the child.
-            payload = pickle.dumps({i: on_cpu(locals[i]) for i in stage.components})
+            payload = pickle.dumps({i: on_cpu(trainers[i]) for i in stage.components})
             process = context.Process(
                 target=_worker_process, name=f"al {stage}", daemon=True,
                 args=(stage.index, world, self.store.port, self.backend, stage.device, payload, timeout, os.getpid()),
@@ -167,13 +165,13 @@ class StageProcesses:
         self.workers = []
 
 
-def on_cpu(local: ComponentTrainer) -> ComponentTrainer:
-    local = copy.deepcopy(local)
-    move(local, "cpu")
-    return local
+def on_cpu(trainer: ComponentTrainer) -> ComponentTrainer:
+    trainer = copy.deepcopy(trainer)
+    move(trainer, "cpu")
+    return trainer
 
 
-def serve_rank(rank: int, locals: Locals, control, timeout: float) -> None:
+def serve_rank(rank: int, trainers: ComponentTrainers, control, timeout: float) -> None:
     """A worker process (rank > 0): for each command from rank 0, load any state, train, send the state back."""
     while True:
         command = recv_object(0, control)
@@ -182,9 +180,9 @@ def serve_rank(rank: int, locals: Locals, control, timeout: float) -> None:
         stage: Stage = command["stage"]
         comm = comm_device(dist.get_backend(), stage.device)
         for i in stage.components:
-            move(locals[i], stage.device)
+            move(trainers[i], stage.device)
         if command["state"] is not None:
-            load_components_state(locals, command["state"])
+            load_components_state(trainers, command["state"])
         last = stage.index == command["stages"] - 1
         run = RunState(timeout)
         depth = command["queue_depth"]
@@ -192,14 +190,14 @@ def serve_rank(rank: int, locals: Locals, control, timeout: float) -> None:
         receiving = receive_thread(run, inbox, rank - 1, comm, dist.group.WORLD)
         sending = (send_thread(run, outbox, 0, CPU, control) if last
                    else send_thread(run, outbox, rank + 1, comm, dist.group.WORLD))
-        runner = StageRunner(stage, [locals[i] for i in stage.components], command["total_steps"], last)
+        runner = StageRunner(stage, [trainers[i] for i in stage.components], command["total_steps"], last)
         run_part(run, str(stage), serve, runner, inbox, outbox, command["threads"])
         if not run.failures:  # after a failure a receiver may wait on a live peer: do not join it
             for thread in (receiving, sending):
                 thread.join()
         if run.failures:
             raise PipelineError("; ".join(run.failures))
-        send_object({"state": components_state(locals, stage.components), "busy_seconds": runner.busy_seconds,
+        send_object({"state": components_state(trainers, stage.components), "busy_seconds": runner.busy_seconds,
                      "peak_rss_bytes": peak_rss_bytes()}, 0, control)
 
 
@@ -209,38 +207,28 @@ def report_failure(store, rank: int, error: BaseException) -> None:
     store.set(ERROR_KEY.format(rank), text)
 
 
-def die_with_parent(parent: int) -> None:
-    """Linux: this process gets SIGKILL when the thread that started it ends, so a SIGKILLed trainer (a Celery
-    pool process, say) leaves no stage holding memory or a GPU until the stage timeout."""
-    if sys.platform != "linux":
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _worker_process(rank: int, world: int, port: int, backend: str, device: str, payload: bytes,
                     timeout: float, parent: int) -> None:
     """Entry of a spawned stage process: joins the process group and serves until rank 0 says stop."""
     die_with_parent(parent)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=timeout))
     try:
-        locals = pickle.loads(payload)
+        trainers = pickle.loads(payload)
         store.set(STARTED_KEY.format(rank), "1")
         control = join_group(backend, device, store=store, rank=rank, world_size=world,
                              timeout=timedelta(seconds=timeout))
-        serve_rank(rank, locals, control, timeout)
+        serve_rank(rank, trainers, control, timeout)
         dist.destroy_process_group()
     except BaseException as e:  # noqa: B036 - report every failure to rank 0 before dying
         report_failure(store, rank, e)
         raise SystemExit(1) from None
 
 
-def serve_torchrun_rank(rank: int, devices: list[str], locals: Locals, timeout: float) -> None:
+def serve_torchrun_rank(rank: int, devices: list[str], trainers: ComponentTrainers, timeout: float) -> None:
     """A torchrun rank > 0: train this rank's stage whenever rank 0 asks, until it says stop."""
     control = join_group(backend_for(devices), devices[rank], timeout=timedelta(seconds=timeout))
     try:
-        serve_rank(rank, locals, control, timeout)
+        serve_rank(rank, trainers, control, timeout)
     except BaseException as e:  # noqa: B036 - tell rank 0 why before torchrun tears the group down
         report_failure(dist.distributed_c10d._get_default_store(), rank, e)
         raise

@@ -66,8 +66,8 @@ def measure_component_seconds(work: Work, x: torch.Tensor, y: torch.Tensor, thre
     seconds = []
     synchronize = torch.cuda.synchronize if work.device.type == "cuda" else lambda: None
     with intra_op_threads(threads):
-        for local in work.locals:
-            probe = copy.deepcopy(local)
+        for trainer in work.component_trainers:
+            probe = copy.deepcopy(trainer)
             probe.step(s, t, y, 1.0)  # warm-up: first-call allocations and kernel selection
             synchronize()
             started = time.perf_counter()
@@ -81,7 +81,7 @@ def measure_component_seconds(work: Work, x: torch.Tensor, y: torch.Tensor, thre
 
 def default_devices(work: Work, count: int | None) -> list[str]:
     """One stage per CPU core (or per GPU), at most one per component; `count` stages under torchrun."""
-    depth = len(work.locals)
+    depth = len(work.component_trainers)
     if work.device.type == "cuda":
         gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         n = count or min(depth, len(gpus))
@@ -91,7 +91,7 @@ def default_devices(work: Work, count: int | None) -> list[str]:
 
 def plan(work: Work, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, world: int | None = None) -> Plan:
     """The stages for `work`; (x, y) is a mini-batch to time the components on; `world`: torchrun's rank count."""
-    depth = len(work.locals)
+    depth = len(work.component_trainers)
     devices = list(cfg.devices or default_devices(work, world))
     if world and len(devices) != world:
         raise ValueError(f"torchrun started {world} ranks for {len(devices)} devices: one per stage")

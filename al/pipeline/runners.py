@@ -50,7 +50,7 @@ class PipelineRunner:
         self.world: int | None = None  # torchrun's number of ranks
 
     def run(self, work: Work, batches: Batches, record: Record) -> None:
-        if not work.locals:
+        if not work.component_trainers:
             raise ValueError("pipelining is for AL only: BP's backward pass locks every layer until the loss is known")
         batches = iter(batches)
         first = next(batches, None)
@@ -66,7 +66,7 @@ class PipelineRunner:
 
     def _runner(self, work: Work, stage: Stage) -> StageRunner:
         last = stage.index == len(self.stages) - 1
-        return StageRunner(stage, [work.locals[i] for i in stage.components], work.total_steps, last)
+        return StageRunner(stage, [work.component_trainers[i] for i in stage.components], work.total_steps, last)
 
     def _coordinate(self, run: RunState, first: StageRunner, downstream: Link, reports: Link, work: Work,
                     batches: Batches, record: Record) -> None:
@@ -128,7 +128,7 @@ class ThreadsRunner(PipelineRunner):
         run = RunState(self.cfg.stage_timeout)
         for stage in stages:
             for i in stage.components:
-                move(work.locals[i], stage.device)
+                move(work.component_trainers[i], stage.device)
         inboxes = [Link(f"queue into {stage}", self.cfg.queue_depth, run) for stage in stages[1:]]
         reports = Link("reports to the trainer", 0, run)  # unbounded: the stages never wait on the trainer
         outboxes = [*inboxes, reports]
@@ -147,8 +147,8 @@ class ThreadsRunner(PipelineRunner):
             run.aborted.set()  # the stages have passed END by now, or must stop
             for thread in threads:
                 thread.join(timeout=self.cfg.stage_timeout)
-            for local in work.locals:
-                move(local, str(work.device))
+            for trainer in work.component_trainers:
+                move(trainer, str(work.device))
         self._record_stats(started, [r.busy_seconds for r in runners], [peak_rss_bytes()])
 
 
@@ -174,7 +174,7 @@ class ProcessesRunner(PipelineRunner):
     def _run(self, work: Work, batches: Batches, record: Record) -> None:
         stages = self.stages
         if self.processes is None:
-            self.processes = StageProcesses(stages, work.locals, self.torchrun is not None,
+            self.processes = StageProcesses(stages, work.component_trainers, self.torchrun is not None,
                                             self.cfg.stage_timeout)
         processes = self.processes
         comm, control = comm_device(processes.backend, stages[0].device), processes.control
@@ -184,13 +184,13 @@ class ProcessesRunner(PipelineRunner):
             for stage in stages[1:]:
                 # Workers keep their state between runs; rank 0's copy, pulled at every sync, changes
                 # only through the trainer's load_state_dict before fit.
-                state = None if processes.hold_state else components_state(work.locals, stage.components)
+                state = None if processes.hold_state else components_state(work.component_trainers, stage.components)
                 send_object({"stage": stage, "stages": len(stages), "queue_depth": self.cfg.queue_depth,
                              "threads": self.threads, "total_steps": work.total_steps, "state": state},
                             stage.index, control)
         processes.hold_state = True
         for i in stages[0].components:
-            move(work.locals[i], stages[0].device)
+            move(work.component_trainers[i], stages[0].device)
         reports = Link("reports to the trainer", 0, run)
         downstream, threads = reports, []
         if len(stages) > 1:
@@ -206,12 +206,12 @@ class ProcessesRunner(PipelineRunner):
         with self._transfer_errors(run):
             for stage in stages[1:]:
                 answer = recv_object(stage.index, control)
-                load_components_state(work.locals, answer["state"])
+                load_components_state(work.component_trainers, answer["state"])
                 busy.append(answer["busy_seconds"])
                 peak.append(answer["peak_rss_bytes"])
         self._mid_run = False
-        for local in work.locals:
-            move(local, str(work.device))
+        for trainer in work.component_trainers:
+            move(trainer, str(work.device))
         self._record_stats(started, busy, peak)
 
     @contextmanager
@@ -230,7 +230,7 @@ class ProcessesRunner(PipelineRunner):
         """A torchrun rank > 0: train this rank's stage whenever rank 0 asks, until it says stop."""
         rank, world = self.torchrun
         devices = list(self.cfg.devices or default_devices(work, world))
-        serve_torchrun_rank(rank, devices, work.locals, self.cfg.stage_timeout)
+        serve_torchrun_rank(rank, devices, work.component_trainers, self.cfg.stage_timeout)
         return {"status": "stage worker", "rank": rank}
 
     def close(self) -> None:

@@ -54,10 +54,10 @@ def stage_context(stage: Stage, threads: int):
             yield
 
 
-def move(local: ComponentTrainer, device: str) -> None:
+def move(trainer: ComponentTrainer, device: str) -> None:
     """A component and its optimizer state onto a device (parameters keep their identity)."""
-    local.component.to(device)
-    for optimizer in local.optimizers:
+    trainer.component.to(device)
+    for optimizer in trainer.optimizers:
         step_moves = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
         for state in optimizer.state.values():
             for key, value in state.items():
@@ -83,17 +83,17 @@ END = "end of batches"  # sentinel: no more batches before the next sync
 class StageRunner:
     """Trains one stage's components on each mini-batch that reaches it."""
 
-    def __init__(self, stage: Stage, locals: list[ComponentTrainer], total_steps: int, last: bool):
-        self.stage, self.locals, self.total_steps, self.last = stage, locals, total_steps, last
+    def __init__(self, stage: Stage, trainers: list[ComponentTrainer], total_steps: int, last: bool):
+        self.stage, self.component_trainers, self.total_steps, self.last = stage, trainers, total_steps, last
         self.device = torch.device(stage.device)
-        self.schedule = locals[0].train_cfg.schedule
+        self.schedule = trainers[0].train_cfg.schedule
         self.busy_seconds = 0.0
 
     def train(self, batch: Batch) -> Batch:
         started = time.perf_counter()
         s, t, labels = (x.to(self.device, non_blocking=True) for x in (batch.s, batch.t, batch.labels))
         lr_factor = lr_multiplier(self.schedule, batch.step, self.total_steps)
-        s, t, losses = train_components(self.locals, s, t, labels, lr_factor)
+        s, t, losses = train_components(self.component_trainers, s, t, labels, lr_factor)
         if self.device.type == "cuda":
             # The next stage reads s and t from another stream, and `batch` (the input) may be
             # freed once this returns: both need this stage's kernels finished.

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from al.local import Locals
+from al.local import ComponentTrainers
 from al.pipeline.stage import END, Batch
 
 POLL_SECONDS = 0.05  # how often a waiting part checks whether the run has failed
@@ -209,15 +209,15 @@ def _cpu(value):
     return value
 
 
-def components_state(locals: Locals, indices) -> dict:
-    return {i: _cpu({"component": locals[i].component.state_dict(),
-                     "optimizers": [o.state_dict() for o in locals[i].optimizers]}) for i in indices}
+def components_state(trainers: ComponentTrainers, indices) -> dict:
+    return {i: _cpu({"component": trainers[i].component.state_dict(),
+                     "optimizers": [o.state_dict() for o in trainers[i].optimizers]}) for i in indices}
 
 
-def load_components_state(locals: Locals, state: dict) -> None:
+def load_components_state(trainers: ComponentTrainers, state: dict) -> None:
     for i, saved in state.items():
-        locals[i].component.load_state_dict(saved["component"])
-        for optimizer, optimizer_state in zip(locals[i].optimizers, saved["optimizers"]):
+        trainers[i].component.load_state_dict(saved["component"])
+        for optimizer, optimizer_state in zip(trainers[i].optimizers, saved["optimizers"]):
             optimizer.load_state_dict(optimizer_state)
 
 

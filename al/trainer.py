@@ -77,8 +77,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_x) / train_cfg.batch_size)
         self.total_steps = train_cfg.epochs * self.steps_per_epoch
         if train_cfg.method == "al":
-            self.locals = [ComponentTrainer(c, i, model_cfg, train_cfg) for i, c in enumerate(net.components)]
-            self.optimizers = [o for local in self.locals for o in local.optimizers]
+            self.component_trainers = [ComponentTrainer(c, i, model_cfg, train_cfg)
+                                       for i, c in enumerate(net.components)]
+            self.optimizers = [o for trainer in self.component_trainers for o in trainer.optimizers]
         else:
             self.optimizers = [adam(net.parameters(), train_cfg.lr)]
         self.epoch = 0  # epochs completed
@@ -88,7 +89,7 @@ class Trainer:
         self._epoch_seconds = 0.0
         self._stop = False
         self.runner = runner or SequentialRunner()
-        self.work = Work(self.locals if train_cfg.method == "al" else [], net.num_classes, self.device,
+        self.work = Work(self.component_trainers if train_cfg.method == "al" else [], net.num_classes, self.device,
                          self.total_steps, self.train_step)
 
     # --- the outside world ---------------------------------------------------------
@@ -142,7 +143,7 @@ class Trainer:
             loss.backward()
             self.optimizers[0].step()
             return [loss.detach()]
-        return train_components(self.locals, x, F.one_hot(y, self.net.num_classes).float(), y, lr_factor)[2]
+        return train_components(self.component_trainers, x, F.one_hot(y, self.net.num_classes).float(), y, lr_factor)[2]
 
     def record_step(self, losses: list[torch.Tensor]) -> None:
         """Count one mini-batch that every component has trained on."""

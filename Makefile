@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 
 .PHONY: run test setup lint deploy-up deploy-down test-deploy
 
+# pyproject.toml names the packages and the `al.commands` entry points (`al serve`, `al worker`, `al bench`),
+# which reach the venv only at install time: a change to it re-installs.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

@@ -1,4 +1,4 @@
-"""The `al` command line: train, eval, predict, bench (and serve / worker for the service)."""
+"""The `al` command line: train, eval, predict, study; installed packages add more (serve, worker, bench)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from al.config import ARCHS, METHODS, PIPELINES, PRESETS
@@ -42,6 +43,7 @@ class ProgressBar(Callback):
         self.stream.flush()
 
 
+COMMANDS_GROUP = "al.commands"  # each entry point names a function that adds subparsers: f(sub)
 EXIT_CONFIDENCE_HELP = ("early exit: a sample stops at the first depth (up to --depth) whose top probability "
                         "reaches X (0..1)")
 
@@ -127,7 +129,15 @@ def cmd_study(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="al", description="Associated Learning: train, evaluate, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_train(sub)
+    add_eval(sub)
+    add_predict(sub)
+    add_study(sub)
+    add_installed_commands(sub)
+    return parser
 
+
+def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a directory")
     p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist, kmnist, or a .npz/.csv file")
     p.add_argument("--arch", choices=ARCHS, default=None)
@@ -156,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(func=cmd_train)
 
+
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of a model on a dataset")
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True)
@@ -166,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict the classes of the samples in a file")
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True, help=".npz with array x, or .csv")
@@ -175,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+
+def add_study(sub) -> None:
     p = sub.add_parser("study", help="search hyperparameters with Optuna, locally (see docs/service.md, studies)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--trials", type=int, required=True, help="trials to run, one after another")
@@ -189,33 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_study)
 
-    from al import bench
 
-    bench.add_parser(sub)
+def add_installed_commands(sub) -> None:
+    """The commands that installed packages add under the entry-point group `al.commands` (`al serve` from
+    app/, `al worker` from worker/, `al bench` from benchmarks/): this library imports none of them.
 
-    p = sub.add_parser("serve", help="the HTTP API and a training worker (see docs/service.md)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--no-worker", action="store_true", help="the API only (also AL_EMBEDDED_WORKER=0)")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("worker", help="a training worker alone (REDIS_URL, or the embedded broker in AL_DATA_DIR)")
-    p.set_defaults(func=cmd_worker)
-    return parser
-
-
-def cmd_serve(args) -> None:
-    from app.serve import serve
-    from service.settings import get_settings
-
-    serve(get_settings(), args.host, args.port, args.no_worker)
-
-
-def cmd_worker(args) -> None:
-    from service.settings import get_settings
-    from worker.main import run_worker
-
-    run_worker(get_settings())
+    An entry point whose module is not installed (an image built without the benchmarks) adds nothing;
+    any other failure to load one is an error."""
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):  # a stable order in --help
+        try:
+            add_commands = entry.load()
+        except ModuleNotFoundError as e:
+            if not f"{entry.module}.".startswith(f"{e.name}."):
+                raise  # the module is there but imports something missing: a broken install, said loudly
+            continue
+        add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from al.bench.runs import subset_file
 from al.config import from_spec
 from al.run import train
 from al.study import apply_params, run_local
 from al.trainer import Callback
+from benchmarks.runs import subset_file
 
 SAMPLES, EPOCHS, TRIALS, SEEDS = 3000, 2, 30, (0, 1, 2)
 # 2 components, narrower than the presets' 512 (and n = 128, not 512) so that 39 runs fit a busy 2-core CPU.
@@ -75,7 +75,7 @@ def main() -> None:
             comparison[label] = {"spec": spec, "runs": runs}
     OUT.write_text(json.dumps({
         "command": "nice -n 10 .venv/bin/python benchmarks/study-fashion-mnist.py",
-        "dataset": f"fashion-mnist, first {SAMPLES} training samples (al.bench.runs.subset_file)",
+        "dataset": f"fashion-mnist, first {SAMPLES} training samples (benchmarks.runs.subset_file)",
         "epochs": EPOCHS, "base": BASE, "space": SPACE, "sampler_seed": 0, "study_seconds": round(study_seconds),
         "total_seconds": round(time.time() - started), **study, "comparison": comparison,
     }, indent=1) + "\n")

@@ -1,8 +1,10 @@
 """The `al` command as a user runs it: a real subprocess, JSON on the last stdout line."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +93,41 @@ def test_early_exit_from_the_command_line(digits_model, tmp_path):
     assert len(result["depths"]) == 50 and set(result["depths"]) <= {1, 2}
     proc = al("predict", *inputs, "--exit-confidence", "2", check=False)
     assert proc.returncode == 2 and "exit_confidence must be between 0 and 1" in proc.stderr
+
+
+def test_the_installed_al_has_the_commands_that_packages_add():
+    """`serve`, `worker` and `bench` come through entry points (pyproject.toml), not from the library."""
+    command = Path(sys.executable).with_name("al")  # the venv's console script, as `make run` starts it
+    listed = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "{train,eval,predict,study,bench,serve,worker}" in listed.stdout
+    for name, expected in (("serve", "--no-worker"), ("worker", "usage: al worker"), ("bench", "time-to-accuracy")):
+        proc = subprocess.run([command, name, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and expected in proc.stdout, proc.stderr
+
+
+def installed(tmp_path, entry_point: str) -> dict:
+    """An environment with one more installed distribution on PYTHONPATH, whose only content is an `al.commands`
+    entry point: a distribution's metadata on disk, as pip writes it."""
+    info = tmp_path / "extra_commands-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: extra-commands\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[al.commands]\n{entry_point}\n")
+    return {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+
+def test_a_command_whose_package_is_not_installed_is_left_out(tmp_path):
+    """As in an image built without benchmarks/: pyproject names `al bench`, its package is not there."""
+    env = installed(tmp_path, "ghost = not_installed_here.commands:add_commands")
+    proc = subprocess.run([sys.executable, "-m", "al.cli", "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "{train,eval,predict,study,bench,serve,worker}" in proc.stdout and "ghost" not in proc.stdout
+
+
+def test_a_command_that_fails_to_import_says_why(tmp_path):
+    (tmp_path / "broken_commands.py").write_text("import not_installed_here\n")
+    env = installed(tmp_path, "broken = broken_commands:add_commands")
+    proc = subprocess.run([sys.executable, "-m", "al.cli", "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode != 0 and "No module named 'not_installed_here'" in proc.stderr

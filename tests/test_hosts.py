@@ -1,4 +1,4 @@
-"""The service on separate hosts that share only a network: Linux network namespaces (al/bench/hosts.py).
+"""The service on separate hosts that share only a network: Linux network namespaces (benchmarks/hosts.py).
 
 Host A runs the API with its own PostgreSQL and Redis, bound to A's address; hosts B and C run one
 worker each. Every host has its own empty data directory: workers reach datasets and checkpoints only
@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file
 from service_support import FAST, digits_npz, digits_rows, wait_for
 
-from al.bench.hosts import Hosts, unavailable
 from al.config import from_spec
 from al.run import train
+from benchmarks.hosts import Hosts, unavailable
 
 POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path(
     "/usr/lib/postgresql").is_dir() else None

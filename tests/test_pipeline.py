@@ -243,8 +243,8 @@ def test_torchrun_ranks_train_the_stages(tmp_path, one_thread):
 
 
 def test_torchrun_across_two_hosts_trains_the_stages(tmp_path, one_thread):
-    """One torchrun per host (a network namespace, al/bench/hosts.py), each with its own --out."""
-    from al.bench.hosts import Hosts, unavailable
+    """One torchrun per host (a network namespace, benchmarks/hosts.py), each with its own --out."""
+    from benchmarks.hosts import Hosts, unavailable
 
     reason = unavailable()
     if reason:

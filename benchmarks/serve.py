@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from al.bench.report import destination, publish
+from benchmarks.report import destination, publish
 
 ROW_COUNTS = (1, 64)
 CLIENT_COUNTS = (1, 8, 32)
@@ -211,6 +211,26 @@ def measure_cases(servers: dict[str, Server], model_dir: Path, args) -> list[dic
 
 def bench_serve(args) -> None:
     load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure here
+    submitted, cases = measure_servers(args)
+    broker = "Redis" if args.redis_url else "embedded (filesystem)"
+    observed, recorded = submitted["observed"], submitted["recorded"]
+    publish(
+        destination(args),
+        name="serve-redis" if args.redis_url else "serve",
+        title=f"Service ({broker} broker): predict latency and throughput over HTTP with dynamic batching off and "
+              "on, next to the bare forward, and submit-to-running",
+        columns=["measure", "batching", "clients", "p50 ms", "p99 ms", "requests/s", "x off",
+                 "bare forward p50 / p99 ms", "p50 overhead ms"],
+        rows=[*predict_rows(cases), submit_row(observed, recorded, broker)],
+        notes=notes(args.inference_threads, load_at_start),
+        raw={"cases": cases, "submit_to_running_seconds": observed, "submit_to_running_recorded_seconds": recorded,
+             "broker": broker, "requests_per_case": args.requests, "load_average_at_start": load_at_start,
+             "inference_threads": args.inference_threads, "batching": BATCHING},
+    )
+
+
+def measure_servers(args) -> tuple[dict, list[dict]]:
+    """Two servers on a throw-away data directory, one per batching setting: submit-to-running, then the cases."""
     servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
@@ -224,9 +244,12 @@ def bench_serve(args) -> None:
         finally:
             for server in servers.values():
                 server.stop()
-    broker = "Redis" if args.redis_url else "embedded (filesystem)"
+    return submitted, cases
+
+
+def predict_rows(cases: list[dict]) -> list[dict]:
     unbatched = {(c["rows"], c["clients"]): c["requests_per_second"] for c in cases if c["batching"] == "off"}
-    rows = [{
+    return [{
         "measure": f"POST predict, {c['rows']} row{'s' if c['rows'] > 1 else ''}",
         "batching": c["batching"],
         "clients": c["clients"],
@@ -237,52 +260,33 @@ def bench_serve(args) -> None:
         "bare forward p50 / p99 ms": f"{c['bare']['p50_ms']:.3f} / {c['bare']['p99_ms']:.3f}",
         "p50 overhead ms": f"{c['p50_ms'] - c['bare']['p50_ms']:.2f}",
     } for c in cases]
-    observed, recorded = submitted["observed"], submitted["recorded"]
-    rows.append({
+
+
+def submit_row(observed: list[float], recorded: list[float], broker: str) -> dict:
+    return {
         "measure": f"POST /v1/jobs to running ({broker} broker), idle worker",
         "clients": 1,
         "p50 ms": f"{statistics.median(observed) * 1000:.0f}",
         "p99 ms": f"{max(observed) * 1000:.0f} (max of {len(observed)})",
         "p50 overhead ms": f"server-recorded {statistics.median(recorded) * 1000:.0f}",
-    })
-    publish(
-        destination(args),
-        name="serve-redis" if args.redis_url else "serve",
-        title=f"Service ({broker} broker): predict latency and throughput over HTTP with dynamic batching off and "
-              "on, next to the bare forward, and submit-to-running",
-        columns=["measure", "batching", "clients", "p50 ms", "p99 ms", "requests/s", "x off",
-                 "bare forward p50 / p99 ms", "p50 overhead ms"],
-        rows=rows,
-        notes=(
-            "Loopback, `al serve` (uvicorn, one event loop, inference on one thread of its own) and the clients "
-            "(coroutines in one thread, keep-alive HTTP/1.1, each sending its next request when the last is answered) "
-            "on the same machine, so at 8 and 32 clients they share its cores. Batching off: AL_BATCH_MAX_SIZE=1, "
-            "every request its own forward; on: the defaults (docs/service.md), concurrent requests share one "
-            "forward. Two servers on one data directory, each case measured on both back to back; x off: "
-            "requests/s over the same case with batching off. Model: the digits MLP of the default preset, "
-            "trained by the service itself. Bare forward: `LoadedModel.predict` in-process on the same rows "
-            "(normalise, forward, softmax, to lists), the work the server does per request, back to back; both "
-            f"with {args.inference_threads} torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: "
-            "client-observed time from POST /v1/jobs until GET shows `running` (10 ms polling), and the server's "
-            "started_at - created_at, after one unmeasured job that waits out the worker's start-up, each "
-            f"{IDLE_WAIT:.0f} s after the previous job ended. "
-            "Targets: p50 overhead <= 2 ms for one row at 1 client, submit-to-running <= 1 s (issue 4); with "
-            "batching, one-row requests at 32 clients >= 3x the unbatched throughput at p99 <= 25 ms (issue 14). "
-            f"Load average (1 min) when the run started: {load_at_start:.1f} on {os.cpu_count()} cores."
-        ),
-        raw={"cases": cases, "submit_to_running_seconds": observed, "submit_to_running_recorded_seconds": recorded,
-             "broker": broker, "requests_per_case": args.requests, "load_average_at_start": load_at_start,
-             "inference_threads": args.inference_threads, "batching": BATCHING},
+    }
+
+
+def notes(inference_threads: int, load_at_start: float) -> str:
+    return (
+        "Loopback, `al serve` (uvicorn, one event loop, inference on one thread of its own) and the clients "
+        "(coroutines in one thread, keep-alive HTTP/1.1, each sending its next request when the last is answered) "
+        "on the same machine, so at 8 and 32 clients they share its cores. Batching off: AL_BATCH_MAX_SIZE=1, "
+        "every request its own forward; on: the defaults (docs/service.md), concurrent requests share one "
+        "forward. Two servers on one data directory, each case measured on both back to back; x off: "
+        "requests/s over the same case with batching off. Model: the digits MLP of the default preset, "
+        "trained by the service itself. Bare forward: `LoadedModel.predict` in-process on the same rows "
+        "(normalise, forward, softmax, to lists), the work the server does per request, back to back; both "
+        f"with {inference_threads} torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: "
+        "client-observed time from POST /v1/jobs until GET shows `running` (10 ms polling), and the server's "
+        "started_at - created_at, after one unmeasured job that waits out the worker's start-up, each "
+        f"{IDLE_WAIT:.0f} s after the previous job ended. "
+        "Targets: p50 overhead <= 2 ms for one row at 1 client, submit-to-running <= 1 s (issue 4); with "
+        "batching, one-row requests at 32 clients >= 3x the unbatched throughput at p99 <= 25 ms (issue 14). "
+        f"Load average (1 min) when the run started: {load_at_start:.1f} on {os.cpu_count()} cores."
     )
-
-
-def add_parser(kinds, common) -> None:
-    p = kinds.add_parser("serve", parents=[common],
-                         help="HTTP predict latency, batching off and on, next to the bare forward; "
-                              "submit-to-running time")
-    p.add_argument("--requests", type=int, default=1000, help="timed requests per case (default 1000)")
-    p.add_argument("--jobs", type=int, default=5, help="jobs submitted one at a time (default 5)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs of each bench job (default 1)")
-    p.add_argument("--redis-url", default=None, help="use this Redis as the broker (default: the embedded one)")
-    p.add_argument("--inference-threads", type=int, default=1, help="torch threads of the server and the bare forward")
-    p.set_defaults(func=bench_serve)

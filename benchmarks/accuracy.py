@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 
-from al.bench.report import Destination, destination, mean_sd, publish
+from benchmarks.report import Destination, destination, mean_sd, publish
 
 
 def bench_accuracy(args) -> None:
@@ -58,16 +58,3 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
         "Mean +- sample standard deviation over seeds 0..runs-1; test accuracy of the last epoch.",
         raw={"runs": runs, **record},
     )
-
-
-def add_parser(kinds, common) -> None:
-    a = kinds.add_parser("accuracy", parents=[common],
-                         help="AL and BP side by side: last-epoch test accuracy and time")
-    a.add_argument("--dataset", default="fashion-mnist")
-    a.add_argument("--arch", default="mlp")
-    a.add_argument("--epochs", type=int, default=20)
-    a.add_argument("--seeds", type=int, default=3)
-    a.add_argument("--batch-size", type=int, default=None)
-    a.add_argument("--presets", nargs="+", default=["default"])
-    a.add_argument("--device", default="auto")
-    a.set_defaults(func=bench_accuracy)

@@ -1,9 +1,9 @@
 """`al bench hosts`: pipelined AL with one stage per host, what crosses between the hosts, and
 the schedule model's figures for more hosts, from what was measured.
 
-The hosts are network namespaces on one machine (al/bench/hosts.py), so they share its cores and
+The hosts are network namespaces on one machine (benchmarks/hosts.py), so they share its cores and
 memory: the link is real TCP through veth pairs and a bridge, the cores are not each host's own.
-Each host runs one rank, `python -m al.bench.pipeline_hosts RUN_JSON` with torchrun's variables
+Each host runs one rank, `python -m benchmarks.pipeline_hosts RUN_JSON` with torchrun's variables
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank k trains stage k, as under torchrun.
 
 Rank 0 measures, besides what `one_run` measures:
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from al.bench.hosts import Hosts, unavailable
-from al.bench.pipeline import add_case_arguments, median_run, one_run, predicted_seconds, vars_of
-from al.bench.report import destination, publish
-from al.bench.runs import case_model, fresh_process, run_result, subset_file
 from al.trainer import Callback
+from benchmarks.hosts import Hosts, unavailable
+from benchmarks.pipeline import median_run, one_run, predicted_seconds, vars_of
+from benchmarks.report import destination, publish
+from benchmarks.runs import case_model, fresh_process, run_result, subset_file
 
 PORT = 29500  # any port: each run's hosts have a network of their own
 LINK_MESSAGES = 200  # under a second of streaming, long enough that one descheduled moment weighs little
@@ -104,7 +104,7 @@ def run_on_hosts(spec: dict, count: int) -> dict:
         # other hosts cannot reach; the interface's name makes it bind to the host's bridge address.
         environment = {**os.environ, "MASTER_ADDR": hosts[0].address, "MASTER_PORT": str(PORT),
                        "WORLD_SIZE": str(count), "GLOO_SOCKET_IFNAME": "eth0"}
-        ranks = [subprocess.Popen(host.command(fresh_process("al.bench.pipeline_hosts", spec)),
+        ranks = [subprocess.Popen(host.command(fresh_process("benchmarks.pipeline_hosts", spec)),
                                   env={**environment, "RANK": str(k)}, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
                  for k, host in enumerate(hosts)]
@@ -218,15 +218,6 @@ MODEL_NOTES = (
     "many bytes as the measured one (true for the mlp, whose components are all as wide) and each host's "
     "own cores; once W/L falls below h the link is the slowest part and more hosts add nothing."
 )
-
-
-def add_parser(kinds, common) -> None:
-    p = kinds.add_parser("hosts", parents=[common],
-                         help="pipelined AL with one CPU stage per host, the hosts network namespaces on this "
-                         "machine (needs root)")
-    add_case_arguments(p)
-    p.add_argument("--hosts", type=int, default=2, help="hosts, one stage each (default 2)")
-    p.set_defaults(func=bench_hosts)
 
 
 if __name__ == "__main__":

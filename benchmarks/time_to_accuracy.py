@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from al.bench.macs import component_macs, training_macs
-from al.bench.report import destination, mean_sd, publish
-from al.bench.runs import build_trainer, case_model, run_in_fresh_process, subset_file
 from al.trainer import Callback
+from benchmarks.macs import component_macs, training_macs
+from benchmarks.report import destination, mean_sd, publish
+from benchmarks.runs import build_trainer, case_model, run_in_fresh_process, subset_file
 
 TARGET_MARGIN = 0.005  # half a point below BP's reference accuracy
 
@@ -78,7 +78,7 @@ def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[
                     "stop_after_epochs": args.reference_epochs if target is None else None,
                     "training": {"batch_size": args.batch_size, "device": "cpu", "seed": seed,
                                  "epochs": args.max_epochs, **training}}
-            result = run_in_fresh_process("al.bench.time_to_accuracy", spec)
+            result = run_in_fresh_process("benchmarks.time_to_accuracy", spec)
             if target is None:
                 target = result["curve"][args.reference_epochs - 1]["val_accuracy"] - TARGET_MARGIN
             result.update(target=target, reached=seconds_to(result["curve"], target))
@@ -191,23 +191,6 @@ def publish_results(args, where, rows, raw) -> None:
         raw={"runs": raw, "settings": {k: v for k, v in vars(args).items() if k != "func"},
              "load_average": open("/proc/loadavg").read().split()[:3]},
     )
-
-
-def add_parser(kinds, common) -> None:
-    p = kinds.add_parser("time-to-accuracy", parents=[common],
-                         help="seconds until validation accuracy reaches BP's after N epochs - 0.5 points")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--samples", type=int, default=12000, help="training samples (of which 10 %% validate)")
-    p.add_argument("--cases", nargs="+", default=["mlp:2", "mlp:4", "cnn:2", "cnn:4"], help="ARCH:COMPONENTS")
-    p.add_argument("--mlp-width", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--reference-epochs", type=int, default=3, help="N: BP's accuracy after N epochs sets the target")
-    p.add_argument("--max-epochs", type=int, default=10, help="the schedule's length, and the most any run trains")
-    p.add_argument("--al-presets", nargs="+", default=["default"], help="AL runs with each of these presets")
-    p.add_argument("--bp-presets", nargs="+", default=["default"],
-                   help="BP runs with each (the first sets the target); the fastest is 'best BP'")
-    p.set_defaults(func=bench_time_to_accuracy)
 
 
 if __name__ == "__main__":

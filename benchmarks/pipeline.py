@@ -1,6 +1,6 @@
 """`al bench pipeline`: what pipelined AL buys over sequential AL and BP, measured, and a model of it.
 
-Every run is a fresh Python process (`python -m al.bench.pipeline RUN_JSON`), so that its peak
+Every run is a fresh Python process (`python -m benchmarks.pipeline RUN_JSON`), so that its peak
 memory is its own and no thread setting leaks between runs. A run trains two epochs and reports
 the second: the first pays for spawning stages, profiling and first-call allocations.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from al.bench.report import destination, publish
-from al.bench.runs import build_trainer, case_model, run_in_fresh_process, subset_file
+from benchmarks.report import destination, publish
+from benchmarks.runs import build_trainer, case_model, run_in_fresh_process, subset_file
 
 MODEL_STAGES = (1, 2, 4, 8, 16)
 
@@ -99,7 +99,7 @@ def bench_model(args, data: str, arch: str, depth: int, raw: list[dict]) -> list
     def measure(label, threads, **training):
         spec = {"data": data, "model": model, "threads": threads,
                 "training": {"batch_size": args.batch_size, "device": device, "schedule": "none", **training}}
-        result = run_in_fresh_process("al.bench.pipeline", spec)
+        result = run_in_fresh_process("benchmarks.pipeline", spec)
         raw.append({"arch": arch, "components": depth, "run": label, "spec": spec, **result})
         print(f"{arch} L={depth} {label}: {result['samples_per_second']:.0f} samples/s", file=sys.stderr)
         return result
@@ -235,27 +235,6 @@ MODEL_NOTES = (
     "contention). Without h the speed-up is the ceiling L M / (M + L - 1). Measured: the threads runs, on "
     "this machine's cores, so 4 stages on 2 cores are bounded by 2x whatever the model says for 4 devices."
 )
-
-
-def add_parser(kinds, common) -> None:
-    p = kinds.add_parser("pipeline", parents=[common],
-                         help="pipelined AL (threads, processes) against sequential AL and BP")
-    add_case_arguments(p)
-    p.add_argument("--devices", type=lambda text: text.split(","), default=None,
-                   help="stage devices, e.g. cuda:0,cuda:1 (default: one CPU stage per core); runs without a "
-                   "pipeline use the first")
-    p.set_defaults(func=bench_pipeline)
-
-
-def add_case_arguments(p) -> None:
-    """The data, models and repeats of a pipeline benchmark (`al bench pipeline`, `al bench hosts`)."""
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--samples", type=int, default=8192, help="training samples (an epoch)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--archs", nargs="+", default=["mlp", "cnn"])
-    p.add_argument("--depths", nargs="+", type=int, default=[2, 4])
-    p.add_argument("--mlp-width", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3, help="runs of each configuration; the median is reported")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from al import __version__
-from app.api.deps import Service, require
+from app.api.deps import Core, require
 from app.api.routes import artifacts, datasets, jobs, models, studies, v2
 from app.api.routes.artifacts import ARTIFACTS_PREFIX
 from app.inference import ModelCache
@@ -173,7 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.datasets_dir.mkdir(exist_ok=True)
     store = get_store(settings.store_url)
     model_cache = ModelCache(settings, store)
-    service = Service(settings, store, make_celery(settings), model_cache, Studies(settings))
+    core = Core(settings, store, make_celery(settings), model_cache, Studies(settings))
     metrics = Metrics(store)
 
     app = FastAPI(
@@ -184,7 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # AL_DOCS; closed in production unless asked for: the schema tells a stranger every route there is.
         **({} if settings.docs_enabled else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
     )
-    app.state.service = service
+    app.state.core = core
     # Each route decides who may call it (app/api/deps.py: require, public), next to its own code.
     app.include_router(artifacts.router)
     app.include_router(datasets.router)

@@ -40,7 +40,7 @@ def make_app(tmp_path, monkeypatch, model_dir):
 
     yield make
     for client in clients:
-        drop_queue({"AL_QUEUE": client.app.state.service.settings.queue})
+        drop_queue({"AL_QUEUE": client.app.state.core.settings.queue})
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_concurrent_requests_for_an_unloaded_model_load_it_once(make_app, monkey
 
 def test_a_new_version_answers_soon_after_it_is_registered(client, model_dir):
     assert client.post(NATIVE, json={"inputs": digits_rows(1)}).json()["version"] == 1
-    register_model(client.app.state.service.settings, model_dir)
+    register_model(client.app.state.core.settings, model_dir)
     # Until the name's latest version is re-read (every LATEST_TTL seconds, in the background), v1 answers.
     wait_for(lambda: client.post(NATIVE, json={"inputs": digits_rows(1)}).json()["version"] == 2,
              inference.LATEST_TTL + 2, "version 2 to answer")

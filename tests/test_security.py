@@ -153,7 +153,7 @@ def test_keys_are_compared_in_constant_time_against_every_key(monkeypatch):
 
 def test_a_tenant_sees_and_touches_only_its_own(tmp_path, monkeypatch, trained_model_dir):
     client = make_client(tmp_path, monkeypatch, AL_API_KEYS="key-a:admin:a, key-b:admin:b")
-    settings = client.app.state.service.settings
+    settings = client.app.state.core.settings
     a, b = bearer("key-a"), bearer("key-b")
     dataset = client.post("/v1/datasets", files={"file": ("mine.npz", digits_npz())}, headers=a).json()["id"]
     job = client.post("/v1/jobs", json={"dataset": dataset, "name": "secret-a"}, headers=a).json()["id"]
@@ -254,8 +254,8 @@ def test_an_upload_past_the_disk_quota_gets_507_and_leaves_nothing(tmp_path, mon
 
 def test_deletes_refuse_while_in_use_and_free_the_disk(tmp_path, monkeypatch, trained_model_dir):
     client = make_client(tmp_path, monkeypatch)  # no keys: the default tenant's admin
-    service = client.app.state.service
-    data_dir, store = service.settings.data_dir, service.store
+    core = client.app.state.core
+    data_dir, store = core.settings.data_dir, core.store
 
     # A dataset that a job has not finished with stays, file and all.
     dataset = client.post("/v1/datasets", files={"file": ("d.npz", digits_npz())}).json()["id"]
@@ -283,7 +283,7 @@ def test_deletes_refuse_while_in_use_and_free_the_disk(tmp_path, monkeypatch, tr
     assert client.get(f"/v1/jobs/{job}/metrics").status_code == 404
 
     # A model version: the job that made it waits for it; once deleted it answers nothing, at once.
-    made_by = register_model(service.settings, trained_model_dir)
+    made_by = register_model(core.settings, trained_model_dir)
     model_dir = data_dir / store.get_model(DEFAULT_TENANT, "digits", 1).path
     assert client.post("/v1/models/digits/predict", json={"inputs": digits_rows(1)}).status_code == 200  # cached
     waits = client.delete(f"/v1/jobs/{made_by}")

@@ -38,7 +38,7 @@ def make_client(tmp_path, monkeypatch, trained_model_dir, **extra) -> TestClient
 def client(tmp_path, monkeypatch, trained_model_dir):
     with make_client(tmp_path, monkeypatch, trained_model_dir) as c:
         yield c
-    drop_queue({"AL_QUEUE": c.app.state.service.settings.queue})
+    drop_queue({"AL_QUEUE": c.app.state.core.settings.queue})
 
 
 def detail(response) -> str:
@@ -198,7 +198,7 @@ def test_malformed_upload_is_422_and_leaves_nothing(client, filename, content, n
     response = client.post("/v1/datasets", files={"file": (filename, content)})
     assert response.status_code == 422, response.text
     assert names.lower() in detail(response).lower()
-    settings = client.app.state.service.settings
+    settings = client.app.state.core.settings
     assert not [p for p in settings.datasets_dir.rglob("*") if p.is_file()]
     assert client.get("/v1/datasets").json()["total"] == 0
 

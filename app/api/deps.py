@@ -21,7 +21,8 @@ from service.studies import Studies
 
 
 @dataclass
-class Service:
+class Core:
+    """The parts every route reaches: settings, the job store, the queue, loaded models, the study driver."""
     settings: Settings
     store: Store
     celery: Celery
@@ -29,11 +30,11 @@ class Service:
     studies: Studies
 
 
-async def get_service(request: Request) -> Service:  # async: no thread-pool hop for a lookup
-    return request.app.state.service
+async def get_core(request: Request) -> Core:  # async: no thread-pool hop for a lookup
+    return request.app.state.core
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+CoreDep = Annotated[Core, Depends(get_core)]
 # Bounded so that no number a client sends overflows the database's 64-bit integers (a 500).
 VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="the model version")]
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
@@ -91,14 +92,14 @@ def require(scope: str):
     """The dependency that decides who may call a route: a key whose scope reaches `scope`. Every route
     has one such decision (or `public`); tests/test_security.py finds a route without one."""
 
-    async def caller(request: Request, service: ServiceDep,
+    async def caller(request: Request, core: CoreDep,
                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
         given = credentials.credentials if credentials else request.cookies.get(KEY_COOKIE, "")
-        who = caller_for(service.settings, given)
+        who = caller_for(core.settings, given)
         if who is None:
             raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if service.settings.keys and not reaches(who, scope):  # without keys, everyone may do everything
+        if core.settings.keys and not reaches(who, scope):  # without keys, everyone may do everything
             raise HTTPException(403, scope_refused(who, scope))
         return who
 

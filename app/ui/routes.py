@@ -20,7 +20,7 @@ from al import __version__
 from al.checkpoint import read_model_info
 from al.config import ARCHS, METHODS, PRESETS
 from al.data import BUILTIN_DATASETS
-from app.api.deps import KEY_COOKIE, Caller, Service, ServiceDep, caller_for, public, reaches, scope_refused
+from app.api.deps import KEY_COOKIE, Caller, Core, CoreDep, caller_for, public, reaches, scope_refused
 from app.api.routes.datasets import dataset_public
 from app.api.routes.jobs import job_public
 from app.api.routes.models import version_public
@@ -58,17 +58,17 @@ def page_scope(scope: str):
     a bearer header or `?key=` (which is kept as the cookie and dropped from the address); without a known
     key the page is the key form, with one whose scope falls short it says what is missing."""
 
-    async def caller(request: Request, service: ServiceDep) -> Caller:
+    async def caller(request: Request, core: CoreDep) -> Caller:
         params = dict(request.query_params)
         if "key" in params:
             given = params.pop("key")
             target = request.url.path + (f"?{urlencode(params)}" if params else "")
-            if caller_for(service.settings, given) is None:
+            if caller_for(core.settings, given) is None:
                 raise Gate(key_form(request, target, "unknown key"))
             raise Gate(with_key_cookie(RedirectResponse(target, 303), request, given))
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(KEY_COOKIE, "")
-        who = caller_for(service.settings, given)
+        who = caller_for(core.settings, given)
         if who is None:
             raise Gate(key_form(request, str(request.url.path)))
         if not reaches(who, scope):
@@ -85,11 +85,11 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 @router.post("/key", dependencies=[Depends(public)])
-def submit_key(request: Request, service: ServiceDep, key: Annotated[str, Form(max_length=1024)],
+def submit_key(request: Request, core: CoreDep, key: Annotated[str, Form(max_length=1024)],
                target: Annotated[str, Form(max_length=2048)] = "/ui/jobs") -> Response:
     if not target.startswith("/ui/") or target.startswith("//"):  # only back into the dashboard
         target = "/ui/jobs"
-    if caller_for(service.settings, key) is None:
+    if caller_for(core.settings, key) is None:
         return key_form(request, target, "unknown key")
     return with_key_cookie(RedirectResponse(target, 303), request, key)
 
@@ -98,8 +98,8 @@ def page(request: Request, template: str, status_code: int = 200, **context) -> 
     return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
-def dataset_choices(service: Service, caller: Caller) -> list[dict]:
-    uploads, _ = service.store.list_datasets(caller.tenant, PAGE, 0)
+def dataset_choices(core: Core, caller: Caller) -> list[dict]:
+    uploads, _ = core.store.list_datasets(caller.tenant, PAGE, 0)
     return [{"id": name, "label": f"{name} (built-in)"} for name in BUILTIN_DATASETS] + [
         {"id": row.id, "label": f"{row.name} ({row.id})"} for row in uploads]
 
@@ -110,32 +110,32 @@ async def home() -> RedirectResponse:
 
 
 @router.get("/jobs")
-def jobs_page(request: Request, caller: TrainPage, service: ServiceDep) -> HTMLResponse:
-    rows, total = service.store.list_jobs(caller.tenant, None, PAGE, 0)
-    return page(request, "jobs.html", active="jobs", total=total, datasets=dataset_choices(service, caller),
+def jobs_page(request: Request, caller: TrainPage, core: CoreDep) -> HTMLResponse:
+    rows, total = core.store.list_jobs(caller.tenant, None, PAGE, 0)
+    return page(request, "jobs.html", active="jobs", total=total, datasets=dataset_choices(core, caller),
                 archs=ARCHS, methods=METHODS, presets=list(PRESETS), modes=PIPELINE_MODES,
                 default_preset=JobCreate.model_fields["preset"].default,
                 data={"jobs": [job_public(r).model_dump() for r in rows]})
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, caller: TrainPage, service: ServiceDep, job_id: str) -> HTMLResponse:
-    row = service.store.get_job(job_id, caller.tenant)
+def job_page(request: Request, caller: TrainPage, core: CoreDep, job_id: str) -> HTMLResponse:
+    row = core.store.get_job(job_id, caller.tenant)
     if row is None:
         return page(request, "missing.html", 404, active="jobs", message=f"There is no job {job_id!r}.")
     job = job_public(row)
-    others = [j for j in service.store.list_jobs(caller.tenant, None, PAGE, 0)[0] if j.id != job_id]
+    others = [j for j in core.store.list_jobs(caller.tenant, None, PAGE, 0)[0] if j.id != job_id]
     return page(request, "job.html", active="jobs", job=job, spec=json.dumps(job.spec, indent=2),
                 others=others, data={"job": job.model_dump()})
 
 
-def canvas_spec(service: Service, config: dict, row: ModelRow) -> dict | None:
+def canvas_spec(core: Core, config: dict, row: ModelRow) -> dict | None:
     """A drawing canvas for image models: [1, H, W], or a square row of a digits/MNIST-like dataset.
     `max` is the raw value of a full pixel: 16 for digits, else 1 or 255 as the data's mean suggests."""
     shape = tuple(config["input_shape"])
-    job = service.store.get_job(row.job_id, row.tenant)
+    job = core.store.get_job(row.job_id, row.tenant)
     source = job.spec["dataset"] if job else config.get("dataset", "")
-    upload = service.store.get_dataset(row.tenant, source)
+    upload = core.store.get_dataset(row.tenant, source)
     name = (upload.name if upload else source).lower()
     if len(shape) == 3 and shape[0] == 1:
         height, width = shape[1:]
@@ -148,54 +148,54 @@ def canvas_spec(service: Service, config: dict, row: ModelRow) -> dict | None:
     return {"height": height, "width": width, "max": 16 if "digits" in name else (1 if mean < 1 else 255)}
 
 
-def version_view(service: Service, row: ModelRow) -> dict:
-    public = version_public(service, row).model_dump()
+def version_view(core: Core, row: ModelRow) -> dict:
+    public = version_public(core, row).model_dump()
     if not public["available"]:
         return public
-    config = read_model_info(service.settings.data_dir / row.path).config
+    config = read_model_info(core.settings.data_dir / row.path).config
     result, arch = config.get("result") or {}, config.get("model", {})
     return {**public, "accuracy_by_depth": result.get("test_accuracy_by_depth"), "preset": config.get("preset"),
-            "arch": arch.get("arch"), "widths": arch.get("widths"), "canvas": canvas_spec(service, config, row)}
+            "arch": arch.get("arch"), "widths": arch.get("widths"), "canvas": canvas_spec(core, config, row)}
 
 
 @router.get("/models")
-def models_page(request: Request, caller: PredictPage, service: ServiceDep) -> HTMLResponse:
-    versions = [version_view(service, row) for row in service.store.list_models(caller.tenant)]
+def models_page(request: Request, caller: PredictPage, core: CoreDep) -> HTMLResponse:
+    versions = [version_view(core, row) for row in core.store.list_models(caller.tenant)]
     return page(request, "models.html", active="models", versions=versions)
 
 
 @router.get("/models/{name}")
-def model_page(request: Request, caller: PredictPage, service: ServiceDep, name: str) -> HTMLResponse:
-    rows = service.store.list_models(caller.tenant, name)
+def model_page(request: Request, caller: PredictPage, core: CoreDep, name: str) -> HTMLResponse:
+    rows = core.store.list_models(caller.tenant, name)
     if not rows:
         return page(request, "missing.html", 404, active="models", message=f"There is no model {name!r}.")
-    versions = [version_view(service, row) for row in rows]
+    versions = [version_view(core, row) for row in rows]
     return page(request, "model.html", active="models", name=name, versions=versions,
                 data={"name": name, "versions": versions})
 
 
 @router.get("/studies")
-def studies_page(request: Request, caller: TrainPage, service: ServiceDep) -> HTMLResponse:
-    rows, total = service.store.list_studies(caller.tenant, PAGE, 0)
+def studies_page(request: Request, caller: TrainPage, core: CoreDep) -> HTMLResponse:
+    rows, total = core.store.list_studies(caller.tenant, PAGE, 0)
     return page(request, "studies.html", active="studies", total=total,
-                studies=[study_public(service, r, with_importances=False) for r in rows])
+                studies=[study_public(core, r, with_importances=False) for r in rows])
 
 
 @router.get("/studies/{study_id}")
-def study_page(request: Request, caller: TrainPage, service: ServiceDep, study_id: str) -> HTMLResponse:
-    row = service.store.get_study(study_id, caller.tenant)
+def study_page(request: Request, caller: TrainPage, core: CoreDep, study_id: str) -> HTMLResponse:
+    row = core.store.get_study(study_id, caller.tenant)
     if row is None:
         return page(request, "missing.html", 404, active="studies", message=f"There is no study {study_id!r}.")
-    study = study_public(service, row)
+    study = study_public(core, row)
     return page(request, "study.html", active="studies", study=study, spec=json.dumps(study.spec, indent=2),
                 data={"study": study.model_dump()})
 
 
 @router.get("/datasets")
-def datasets_page(request: Request, caller: TrainPage, service: ServiceDep) -> HTMLResponse:
-    uploads, total = service.store.list_datasets(caller.tenant, PAGE, 0)
+def datasets_page(request: Request, caller: TrainPage, core: CoreDep) -> HTMLResponse:
+    uploads, total = core.store.list_datasets(caller.tenant, PAGE, 0)
     return page(request, "datasets.html", active="datasets", builtin=BUILTIN_DATASETS, total=total,
-                uploads=[dataset_public(r) for r in uploads], max_bytes=service.settings.max_upload_bytes)
+                uploads=[dataset_public(r) for r in uploads], max_bytes=core.settings.max_upload_bytes)
 
 
 def mount_ui(app: FastAPI) -> None:

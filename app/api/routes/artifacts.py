@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from app.api.deps import Service, ServiceDep, require
+from app.api.deps import Core, CoreDep, require
 from service.artifacts import checked_key
 
 ARTIFACTS_PREFIX = "/v1/artifacts/"
@@ -19,17 +19,17 @@ router = APIRouter(prefix=ARTIFACTS_PREFIX.rstrip("/"), tags=["artifacts"], depe
 KeyPath = Annotated[str, "datasets/..., jobs/<job>/<file> or models/<tenant>/<name>/<version>/<file>"]
 
 
-def artifact_path(service: Service, key: str) -> Path:
+def artifact_path(core: Core, key: str) -> Path:
     try:
-        return service.settings.data_dir / checked_key(key)
+        return core.settings.data_dir / checked_key(key)
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
 
 
 @router.get("/{key:path}", summary="Fetch an artifact", response_class=FileResponse,
             responses={404: {"description": "no such artifact"}})
-def fetch_artifact(key: KeyPath, service: ServiceDep) -> FileResponse:
-    path = artifact_path(service, key)
+def fetch_artifact(key: KeyPath, core: CoreDep) -> FileResponse:
+    path = artifact_path(core, key)
     if not path.is_file():
         raise HTTPException(404, f"no artifact {key}")
     return FileResponse(path, media_type="application/octet-stream")
@@ -37,10 +37,10 @@ def fetch_artifact(key: KeyPath, service: ServiceDep) -> FileResponse:
 
 @router.put("/{key:path}", status_code=204, summary="Store an artifact (replaced atomically)",
             responses={409: {"description": "a registered model version never changes"}})
-async def store_artifact(key: KeyPath, request: Request, service: ServiceDep) -> None:
-    path = artifact_path(service, key)
+async def store_artifact(key: KeyPath, request: Request, core: CoreDep) -> None:
+    path = artifact_path(core, key)
     parts = key.split("/")
-    if parts[0] == "models" and len(parts) == 5 and parts[3].isdigit() and service.store.get_model(
+    if parts[0] == "models" and len(parts) == 5 and parts[3].isdigit() and core.store.get_model(
             parts[1], parts[2], int(parts[3])) is not None:
         raise HTTPException(409, f"model {parts[2]!r} version {parts[3]} is registered, and registered versions "
                                  "never change")

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 
 from al.data import BUILTIN_DATASETS, DataError, Summary, summarize
-from app.api.deps import AdminCaller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
+from app.api.deps import AdminCaller, Core, CoreDep, OffsetQuery, TrainCaller, iso, remove_files
 from app.schemas import DatasetList, DatasetPublic
 from service.store import Conflict, DatasetRow, QuotaExceeded, new_id
 
@@ -28,15 +28,15 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
     )
 
 
-def summarize_dataset(service: Service, source: str) -> Summary:
+def summarize_dataset(core: Core, source: str) -> Summary:
     """The checks of al.data, in bounded memory and under the service's limits."""
-    settings = service.settings
+    settings = core.settings
     return summarize(source, settings.max_dataset_bytes, settings.max_classes)
 
 
-def builtin_public(service: Service, name: str) -> DatasetPublic:
+def builtin_public(core: Core, name: str) -> DatasetPublic:
     try:
-        summary = summarize_dataset(service, name)  # from file headers: the samples are not loaded
+        summary = summarize_dataset(core, name)  # from file headers: the samples are not loaded
     except DataError as e:  # e.g. mnist's files are not installed on this host
         raise HTTPException(404, str(e)) from None
     return DatasetPublic(
@@ -51,9 +51,9 @@ def past_disk_quota(tenant: str, size: int, used: int, quota: int) -> HTTPExcept
                               "delete datasets it no longer needs (DELETE /v1/datasets/{id})")
 
 
-def check_disk_quota(service: Service, tenant: str, size: int) -> None:
+def check_disk_quota(core: Core, tenant: str, size: int) -> None:
     """Before the upload is read: a file that cannot fit is refused unread (add_dataset checks again, atomically)."""
-    quota, used = service.settings.disk_quota_bytes, service.store.dataset_bytes(tenant)
+    quota, used = core.settings.disk_quota_bytes, core.store.dataset_bytes(tenant)
     if used + size > quota:
         raise past_disk_quota(tenant, size, used, quota)
 
@@ -64,7 +64,7 @@ def check_disk_quota(service: Service, tenant: str, size: int) -> None:
                         507: {"description": "the tenant's datasets would exceed AL_DISK_QUOTA_BYTES"}})
 def upload_dataset(
     caller: TrainCaller,
-    service: ServiceDep,
+    core: CoreDep,
     file: Annotated[UploadFile, File(description=".npz with arrays x (samples) and y (labels), "
                                      "or .csv with a `label` column")],
 ) -> DatasetPublic:
@@ -72,8 +72,8 @@ def upload_dataset(
     suffix = PurePath(original).suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise HTTPException(422, f"file {original!r}: upload a .npz (arrays x, y) or a .csv (label column)")
-    check_disk_quota(service, caller.tenant, file.size)
-    settings = service.settings
+    check_disk_quota(core, caller.tenant, file.size)
+    settings = core.settings
     dataset_id = new_id("ds_")
     incoming = settings.datasets_dir / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def upload_dataset(
                 digest.update(chunk)
                 out.write(chunk)
         try:
-            summary = summarize_dataset(service, str(staged))  # also checks it has a train and a test split
+            summary = summarize_dataset(core, str(staged))  # also checks it has a train and a test split
         except DataError as e:
             raise HTTPException(422, str(e).replace(staged.name, original)) from None
         size = staged.stat().st_size
@@ -98,7 +98,7 @@ def upload_dataset(
             created_at=time.time(),
         )
         try:
-            service.store.add_dataset(row, settings.disk_quota_bytes)
+            core.store.add_dataset(row, settings.disk_quota_bytes)
         except QuotaExceeded as e:
             final.unlink(missing_ok=True)
             raise past_disk_quota(caller.tenant, size, e.used, e.limit) from None
@@ -113,20 +113,20 @@ def upload_dataset(
 @router.get("", response_model=DatasetList, summary="List uploaded datasets")
 def list_datasets(
     caller: TrainCaller,
-    service: ServiceDep,
+    core: CoreDep,
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
     offset: OffsetQuery = 0,
 ) -> DatasetList:
-    rows, total = service.store.list_datasets(caller.tenant, limit, offset)
+    rows, total = core.store.list_datasets(caller.tenant, limit, offset)
     return DatasetList(items=[dataset_public(r) for r in rows], total=total, limit=limit, offset=offset,
                        builtin=list(BUILTIN_DATASETS))
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, summary="One dataset (uploaded id or built-in name)")
-def get_dataset(dataset_id: str, caller: TrainCaller, service: ServiceDep) -> DatasetPublic:
+def get_dataset(dataset_id: str, caller: TrainCaller, core: CoreDep) -> DatasetPublic:
     if dataset_id in BUILTIN_DATASETS:
-        return builtin_public(service, dataset_id)
-    row = service.store.get_dataset(caller.tenant, dataset_id)
+        return builtin_public(core, dataset_id)
+    row = core.store.get_dataset(caller.tenant, dataset_id)
     if row is None:
         raise no_dataset(dataset_id)
     return dataset_public(row)
@@ -139,13 +139,13 @@ def no_dataset(dataset_id: str) -> HTTPException:
 @router.delete("/{dataset_id}", status_code=204, summary="Delete an uploaded dataset and its file",
                responses={400: {"description": "a built-in dataset cannot be deleted"},
                           409: {"description": "a job that has not finished uses it"}})
-def delete_dataset(dataset_id: str, caller: AdminCaller, service: ServiceDep) -> None:
+def delete_dataset(dataset_id: str, caller: AdminCaller, core: CoreDep) -> None:
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(400, f"{dataset_id!r} is a built-in dataset; only uploads can be deleted")
     try:
-        row = service.store.delete_dataset(caller.tenant, dataset_id)
+        row = core.store.delete_dataset(caller.tenant, dataset_id)
     except Conflict as e:
         raise HTTPException(409, str(e)) from None
     if row is None:
         raise no_dataset(dataset_id)
-    remove_files(service.settings, service.settings.data_dir / row.path)
+    remove_files(core.settings, core.settings.data_dir / row.path)

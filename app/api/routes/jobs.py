@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from al.data import BUILTIN_DATASETS, DataError, summarize
-from app.api.deps import AdminCaller, Caller, OffsetQuery, Service, ServiceDep, TrainCaller, iso, remove_files
+from app.api.deps import AdminCaller, Caller, Core, CoreDep, OffsetQuery, TrainCaller, iso, remove_files
 from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
 from service.jobspec import check_fits, resolve
 from service.queue import enqueue
@@ -40,22 +40,22 @@ def job_public(job: JobRow) -> JobPublic:
     )
 
 
-def get_job_or_404(service, caller: Caller, job_id: str) -> JobRow:
-    job = service.store.get_job(job_id, caller.tenant)
+def get_job_or_404(core, caller: Caller, job_id: str) -> JobRow:
+    job = core.store.get_job(job_id, caller.tenant)
     if job is None:
         raise HTTPException(404, f"no job {job_id!r}")
     return job
 
 
-def dataset_shape(service: Service, caller: Caller, dataset: str) -> tuple[tuple[int, ...], int]:
+def dataset_shape(core: Core, caller: Caller, dataset: str) -> tuple[tuple[int, ...], int]:
     """A job's dataset: its sample shape and class count; 422 if the caller's tenant has no such dataset."""
     if dataset in BUILTIN_DATASETS:
         try:
-            summary = summarize(dataset, service.settings.max_dataset_bytes, service.settings.max_classes)
+            summary = summarize(dataset, core.settings.max_dataset_bytes, core.settings.max_classes)
         except DataError as e:  # its files are not installed on this host
             raise HTTPException(422, str(e)) from None
         return summary.input_shape, len(summary.classes)
-    row = service.store.get_dataset(caller.tenant, dataset)
+    row = core.store.get_dataset(caller.tenant, dataset)
     if row is None:
         raise HTTPException(422, f"unknown dataset {dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
@@ -70,21 +70,21 @@ def create_job(
     spec: JobCreate,
     response: Response,
     caller: TrainCaller,
-    service: ServiceDep,
+    core: CoreDep,
     idempotency_key: Annotated[str | None, Header(max_length=255, description="a retried POST with the same key "
                                                   "returns the job the first one created")] = None,
 ) -> JobPublic:
-    input_shape, num_classes = dataset_shape(service, caller, spec.dataset)
+    input_shape, num_classes = dataset_shape(core, caller, spec.dataset)
     try:  # the fields were checked by the schema; now across fields, and the network's fit to the data
         config = resolve(spec).config
-        check_fits(config, input_shape, num_classes, service.settings.max_parameters)
+        check_fits(config, input_shape, num_classes, core.settings.max_parameters)
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None
     spec_dict = spec.model_dump(exclude_none=True)
     request_hash = hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()
     try:
-        job, created = service.store.create_job(caller.tenant, spec.name, spec_dict, config.to_dict(),
-                                                idempotency_key, request_hash, service.settings.max_queued_jobs)
+        job, created = core.store.create_job(caller.tenant, spec.name, spec_dict, config.to_dict(),
+                                                idempotency_key, request_hash, core.settings.max_queued_jobs)
     except QuotaExceeded as e:
         raise HTTPException(429, f"tenant {caller.tenant!r} has {e.used} queued jobs, the most AL_MAX_QUEUED_JOBS "
                                  f"allows ({e.limit}); retry once some have started, or cancel some",
@@ -93,7 +93,7 @@ def create_job(
         raise HTTPException(409, "this Idempotency-Key was already used for a different job spec")
     if created:
         try:
-            enqueue(service.celery, job.id)
+            enqueue(core.celery, job.id)
         except Exception:  # the job stays queued; a worker's reconciler sends it again later
             log.exception("could not send job %s to the broker", job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -103,35 +103,35 @@ def create_job(
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(
     caller: TrainCaller,
-    service: ServiceDep,
+    core: CoreDep,
     status: Annotated[JobStatus | None, Query(description="only jobs with this status")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
     offset: OffsetQuery = 0,
 ) -> JobList:
-    rows, total = service.store.list_jobs(caller.tenant, status, limit, offset)
+    rows, total = core.store.list_jobs(caller.tenant, status, limit, offset)
     return JobList(items=[job_public(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="A job's status, progress and latest metrics")
-def get_job(job_id: str, caller: TrainCaller, service: ServiceDep) -> JobPublic:
-    return job_public(get_job_or_404(service, caller, job_id))
+def get_job(job_id: str, caller: TrainCaller, core: CoreDep) -> JobPublic:
+    return job_public(get_job_or_404(core, caller, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, summary="Cancel a job",
              responses={409: {"description": "the job has already finished"}})
-def cancel_job(job_id: str, caller: TrainCaller, service: ServiceDep) -> JobPublic:
+def cancel_job(job_id: str, caller: TrainCaller, core: CoreDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes `cancelling`, stops after its current
     step, saves its checkpoint and then becomes `cancelled`."""
-    job = get_job_or_404(service, caller, job_id)
+    job = get_job_or_404(core, caller, job_id)
     if job.status in TERMINAL:
         raise HTTPException(409, f"job {job_id} has already {job.status}")
-    return job_public(service.store.request_cancel(job_id))
+    return job_public(core.store.request_cancel(job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=JobMetrics, summary="Metrics of every completed epoch")
-def job_metrics(job_id: str, caller: TrainCaller, service: ServiceDep) -> JobMetrics:
-    get_job_or_404(service, caller, job_id)
-    return JobMetrics(job_id=job_id, epochs=service.store.job_epochs(job_id))
+def job_metrics(job_id: str, caller: TrainCaller, core: CoreDep) -> JobMetrics:
+    get_job_or_404(core, caller, job_id)
+    return JobMetrics(job_id=job_id, epochs=core.store.job_epochs(job_id))
 
 
 @router.get("/{job_id}/events", summary="Progress as Server-Sent Events",
@@ -139,9 +139,9 @@ def job_metrics(job_id: str, caller: TrainCaller, service: ServiceDep) -> JobMet
             responses={200: {"content": {"text/event-stream": {}}, "description": "events `epoch` (one per "
                              "completed epoch, with its metrics), `progress` (the job, on every change) and a "
                              "last `end` (the finished job), after which the stream closes"}})
-async def job_events(job_id: str, caller: TrainCaller, service: ServiceDep) -> EventSourceResponse:
-    await run_in_threadpool(get_job_or_404, service, caller, job_id)
-    store, poll = service.store, service.settings.events_poll_interval
+async def job_events(job_id: str, caller: TrainCaller, core: CoreDep) -> EventSourceResponse:
+    await run_in_threadpool(get_job_or_404, core, caller, job_id)
+    store, poll = core.store, core.settings.events_poll_interval
 
     async def events():
         last_epoch, last_seen = 0, None
@@ -165,11 +165,11 @@ async def job_events(job_id: str, caller: TrainCaller, service: ServiceDep) -> E
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a finished job, its metrics and its files",
                responses={409: {"description": "the job has not finished, or its model version is still registered"}})
-def delete_job(job_id: str, caller: AdminCaller, service: ServiceDep) -> None:
+def delete_job(job_id: str, caller: AdminCaller, core: CoreDep) -> None:
     try:
-        job = service.store.delete_job(caller.tenant, job_id)
+        job = core.store.delete_job(caller.tenant, job_id)
     except Conflict as e:
         raise HTTPException(409, str(e)) from None
     if job is None:
         raise HTTPException(404, f"no job {job_id!r}")
-    remove_files(service.settings, service.settings.jobs_dir / job_id)
+    remove_files(core.settings, core.settings.jobs_dir / job_id)

@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException
 
 from al.checkpoint import LoadedModel, ModelError, read_model_info
-from app.api.deps import AdminCaller, Caller, PredictCaller, Service, ServiceDep, VersionPath, iso, remove_files
+from app.api.deps import AdminCaller, Caller, Core, CoreDep, PredictCaller, VersionPath, iso, remove_files
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
 from service.store import ModelRow
 
@@ -20,24 +20,24 @@ def no_model(name: str, version: int | None = None) -> HTTPException:
     return HTTPException(404, f"no {which}; GET /v1/models lists the registered ones")
 
 
-def find_model(service: Service, caller: Caller, name: str,
+def find_model(core: Core, caller: Caller, name: str,
                version: int | None = None) -> tuple[ModelRow, LoadedModel]:
     """The caller's registered model (latest version unless one is named), loaded; 404 if there is none."""
-    row = service.models.registered(caller.tenant, name, version)
+    row = core.models.registered(caller.tenant, name, version)
     if row is None:
         raise no_model(name, version)
     try:
-        return row, service.models.get(row)
+        return row, core.models.get(row)
     except ModelError as e:  # its files were removed or damaged on disk
         raise HTTPException(503, f"model {name!r} version {row.version} cannot be loaded: {e}") from None
 
 
-def version_public(service: Service, row: ModelRow) -> ModelVersionPublic:
+def version_public(core: Core, row: ModelRow) -> ModelVersionPublic:
     """From the version's config.json and weights header: a listing loads no weights, and a damaged version is
     listed as unavailable (predict on it answers 503) instead of failing the listing."""
     fields = dict(name=row.name, version=row.version, job_id=row.job_id, created_at=iso(row.created_at))
     try:
-        info = read_model_info(service.settings.data_dir / row.path)
+        info = read_model_info(core.settings.data_dir / row.path)
     except ModelError as e:
         return ModelVersionPublic(**fields, available=False, error=str(e))
     return ModelVersionPublic(
@@ -47,54 +47,54 @@ def version_public(service: Service, row: ModelRow) -> ModelVersionPublic:
     )
 
 
-def model_public(service: Service, rows: list[ModelRow]) -> ModelPublic:
+def model_public(core: Core, rows: list[ModelRow]) -> ModelPublic:
     return ModelPublic(name=rows[0].name, latest=max(r.version for r in rows),
-                       versions=[version_public(service, r) for r in rows])
+                       versions=[version_public(core, r) for r in rows])
 
 
 @router.get("", response_model=list[ModelPublic], summary="Registered models and their versions")
-def list_models(caller: PredictCaller, service: ServiceDep) -> list[ModelPublic]:
+def list_models(caller: PredictCaller, core: CoreDep) -> list[ModelPublic]:
     by_name: dict[str, list[ModelRow]] = {}
-    for row in service.store.list_models(caller.tenant):
+    for row in core.store.list_models(caller.tenant):
         by_name.setdefault(row.name, []).append(row)
-    return [model_public(service, rows) for rows in by_name.values()]
+    return [model_public(core, rows) for rows in by_name.values()]
 
 
 @router.get("/{name}", response_model=ModelPublic, summary="One model's versions")
-def get_model(name: str, caller: PredictCaller, service: ServiceDep) -> ModelPublic:
-    rows = service.store.list_models(caller.tenant, name)
+def get_model(name: str, caller: PredictCaller, core: CoreDep) -> ModelPublic:
+    rows = core.store.list_models(caller.tenant, name)
     if not rows:
         raise no_model(name)
-    return model_public(service, rows)
+    return model_public(core, rows)
 
 
 @router.delete("/{name}/versions/{version}", status_code=204, summary="Delete a model version and its files",
                responses={404: {"description": "no such model or version"}})
-def delete_model_version(name: str, version: VersionPath, caller: AdminCaller, service: ServiceDep) -> None:
+def delete_model_version(name: str, version: VersionPath, caller: AdminCaller, core: CoreDep) -> None:
     """No job reads a registered model, so nothing holds a version back (no 409); it stops answering at once."""
-    row = service.store.delete_model(caller.tenant, name, version)
+    row = core.store.delete_model(caller.tenant, name, version)
     if row is None:
         raise no_model(name, version)
-    service.models.forget(row)
-    remove_files(service.settings, service.settings.data_dir / row.path)
+    core.models.forget(row)
+    remove_files(core.settings, core.settings.data_dir / row.path)
 
 
-async def model_for(service: Service, caller: Caller, name: str,
+async def model_for(core: Core, caller: Caller, name: str,
                     version: int | None) -> tuple[ModelRow, LoadedModel]:
     """find_model without blocking the event loop (ModelCache.find)."""
-    return await service.models.find(caller.tenant, name, version,
-                                     lambda: find_model(service, caller, name, version))
+    return await core.models.find(caller.tenant, name, version,
+                                     lambda: find_model(core, caller, name, version))
 
 
-async def run_predict(service: Service, caller: Caller, name: str, version: int | None,
+async def run_predict(core: Core, caller: Caller, name: str, version: int | None,
                       body: PredictRequest) -> PredictResponse:
-    row, model = await model_for(service, caller, name, version)
+    row, model = await model_for(core, caller, name, version)
     try:
         x = np.asarray(body.inputs, dtype=np.float32)
     except ValueError:  # ragged: numpy cannot make one array of the rows
         raise HTTPException(422, "inputs: every row must have the same shape") from None
     try:
-        predictions, probabilities, depths = await service.models.predict(
+        predictions, probabilities, depths = await core.models.predict(
             row, model, x, body.depth, body.exit_confidence)
     except ValueError as e:  # wrong feature count, depth out of range
         raise HTTPException(422, str(e)) from None
@@ -105,15 +105,15 @@ async def run_predict(service: Service, caller: Caller, name: str, version: int 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Predict with the latest version",
              responses={404: {"description": "no such model"}, 422: {"description": "inputs do not fit the model"}})
 async def predict_latest(name: str, body: PredictRequest, caller: PredictCaller,
-                         service: ServiceDep) -> PredictResponse:
+                         core: CoreDep) -> PredictResponse:
     """The AL inference path: encoders f_1..f_k, the bridge b_k, decoders h_k..h_1 (k = `depth`, default all);
     with `exit_confidence`, each row stops at the first k whose top probability reaches it."""
-    return await run_predict(service, caller, name, None, body)
+    return await run_predict(core, caller, name, None, body)
 
 
 @router.post("/{name}/versions/{version}/predict", response_model=PredictResponse, summary="Predict with a version",
              responses={404: {"description": "no such model or version"},
                         422: {"description": "inputs do not fit the model"}})
 async def predict_version(name: str, version: VersionPath, body: PredictRequest, caller: PredictCaller,
-                          service: ServiceDep) -> PredictResponse:
-    return await run_predict(service, caller, name, version, body)
+                          core: CoreDep) -> PredictResponse:
+    return await run_predict(core, caller, name, version, body)

@@ -11,7 +11,7 @@ from sse_starlette import EventSourceResponse
 
 from al.data import BUILTIN_DATASETS
 from al.study import SpaceError, parse_space
-from app.api.deps import OffsetQuery, ServiceDep, TrainCaller, iso
+from app.api.deps import CoreDep, OffsetQuery, TrainCaller, iso
 from app.schemas import StudyCreate, StudyList, StudyPublic
 from service.jobspec import resolve
 from service.store import STUDY_TERMINAL, StudyRow
@@ -19,14 +19,14 @@ from service.store import STUDY_TERMINAL, StudyRow
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 
-def study_public(service, row: StudyRow, with_importances: bool = True) -> StudyPublic:
+def study_public(core, row: StudyRow, with_importances: bool = True) -> StudyPublic:
     return StudyPublic(id=row.id, name=row.name, status=row.status, error=row.error, spec=row.spec,
                        created_at=iso(row.created_at), finished_at=iso(row.finished_at),
-                       **service.studies.view(row, with_importances))
+                       **core.studies.view(row, with_importances))
 
 
-def get_study_or_404(service, study_id: str, tenant: str) -> StudyRow:
-    row = service.store.get_study(study_id, tenant)
+def get_study_or_404(core, study_id: str, tenant: str) -> StudyRow:
+    row = core.store.get_study(study_id, tenant)
     if row is None:
         raise HTTPException(404, f"no study {study_id!r}")
     return row
@@ -34,10 +34,10 @@ def get_study_or_404(service, study_id: str, tenant: str) -> StudyRow:
 
 @router.post("", status_code=202, response_model=StudyPublic, summary="Start a hyperparameter study",
              responses={422: {"description": "the base, the space (the bad field is named) or the dataset is invalid"}})
-def create_study(body: StudyCreate, response: Response, caller: TrainCaller, service: ServiceDep) -> StudyPublic:
+def create_study(body: StudyCreate, response: Response, caller: TrainCaller, core: CoreDep) -> StudyPublic:
     """Each trial is a training job: the base with the trial's values at the space's paths. Workers run up to
     `parallel` trials at once; the best trial's model is registered under the study's name as it is found."""
-    if body.dataset not in BUILTIN_DATASETS and service.store.get_dataset(caller.tenant, body.dataset) is None:
+    if body.dataset not in BUILTIN_DATASETS and core.store.get_dataset(caller.tenant, body.dataset) is None:
         raise HTTPException(422, f"unknown dataset {body.dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
     spec = body.model_dump(exclude_none=True)
@@ -49,51 +49,51 @@ def create_study(body: StudyCreate, response: Response, caller: TrainCaller, ser
         parse_space(spec["space"], spec["base"], resolve)
     except SpaceError as e:
         raise HTTPException(422, str(e)) from None
-    row = service.studies.create(caller.tenant, body.name, spec)
+    row = core.studies.create(caller.tenant, body.name, spec)
     response.headers["Location"] = f"/v1/studies/{row.id}"
-    return study_public(service, row)
+    return study_public(core, row)
 
 
 @router.get("", response_model=StudyList, summary="List studies, newest first")
 def list_studies(
     caller: TrainCaller,
-    service: ServiceDep,
+    core: CoreDep,
     limit: Annotated[int, Query(ge=1, le=100, description="page size")] = 20,
     offset: OffsetQuery = 0,
 ) -> StudyList:
-    rows, total = service.store.list_studies(caller.tenant, limit, offset)
-    return StudyList(items=[study_public(service, r, with_importances=False) for r in rows], total=total,
+    rows, total = core.store.list_studies(caller.tenant, limit, offset)
+    return StudyList(items=[study_public(core, r, with_importances=False) for r in rows], total=total,
                      limit=limit, offset=offset)
 
 
 @router.get("/{study_id}", response_model=StudyPublic, summary="A study's trials, best trial and importances")
-def get_study(study_id: str, caller: TrainCaller, service: ServiceDep) -> StudyPublic:
-    return study_public(service, get_study_or_404(service, study_id, caller.tenant))
+def get_study(study_id: str, caller: TrainCaller, core: CoreDep) -> StudyPublic:
+    return study_public(core, get_study_or_404(core, study_id, caller.tenant))
 
 
 @router.post("/{study_id}/cancel", status_code=202, response_model=StudyPublic, summary="Cancel a study",
              responses={409: {"description": "the study has already finished"}})
-def cancel_study(study_id: str, caller: TrainCaller, service: ServiceDep) -> StudyPublic:
+def cancel_study(study_id: str, caller: TrainCaller, core: CoreDep) -> StudyPublic:
     """The study becomes `cancelling` and starts no more trials; its running trials' jobs are cancelled as
     jobs are (POST /v1/jobs/{id}/cancel), and once they have stopped the study is `cancelled`."""
-    row = get_study_or_404(service, study_id, caller.tenant)
+    row = get_study_or_404(core, study_id, caller.tenant)
     if row.status in STUDY_TERMINAL:
         raise HTTPException(409, f"study {study_id} has already {row.status}")
-    return study_public(service, service.store.request_study_cancel(study_id))
+    return study_public(core, core.store.request_study_cancel(study_id))
 
 
 @router.get("/{study_id}/events", summary="Trials as Server-Sent Events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "events `trial` (a trial "
                              "that ended, with its job's result) and a last `end` (the finished study)"}})
-async def study_events(study_id: str, caller: TrainCaller, service: ServiceDep) -> EventSourceResponse:
-    await run_in_threadpool(get_study_or_404, service, study_id, caller.tenant)
-    poll = service.settings.events_poll_interval
+async def study_events(study_id: str, caller: TrainCaller, core: CoreDep) -> EventSourceResponse:
+    await run_in_threadpool(get_study_or_404, core, study_id, caller.tenant)
+    poll = core.settings.events_poll_interval
 
     async def events():
         reported = set()
         while True:
-            row = await run_in_threadpool(service.store.get_study, study_id)
-            public = await run_in_threadpool(study_public, service, row, row.status in STUDY_TERMINAL)
+            row = await run_in_threadpool(core.store.get_study, study_id)
+            public = await run_in_threadpool(study_public, core, row, row.status in STUDY_TERMINAL)
             for trial in public.trials:
                 if trial.state not in ("running", "waiting") and trial.number not in reported:
                     reported.add(trial.number)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from al import __version__
-from app.api.deps import Caller, PredictCaller, Service, ServiceDep, VersionPath, public, require
+from app.api.deps import Caller, Core, CoreDep, PredictCaller, VersionPath, public, require
 from app.api.routes.models import find_model, model_for
 from app.schemas import (
     V2Error,
@@ -44,8 +44,8 @@ def live() -> dict:
 
 @health.get("/ready", summary="The server can serve: its job store answers",
             responses={503: {"model": V2Error, "description": "the job store does not answer"}})
-async def ready(service: ServiceDep) -> dict:
-    if not await run_in_threadpool(service.store.ping):
+async def ready(core: CoreDep) -> dict:
+    if not await run_in_threadpool(core.store.ping):
         raise HTTPException(503, "the job store does not answer")
     return {"ready": True}
 
@@ -56,9 +56,9 @@ def server_metadata() -> V2ServerMetadata:
     return V2ServerMetadata(name="associated-learning", version=__version__, extensions=[])
 
 
-def metadata(service: Service, caller: Caller, name: str, version: int | None) -> V2ModelMetadata:
-    row, model = find_model(service, caller, name, version)
-    versions = ([str(r.version) for r in service.store.list_models(caller.tenant, name)] if version is None
+def metadata(core: Core, caller: Caller, name: str, version: int | None) -> V2ModelMetadata:
+    row, model = find_model(core, caller, name, version)
+    versions = ([str(r.version) for r in core.store.list_models(caller.tenant, name)] if version is None
                 else [str(version)])
     class_type = "INT64" if all(isinstance(c, int) for c in model.classes) else "BYTES"
     return V2ModelMetadata(
@@ -111,9 +111,9 @@ def parameter(body: V2InferRequest, name: str, valid, what: str):
     return value
 
 
-async def infer(service: Service, caller: Caller, name: str, version: int | None,
+async def infer(core: Core, caller: Caller, name: str, version: int | None,
                 body: V2InferRequest) -> V2InferResponse:
-    row, model = await model_for(service, caller, name, version)
+    row, model = await model_for(core, caller, name, version)
     tensor = body.inputs[0]
     expected = math.prod(tensor.shape)
     try:
@@ -127,7 +127,7 @@ async def infer(service: Service, caller: Caller, name: str, version: int | None
     exit_confidence = parameter(body, "exit_confidence", lambda v: isinstance(v, int | float) and 0 <= v <= 1,
                                 "a number between 0 and 1")  # NaN is not
     try:
-        predictions, probabilities, depths = await service.models.predict(
+        predictions, probabilities, depths = await core.models.predict(
             row, model, x.reshape(tensor.shape[0], -1), depth, exit_confidence)
     except ValueError as e:  # wrong feature count, NaN or infinity, depth out of range
         raise HTTPException(400, f"input {tensor.name!r}: {e}") from None
@@ -152,25 +152,25 @@ async def infer(service: Service, caller: Caller, name: str, version: int | None
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, summary="Model metadata (latest version)")
-def model_metadata(name: str, caller: PredictCaller, service: ServiceDep) -> V2ModelMetadata:
-    return metadata(service, caller, name, None)
+def model_metadata(name: str, caller: PredictCaller, core: CoreDep) -> V2ModelMetadata:
+    return metadata(core, caller, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, summary="Model version metadata")
 def model_version_metadata(name: str, version: VersionPath, caller: PredictCaller,
-                           service: ServiceDep) -> V2ModelMetadata:
-    return metadata(service, caller, name, version)
+                           core: CoreDep) -> V2ModelMetadata:
+    return metadata(core, caller, name, version)
 
 
 @router.get("/models/{name}/ready", summary="The model is loaded and can infer")
-def model_ready(name: str, caller: PredictCaller, service: ServiceDep) -> dict:
-    find_model(service, caller, name)
+def model_ready(name: str, caller: PredictCaller, core: CoreDep) -> dict:
+    find_model(core, caller, name)
     return {"name": name, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="The model version is loaded and can infer")
-def model_version_ready(name: str, version: VersionPath, caller: PredictCaller, service: ServiceDep) -> dict:
-    find_model(service, caller, name, version)
+def model_version_ready(name: str, version: VersionPath, caller: PredictCaller, core: CoreDep) -> dict:
+    find_model(core, caller, name, version)
     return {"name": name, "version": str(version), "ready": True}
 
 
@@ -178,13 +178,13 @@ def model_version_ready(name: str, version: VersionPath, caller: PredictCaller, 
 @router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True,
              summary="Infer with the latest version")
 async def model_infer(name: str, body: V2InferRequest, caller: PredictCaller,
-                      service: ServiceDep) -> V2InferResponse:
-    return await infer(service, caller, name, None, body)
+                      core: CoreDep) -> V2InferResponse:
+    return await infer(core, caller, name, None, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
              response_model_exclude_none=True, summary="Infer with a version")
 async def model_version_infer(
-    name: str, version: VersionPath, body: V2InferRequest, caller: PredictCaller, service: ServiceDep
+    name: str, version: VersionPath, body: V2InferRequest, caller: PredictCaller, core: CoreDep
 ) -> V2InferResponse:
-    return await infer(service, caller, name, version, body)
+    return await infer(core, caller, name, version, body)

@@ -9,7 +9,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from al.config import ARCHS, METHODS, PIPELINES, PRESETS
+from al.config import ARCHS, INITS, LR_SCALINGS, METHODS, PIPELINES, PRESETS
 from al.trainer import Callback
 
 
@@ -73,6 +73,9 @@ def cmd_train(args) -> None:
         "target_width": args.target_width,
         "bridge_pool": args.bridge_pool,
         "h1_loss": args.h1_loss,
+        "bridge_convs": args.bridge_convs,
+        "target_widths": args.target_widths,
+        "init": args.init,
     }
     training = {
         "method": args.method,
@@ -81,6 +84,12 @@ def cmd_train(args) -> None:
         "lr": args.lr,
         "seed": args.seed,
         "schedule": args.schedule,
+        "target_lr_factor": args.target_lr_factor,
+        "bridge_lr_factor": args.bridge_lr_factor,
+        "lr_scaling": args.lr_scaling,
+        "lr_reference_batch": args.lr_reference_batch,
+        "lr_warmup": args.lr_warmup,
+        "target_warmup": args.target_warmup,
         "device": args.device,
         "pipeline": args.pipeline,
         "devices": args.devices,
@@ -145,12 +154,23 @@ def add_train(sub) -> None:
     p.add_argument("--target-width", type=int, default=None, help="n, the width of t_i")
     p.add_argument("--bridge-pool", type=int, default=None, help="conv maps: pool to PxP before the bridge")
     p.add_argument("--h1-loss", choices=("mse", "ce"), default=None)
+    p.add_argument("--bridge-convs", type=int, choices=(0, 1, 2), default=None,
+                   help="conv maps: conv layers in each bridge before the pooling")
+    p.add_argument("--target-widths", type=_widths, default=None, help="the width of each t_i, e.g. 64,128")
+    p.add_argument("--init", choices=INITS, default=None, help="initial weights (default he_normal, as R1)")
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--schedule", choices=("step", "cosine", "none"), default=None)
+    p.add_argument("--target-lr-factor", type=float, default=None, help="AL: g and h learn at lr * factor")
+    p.add_argument("--bridge-lr-factor", type=float, default=None, help="AL: b learns at lr * factor")
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=None,
+                   help="scale lr with batch_size / --lr-reference-batch (default none)")
+    p.add_argument("--lr-reference-batch", type=int, default=None, help="the batch size lr is given for")
+    p.add_argument("--lr-warmup", type=int, default=None, help="steps of linear learning-rate warm-up")
+    p.add_argument("--target-warmup", type=int, default=None, help="AL: steps of warm-up of g and h's lr")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda:0, ...")
     p.add_argument("--pipeline", choices=PIPELINES, default=None,

@@ -24,6 +24,9 @@ PIPELINES = ("sequential", "threads", "processes")
 H1_LOSSES = ("mse", "ce")
 MAX_WIDTH = 8192
 MAX_COMPONENTS = 32
+# Conv components and their training (issue 22)
+INITS = ("he_normal", "he_fan_out", "xavier_normal", "xavier_uniform", "orthogonal", "torch")
+LR_SCALINGS = ("none", "linear", "sqrt")
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
 
@@ -73,8 +76,18 @@ class ModelConfig:
                                      search=True)
     bridge_hidden_factor: int = setting(5, "hidden bridge layer is factor * n wide", ge=1, le=64, search=True)
     bridge_depth: int = setting(2, "dense layers in each bridge", ge=1, le=16, search=True)
-    bridge_pool: int | None = setting(None, "conv maps: adaptive-average-pool to PxP before b_i", ge=1, le=64)
+    bridge_pool: int | None = setting(None, "conv maps: adaptive-average-pool to PxP before b_i", ge=1, le=64,
+                                       search=True)
     h1_loss: str = setting("mse", "loss of h_1 against the label: mse | ce", choices=H1_LOSSES, search=True)
+    # Conv components (issue 22): what b_i sees of a conv map, each component's code width, the initialisation.
+    bridge_convs: int = setting(0, "conv maps: 3x3 conv layers (with batch norm and the encoder activation) in "
+                                "each bridge before its pooling", ge=0, le=2, search=True)
+    target_widths: list[int] | None = setting(
+        None, "the width of each component's label code t_i (default: target_width for every one)",
+        ge=1, le=MAX_WIDTH, items=(1, MAX_COMPONENTS))
+    init: str = setting("he_normal", "initial weights (biases zero but with torch): he_normal (R1), he_fan_out, "
+                        "xavier_normal, xavier_uniform, orthogonal, torch (PyTorch's defaults)", choices=INITS,
+                        search=True)
 
     def resolved(self) -> ModelConfig:
         """Fill the per-architecture defaults."""
@@ -106,6 +119,15 @@ class TrainConfig:
     detach_target: bool = setting(True, "stop the gradient of t_i in the associated loss (False can collapse t_i)",
                                   search=True)
     schedule: str = setting("step", "learning-rate schedule: step | cosine | none", choices=SCHEDULES, search=True)
+    # Learning-rate levers (issue 22); at their defaults they change nothing.
+    bridge_lr_factor: float = setting(1.0, "AL: b_i learn at lr * factor (f_i at lr)", gt=0, le=100, search=True)
+    lr_scaling: str = setting("none", "lr scaled with the batch size: none, linear or sqrt of "
+                              "batch_size / lr_reference_batch", choices=LR_SCALINGS, search=True)
+    lr_reference_batch: int = setting(32, "the batch size at which lr_scaling leaves lr as given", ge=1, le=65536)
+    lr_warmup: int = setting(0, "steps over which every learning rate ramps linearly up to its value", ge=0,
+                             le=10**7, search=True)
+    target_warmup: int = setting(0, "AL: steps over which g_i and h_i's learning rate ramps linearly up to its "
+                                 "value", ge=0, le=10**7, search=True)
     seed: int = setting(0, "seeds initialisation and batch order", ge=0, le=2**31 - 1)
     val_fraction: float = setting(0.1, "share of the training split held out for validation", ge=0, lt=1)
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda, cuda:N", pattern=DEVICE_PATTERN,
@@ -266,5 +288,19 @@ def validate(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         raise ValueError("widths must be a non-empty list of positive integers")
     if model_cfg.arch == "resnet" and len(model_cfg.widths) < 2:
         raise ValueError("resnet widths need the stem and at least one stage")
+    check_conv_levers(model_cfg)
     if train_cfg.pipeline != "sequential" and train_cfg.method != "al":
         raise ValueError("pipelining is for AL only: BP's backward pass locks every layer until the loss is known")
+
+
+def component_count(model_cfg: ModelConfig) -> int:
+    """L: one component per width (resnet: the stem shares the first stage's component)."""
+    return len(model_cfg.widths) - (model_cfg.arch == "resnet")
+
+
+def check_conv_levers(model_cfg: ModelConfig) -> None:
+    if model_cfg.bridge_convs and model_cfg.arch not in ("cnn", "resnet"):
+        raise ValueError("bridge_convs apply to conv maps: arch cnn or resnet")
+    if model_cfg.target_widths is not None and len(model_cfg.target_widths) != component_count(model_cfg):
+        raise ValueError(f"target_widths names {len(model_cfg.target_widths)} widths for "
+                         f"{component_count(model_cfg)} components: one per component")

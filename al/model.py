@@ -210,13 +210,18 @@ def _encoders(cfg: ModelConfig, input_shape: tuple[int, ...]) -> list[nn.Module]
     return encoders
 
 
-def _bridge(s_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
+def _bridge(s_shape: tuple[int, ...], cfg: ModelConfig, n: int) -> nn.Module:
+    """b_i from s_i to a code of width n: on conv maps, `bridge_convs` conv layers, then the pooling."""
     layers: list[nn.Module] = []
-    if len(s_shape) == 3 and cfg.bridge_pool is not None:
-        layers.append(nn.AdaptiveAvgPool2d(cfg.bridge_pool))
-        s_shape = (s_shape[0], cfg.bridge_pool, cfg.bridge_pool)
+    if len(s_shape) == 3:
+        channels = s_shape[0]
+        for _ in range(cfg.bridge_convs):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
+                       activation(cfg.encoder_activation)]
+        if cfg.bridge_pool is not None:
+            layers.append(nn.AdaptiveAvgPool2d(cfg.bridge_pool))
+            s_shape = (channels, cfg.bridge_pool, cfg.bridge_pool)
     layers.append(nn.Flatten())
-    n = cfg.target_width
     widths = [math.prod(s_shape)] + [cfg.bridge_hidden_factor * n] * (cfg.bridge_depth - 1) + [n]
     for w_in, w_out in zip(widths, widths[1:]):
         layers += [nn.Linear(w_in, w_out), activation(cfg.bridge_activation)]
@@ -234,30 +239,42 @@ def build_network(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: i
             s = encoder(s)
             encoder.train()
             shapes.append(tuple(s.shape[1:]))
-    n = cfg.target_width
+    code_widths = cfg.target_widths or [cfg.target_width] * len(encoders)  # validate() checked their count
     output = "sigmoid" if method == "al" and cfg.h1_loss == "mse" else "logits"
     components = []
-    for i, (encoder, s_shape) in enumerate(zip(encoders, shapes)):
-        t_prev_width = num_classes if i == 0 else n
+    for i, (encoder, s_shape, n) in enumerate(zip(encoders, shapes, code_widths)):
+        t_prev_width = num_classes if i == 0 else code_widths[i - 1]
         decoder_act = ("identity" if output == "logits" else "sigmoid") if i == 0 else cfg.target_activation
         components.append(
             Component(
                 encoder=encoder,
-                bridge=_bridge(s_shape, cfg),
+                bridge=_bridge(s_shape, cfg, n),
                 target_encoder=nn.Sequential(nn.Linear(t_prev_width, n), activation(cfg.target_activation)),
                 decoder=nn.Sequential(nn.Linear(n, t_prev_width), activation(decoder_act)),
             )
         )
     net = ALNet(components, num_classes, output)
-    _he_init(net)
+    initialise(net, cfg.init)
     return net
 
 
-def _he_init(net: nn.Module) -> None:
-    """He-normal weights and zero biases, as R1."""
+# Weight initialisations (`init`); each draws the weights of every linear and conv layer and zeroes the biases.
+_INITS = {
+    "he_normal": nn.init.kaiming_normal_,  # R1
+    "he_fan_out": lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"),
+    "xavier_normal": nn.init.xavier_normal_,
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "orthogonal": nn.init.orthogonal_,
+}
+
+
+def initialise(net: nn.Module, init: str) -> None:
+    """`init`'s weights and zero biases; "torch" keeps what PyTorch's layers drew when they were made."""
+    if init == "torch":
+        return
     for module in net.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.kaiming_normal_(module.weight)
+            _INITS[init](module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from al.checkpoint import replace_atomically
 from al.config import ModelConfig, TrainConfig
 from al.data import Splits
-from al.local import Batches, ComponentTrainer, Record, Runner, Work, adam, lr_multiplier, train_components
+from al.local import Batches, ComponentTrainer, Record, Runner, Work, adam, lr_factors, scaled_lr, train_components
 from al.model import ALNet
 
 TRAIN_ACCURACY_SAMPLES = 5000  # train accuracy is measured on this many fixed samples
@@ -81,7 +81,7 @@ class Trainer:
                                        for i, c in enumerate(net.components)]
             self.optimizers = [o for trainer in self.component_trainers for o in trainer.optimizers]
         else:
-            self.optimizers = [adam(net.parameters(), train_cfg.lr)]
+            self.optimizers = [adam(net.parameters(), scaled_lr(train_cfg))]
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # batches of the current epoch already trained
         self.history: list[dict] = []
@@ -134,16 +134,16 @@ class Trainer:
 
     def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """One mini-batch through every component (AL) or the whole net (BP) at global `step`; the losses."""
-        lr_factor = lr_multiplier(self.cfg.schedule, step, self.total_steps)
+        factors = lr_factors(self.cfg, step, self.total_steps)
         if self.cfg.method == "bp":
             for group in self.optimizers[0].param_groups:
-                group["lr"] = self.cfg.lr * lr_factor
+                group["lr"] = scaled_lr(self.cfg) * factors[0]
             loss = F.cross_entropy(self.net(x), y)
             self.optimizers[0].zero_grad(set_to_none=True)
             loss.backward()
             self.optimizers[0].step()
             return [loss.detach()]
-        return train_components(self.component_trainers, x, F.one_hot(y, self.net.num_classes).float(), y, lr_factor)[2]
+        return train_components(self.component_trainers, x, F.one_hot(y, self.net.num_classes).float(), y, factors)[2]
 
     def record_step(self, losses: list[torch.Tensor]) -> None:
         """Count one mini-batch that every component has trained on."""

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -101,3 +102,51 @@ def test_early_exit_at_threshold_zero_is_exactly_depth_one_and_unreached_is_exac
     assert never[2].tolist() == [4] * 32
     capped = net.predict(x, depth=2, exit_confidence=highest + 1e-6)  # depth caps the exits
     assert torch.equal(capped[1], net.predict(x, 2)[1]) and capped[2].tolist() == [2] * 32
+
+
+# --- conv components and initialisation (issue 22) ---------------------------------------
+
+
+def _first_weight(init: str) -> torch.nn.Linear:
+    """f_1's linear layer, 64 -> 256: fan-in 64, fan-out 256."""
+    torch.manual_seed(0)
+    model_cfg = make_config("default", {"arch": "mlp", "widths": [256], "target_width": 8, "init": init}).model
+    return build_network(model_cfg, (1, 8, 8), 3, "al").components[0].encoder[1]
+
+
+def test_init_draws_the_weights_it_names():
+    expected_std = {"he_normal": (2 / 64) ** 0.5, "he_fan_out": (2 / 256) ** 0.5, "xavier_normal": (2 / 320) ** 0.5,
+                    "xavier_uniform": (2 / 320) ** 0.5}
+    for init, std in expected_std.items():
+        layer = _first_weight(init)
+        assert abs(layer.weight.std().item() - std) < 0.05 * std, init
+        assert torch.count_nonzero(layer.bias) == 0
+    assert _first_weight("xavier_uniform").weight.abs().max() <= (6 / 320) ** 0.5
+    assert _first_weight("xavier_normal").weight.abs().max() > (6 / 320) ** 0.5  # normal, not uniform
+    orthogonal = _first_weight("orthogonal").weight  # 256 x 64: orthonormal columns
+    assert torch.allclose(orthogonal.T @ orthogonal, torch.eye(64), atol=1e-4)
+    torch_default = _first_weight("torch")  # PyTorch's own: uniform within 1/sqrt(fan_in), biases too
+    assert torch_default.weight.abs().max() <= 64 ** -0.5 and torch.count_nonzero(torch_default.bias) > 0
+
+
+def test_bridge_convs_put_conv_layers_before_the_pooling_for_al_and_bp():
+    for method in ("al", "bp"):
+        for convs in (0, 1, 2):
+            net = _net("cnn", method, bridge_convs=convs, bridge_pool=2)
+            for component in net.components:
+                kinds = [type(m).__name__ for m in component.bridge]
+                assert kinds.count("Conv2d") == convs and kinds.count("BatchNorm2d") == convs
+                assert kinds.index("AdaptiveAvgPool2d") == 3 * convs
+            assert net.eval()(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="bridge_convs apply to conv maps"):
+        _net("mlp", bridge_convs=1)
+
+
+def test_target_widths_set_each_components_code_width():
+    net = _net(target_widths=[12, 5])
+    assert [c.bridge[-2].out_features for c in net.components] == [12, 5]
+    assert [(c.target_encoder[0].in_features, c.target_encoder[0].out_features) for c in net.components] == [
+        (3, 12), (12, 5)]
+    assert [(c.decoder[0].in_features, c.decoder[0].out_features) for c in net.components] == [(12, 3), (5, 12)]
+    with pytest.raises(ValueError, match="target_widths names 3 widths for 2 components"):
+        _net(target_widths=[4, 4, 4])

@@ -151,3 +151,75 @@ def test_a_run_stopped_on_cuda_resumes_on_cuda(tmp_path):
     assert second["status"] == "completed" and second["epochs"] == 3
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
+
+
+# --- learning-rate levers (issue 22) -------------------------------------------------------
+
+
+def _trainer(method="al", **training):
+    from al.data import prepare_splits
+    from al.model import build_network
+    from al.trainer import Trainer
+
+    config = make_config("default", SMALL, {"method": method, "schedule": "none", "lr": 1e-3, **training})
+    data = load_dataset("digits")
+    net = build_network(config.model, data.input_shape, data.num_classes, method)
+    return Trainer(net, config.model, config.training, prepare_splits(data, 0.1, 0), device="cpu")
+
+
+def _lrs(optimizer):
+    return [group["lr"] for group in optimizer.param_groups]
+
+
+def _train_step(trainer, step):
+    x, y = trainer.train_x[:32], trainer.train_y[:32]
+    trainer.train_step(step, x, y)
+
+
+def test_target_warmup_ramps_g_and_h_and_lr_warmup_ramps_everything():
+    trainer = _trainer(target_warmup=4)  # g/h at lr * 2 (target_lr_factor) * (step + 1) / 4
+    _train_step(trainer, 0)
+    first = trainer.component_trainers[0]
+    assert _lrs(first.encoder_optimizer) == [pytest.approx(1e-3)]
+    assert _lrs(first.target_optimizer) == [pytest.approx(2e-3 * 0.25)]
+    _train_step(trainer, 3)
+    assert _lrs(first.target_optimizer) == [pytest.approx(2e-3)]
+    trainer = _trainer(lr_warmup=2, target_warmup=4)
+    _train_step(trainer, 0)
+    first = trainer.component_trainers[1]
+    assert _lrs(first.encoder_optimizer) == [pytest.approx(0.5e-3)]
+    assert _lrs(first.target_optimizer) == [pytest.approx(2e-3 * 0.5 * 0.25)]
+    bp = _trainer("bp", lr_warmup=4)
+    _train_step(bp, 1)
+    assert _lrs(bp.optimizers[0]) == [pytest.approx(1e-3 * 0.5)]
+
+
+def test_bridge_lr_factor_gives_the_bridge_its_own_rate():
+    trainer = _trainer(bridge_lr_factor=3.0)
+    _train_step(trainer, 0)
+    component = trainer.component_trainers[0]
+    encoder_group, bridge_group = component.encoder_optimizer.param_groups
+    assert encoder_group["lr"] == pytest.approx(1e-3) and bridge_group["lr"] == pytest.approx(3e-3)
+    assert {id(p) for p in bridge_group["params"]} == {id(p) for p in component.component.bridge.parameters()}
+
+
+@pytest.mark.parametrize("scaling, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scaling_scales_the_rate_with_the_batch_size(scaling, factor):
+    for method in ("al", "bp"):
+        trainer = _trainer(method, batch_size=64, lr_scaling=scaling, lr_reference_batch=16)
+        _train_step(trainer, 0)
+        assert _lrs(trainer.optimizers[0]) == [pytest.approx(1e-3 * factor)]
+
+
+def test_a_model_directory_saved_before_the_conv_levers_still_loads(tmp_path):
+    train("digits", tmp_path, make_config("default", SMALL, {"epochs": 1}))
+    before = evaluate(tmp_path, "digits")["test_accuracy"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    new_fields = {"model": ("bridge_convs", "target_widths", "init"),
+                  "training": ("bridge_lr_factor", "lr_scaling", "lr_reference_batch", "lr_warmup", "target_warmup")}
+    for section, names in new_fields.items():
+        for name in names:
+            del config[section][name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_model(tmp_path).depth == 2
+    assert evaluate(tmp_path, "digits")["test_accuracy"] == before

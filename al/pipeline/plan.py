@@ -68,11 +68,11 @@ def measure_component_seconds(work: Work, x: torch.Tensor, y: torch.Tensor, thre
     with intra_op_threads(threads):
         for trainer in work.component_trainers:
             probe = copy.deepcopy(trainer)
-            probe.step(s, t, y, 1.0)  # warm-up: first-call allocations and kernel selection
+            probe.step(s, t, y, (1.0, 1.0))  # warm-up: first-call allocations and kernel selection
             synchronize()
             started = time.perf_counter()
             for _ in range(steps):
-                s_next, t_next, _, _ = probe.step(s, t, y, 1.0)
+                s_next, t_next, _, _ = probe.step(s, t, y, (1.0, 1.0))
             synchronize()
             seconds.append((time.perf_counter() - started) / steps)
             s, t = s_next, t_next

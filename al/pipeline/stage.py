@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from al.local import ComponentTrainer, lr_multiplier, train_components
+from al.local import ComponentTrainer, lr_factors, train_components
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,14 @@ class StageRunner:
     def __init__(self, stage: Stage, trainers: list[ComponentTrainer], total_steps: int, last: bool):
         self.stage, self.component_trainers, self.total_steps, self.last = stage, trainers, total_steps, last
         self.device = torch.device(stage.device)
-        self.schedule = trainers[0].train_cfg.schedule
+        self.train_cfg = trainers[0].train_cfg
         self.busy_seconds = 0.0
 
     def train(self, batch: Batch) -> Batch:
         started = time.perf_counter()
         s, t, labels = (x.to(self.device, non_blocking=True) for x in (batch.s, batch.t, batch.labels))
-        lr_factor = lr_multiplier(self.schedule, batch.step, self.total_steps)
-        s, t, losses = train_components(self.component_trainers, s, t, labels, lr_factor)
+        factors = lr_factors(self.train_cfg, batch.step, self.total_steps)
+        s, t, losses = train_components(self.component_trainers, s, t, labels, factors)
         if self.device.type == "cuda":
             # The next stage reads s and t from another stream, and `batch` (the input) may be
             # freed once this returns: both need this stage's kernels finished.

@@ -125,13 +125,15 @@ def cmd_predict(args) -> None:
 
 
 def cmd_study(args) -> None:
-    from al.study import run_local
+    from al.study import parse_goal, run_local
 
     space = json.loads(Path(args.space).read_text())
     base = json.loads(Path(args.base).read_text()) if args.base else {}
     base.setdefault("preset", args.preset)
+    goal = parse_goal({"objective": args.objective, "target": args.target, "objectives": args.objectives})
     callbacks = (lambda number: []) if args.quiet else (lambda number: [ProgressBar()])
-    result = run_local(args.dataset, base, space, args.trials, args.out, seed=args.seed, callbacks=callbacks)
+    result = run_local(args.dataset, base, space, args.trials, args.out, seed=args.seed, callbacks=callbacks,
+                       goal=goal)
     _emit(result, args.json)
 
 
@@ -220,6 +222,11 @@ def add_study(sub) -> None:
                    "every trial starts from")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="when --base names none")
     p.add_argument("--seed", type=int, default=None, help="seeds the sampler")
+    p.add_argument("--objective", default=None,
+                   help="val_accuracy (default: maximised) or time_to_accuracy (train seconds to --target)")
+    p.add_argument("--target", type=float, default=None, help="time_to_accuracy: the validation accuracy to reach")
+    p.add_argument("--objectives", type=lambda text: text.split(","), default=None,
+                   help="val_accuracy,train_seconds: a Pareto front instead of one objective")
     p.add_argument("--out", default="study", help="each trial's model goes to OUT/trial-N (default: ./study)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true")

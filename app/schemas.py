@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from al.config import MAX_COMPONENTS, TrainConfig, limits_of
+from al.study import OBJECTIVES, PARETO_OBJECTIVES
 from service.jobspec import DATASET_DESCRIPTION, ModelAndTraining, Strict
 
 MAX_PREDICT_ROWS = 4096
@@ -112,7 +113,9 @@ class SearchParam(Strict):
 
 class PrunerSpec(Strict):
     type: Literal["median", "none"] = Field("median", description="median: stop a trial whose validation accuracy "
-                                            "at an epoch's end is below the median of earlier trials at that epoch")
+                                            "at an epoch's end is below the median of earlier trials at that epoch "
+                                            "(time_to_accuracy: one that has trained as long as the quickest trial "
+                                            "took to reach the target)")
     startup_trials: int = Field(3, ge=0, le=1000, description="trials that complete before any is pruned")
     warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="epochs of each trial before it may be pruned")
 
@@ -128,7 +131,14 @@ class StudyCreate(Strict):
     )
     trials: int = Field(ge=1, le=1000, description="trials in all")
     parallel: int = Field(1, ge=1, le=64, description="trials that train at once")
-    objective: Literal["val_accuracy"] = Field("val_accuracy", description="maximised: the last epoch's")
+    objective: Literal[OBJECTIVES] | None = Field(
+        None, description="val_accuracy (the default): the last epoch's, maximised; time_to_accuracy: the train "
+        "seconds until the validation accuracy first reaches `target`, minimised (the run stops there; a trial that "
+        "never reaches it ranks below every one that did, by its accuracy)")
+    target: float | None = Field(None, gt=0, le=1, description="time_to_accuracy: the validation accuracy to reach")
+    objectives: list[Literal[PARETO_OBJECTIVES]] | None = Field(
+        None, description='["val_accuracy", "train_seconds"]: a Pareto front (`pareto` in the answer) instead of '
+        "one objective; the front's most accurate trial is registered; nothing is pruned")
     pruner: PrunerSpec = Field(default_factory=PrunerSpec, description="stops bad trials at an epoch's end")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seeds the sampler (default: a random seed)")
 
@@ -137,7 +147,9 @@ class StudyTrial(BaseModel):
     number: int = Field(description="the trial's number, from 0")
     state: Literal["running", "complete", "pruned", "fail", "waiting"] = Field(description="Optuna's trial state")
     params: dict[str, Any] = Field(description="the value of each searched switch")
-    value: float | None = Field(description="the objective, once complete")
+    value: float | None = Field(description="the objective, once complete (none for a Pareto study)")
+    values: list[float] | None = Field(None, description="every objective's value, once complete (a Pareto study: "
+                                       "validation accuracy, train seconds)")
     epochs_reported: int = Field(description="epochs whose validation accuracy the pruner has seen")
     job_id: str | None = Field(description="the training job of this trial: GET /v1/jobs/{id}")
     job_status: JobStatus | None = Field(description="that job's status")
@@ -152,7 +164,10 @@ class StudyPublic(BaseModel):
     error: str | None = Field(description="why the study failed")
     spec: dict = Field(description="the study as submitted")
     trials: list[StudyTrial] = Field(description="trials asked so far, in order")
-    best: StudyTrial | None = Field(description="the complete trial with the highest objective so far")
+    best: StudyTrial | None = Field(description="the complete trial with the best objective so far (of a Pareto "
+                                   "front, the most accurate)")
+    pareto: list[StudyTrial] | None = Field(None, description="a Pareto study's front so far: no trial is both "
+                                            "more accurate and quicker than any of these")
     importances: dict[str, float] | None = Field(
         description="importance of each switch (Optuna's default evaluator; sums to 1), once 4 trials are "
         "complete; only on GET of one study"

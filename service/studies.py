@@ -20,13 +20,15 @@ from cachetools import LRUCache
 from optuna.trial import FrozenTrial, TrialState
 
 from al.study import (
+    Goal,
     PruneAtEpochEnd,
     apply_params,
-    best_trial,
+    goal_fields,
     importances,
     make_pruner,
-    objective_value,
+    parse_goal,
     parse_space,
+    tell,
     trial_summary,
 )
 from service.artifacts import artifacts_for
@@ -68,14 +70,15 @@ def trial_pruning(settings: Settings, study: dict) -> PruneAtEpochEnd:
     loaded = optuna.load_study(study_name=study["id"], storage=storage, pruner=make_pruner(study.get("pruner")))
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study["id"]), study["trial"])
-    return PruneAtEpochEnd(optuna.trial.Trial(loaded, trial_id))
+    prune = (study.get("pruner") or {}).get("type") != "none"
+    return PruneAtEpochEnd(optuna.trial.Trial(loaded, trial_id), parse_goal(study), prune)
 
 
 def trial_job_spec(row: StudyRow, trial: FrozenTrial | optuna.Trial) -> dict:
     spec = row.spec
     return {**apply_params(spec["base"], trial.params), "dataset": spec["dataset"],
             "name": f"{row.name}.trial-{trial.number}",
-            "study": {"id": row.id, "trial": trial.number, "pruner": spec.get("pruner")}}
+            "study": {"id": row.id, "trial": trial.number, "pruner": spec.get("pruner"), **goal_fields(spec)}}
 
 
 class Studies:
@@ -96,19 +99,22 @@ class Studies:
         seed = spec.get("seed") if spec.get("seed") is not None else random.randrange(2**31)
         row = StudyRow(id=new_id("study_"), tenant=tenant, name=name, spec=spec, status="running",
                        created_at=time.time(), seed=seed)
-        optuna.create_study(study_name=row.id, storage=self.storage, direction="maximize")
+        optuna.create_study(study_name=row.id, storage=self.storage, directions=parse_goal(spec).directions)
         return self.store.add_study(row)
 
     def view(self, row: StudyRow, with_importances: bool = True) -> dict:
-        """Trials with their jobs, the best trial, and importances once there are enough trials."""
+        """Trials with their jobs, the best trial, a Pareto study's front, and importances once there are enough
+        trials."""
         study = optuna.load_study(study_name=row.id, storage=self.storage)
+        goal = parse_goal(row.spec)
         trials = study.get_trials(deepcopy=False)
         jobs = self.store.trial_jobs(row, [t.number for t in trials])
-        best = best_trial(study)
+        best, front = goal.best(study), goal.front(study)
         listed = [{**trial_summary(t), **self._job_fields(jobs.get(t.number))} for t in trials]
-        return {
+        return {  # trials are numbered 0, 1, ... in order
             "trials": listed,
-            "best": None if best is None else listed[best.number],  # trials are numbered 0, 1, ... in order
+            "best": None if best is None else listed[best.number],
+            "pareto": None if front is None else [listed[t.number] for t in front],
             "importances": self._importances(study) if with_importances else None,
         }
 
@@ -149,23 +155,19 @@ class Studies:
     def _drive(self, row: StudyRow, enqueue: Callable[[str], None]) -> None:
         spec = row.spec
         study = optuna.load_study(study_name=row.id, storage=self.storage)
+        goal = parse_goal(spec)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         jobs = self.store.trial_jobs(row, [t.number for t in running])
         still_running = 0
         for trial in running:
             job = jobs.get(trial.number) or self._start_trial(row, trial, enqueue)
             if job.status in TERMINAL:
-                value = objective_value(job.result) if job.status == "succeeded" else None
-                if value is not None:
-                    study.tell(trial.number, value, skip_if_finished=True)
-                else:
-                    state = TrialState.PRUNED if job.status == "pruned" else TrialState.FAIL
-                    study.tell(trial.number, state=state, skip_if_finished=True)
+                tell(study, trial.number, goal, job.result, job.status == "succeeded", job.status == "pruned")
                 continue
             still_running += 1
             if row.status == "cancelling" and job.status != "cancelling":
                 self.store.request_cancel(job.id)
-        self._register_best(row, study)
+        self._register_best(row, study, goal)
         if row.status == "cancelling":
             if not still_running:
                 self.store.finish_study(row.id, "cancelled")
@@ -190,9 +192,10 @@ class Studies:
             enqueue(job.id)
         return job
 
-    def _register_best(self, row: StudyRow, study: optuna.Study) -> None:
-        """The best trial's model as the next version of the study's name, unless it is registered already."""
-        best = best_trial(study)
+    def _register_best(self, row: StudyRow, study: optuna.Study, goal: Goal) -> None:
+        """The best trial's model (of a Pareto front, the most accurate) as the next version of the study's name,
+        unless it is registered already."""
+        best = goal.best(study)
         if best is None:
             return
         job = self.store.trial_jobs(row, [best.number]).get(best.number)

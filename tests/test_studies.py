@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import optuna
 import pytest
 from fastapi.testclient import TestClient
 from service_support import (
@@ -226,3 +227,105 @@ def test_one_broken_study_fails_alone_and_the_others_go_on(tmp_path, monkeypatch
     assert broken.status == "failed" and "model.no_such_switch" in broken.error
     assert healthy.status == "running" and len(sent) == 1  # its first trial's job
     assert studies.store.get_job(sent[0]).spec["study"]["id"] == healthy.id
+
+
+# --- objectives for speed (issue 22) -------------------------------------------------------
+
+# Seed 2 asks lr 0.01, then 1e-5 (see the pruning test): one trial that learns, one that stays near chance.
+FAST_THEN_SLOW = {"training.lr": {"type": "categorical", "choices": [0.01, 1e-5]}}
+
+
+def test_time_to_accuracy_and_pareto_studies_over_http(redis_api, tmp_path):
+    env, client = redis_api
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        timed = client.post("/v1/studies", json={
+            "name": "timed", "dataset": "digits", "trials": 2, "seed": 2, "space": FAST_THEN_SLOW,
+            "base": {**BASE, "training": {"epochs": 6, "batch_size": 64}},
+            "objective": "time_to_accuracy", "target": 0.4})
+        assert timed.status_code == 202, timed.text
+        pareto = client.post("/v1/studies", json={
+            "name": "front", "dataset": "digits", "trials": 2, "seed": 2, "space": FAST_THEN_SLOW, "base": BASE,
+            "objectives": ["val_accuracy", "train_seconds"]})
+        assert pareto.status_code == 202, pareto.text
+        timed = wait_for(lambda: finished(client, timed.json()["id"]), 120, "the time-to-accuracy study")
+        pareto = wait_for(lambda: finished(client, pareto.json()["id"]), 120, "the Pareto study")
+    finally:
+        worker.stop()
+    # The quick trial stopped once it reached the target, and its job succeeded; the slow one, having trained as
+    # long as that without reaching it, was pruned.
+    quick, slow = timed["trials"]
+    assert timed["status"] == "succeeded" and timed["pareto"] is None, (timed, worker.output()[-3000:])
+    assert (quick["state"], quick["job_status"]) == ("complete", "succeeded"), quick
+    assert quick["value"] == quick["result"]["seconds_to_target"] and quick["result"]["epochs"] < 6
+    assert quick["result"]["val_accuracy"] >= 0.4 and quick["result"]["status"] == "stopped"
+    assert (slow["state"], slow["job_status"]) == ("pruned", "pruned"), slow
+    assert "had not reached 0.4" in job_of(client, slow["job_id"])["error"]
+    assert timed["best"]["number"] == 0 and timed["best"]["model"] == {"name": "timed", "version": 1}
+    # The Pareto study lists its front; the front's most accurate trial is registered.
+    assert pareto["status"] == "succeeded", pareto
+    assert all(len(t["values"]) == 2 and t["value"] is None for t in pareto["trials"])
+    front = pareto["pareto"]
+    assert 0 in [t["number"] for t in front] and pareto["best"]["number"] == 0
+    assert pareto["trials"][0]["values"][0] > pareto["trials"][1]["values"][0]
+    assert pareto["best"]["model"] == {"name": "front", "version": 1}
+    versions = client.get("/v1/models/front").json()["versions"]
+    assert versions[-1]["job_id"] == pareto["trials"][0]["job_id"]
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"objective": "time_to_accuracy"}, "target"),
+    ({"objective": "val_accuracy", "target": 0.9}, "target"),
+    ({"objective": "val_accuracy", "objectives": ["val_accuracy", "train_seconds"]}, "objectives"),
+    ({"objectives": ["train_seconds", "val_accuracy"]}, "objectives"),
+])
+def test_a_bad_objective_is_refused_with_422_naming_it(tmp_path, monkeypatch, extra, field):
+    client = TestClient(create_app(use_env(monkeypatch, service_env(tmp_path / "data", fresh_redis()))))
+    response = client.post("/v1/studies", json={"name": "s", "dataset": "digits", "trials": 2,
+                                                "space": {"training.lr": LR_RANGE}, **extra})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(field), response.json()
+    assert client.get("/v1/studies").json()["total"] == 0
+
+
+def test_a_time_trial_is_pruned_once_it_has_trained_as_long_as_the_quickest_took(tmp_path):
+    """Real runs against an Optuna study in memory: with no trial at the target yet, a trial that never reaches
+    it trains all its epochs and scores below any that did, by its accuracy; once a trial reached it in no
+    time, the same run is pruned after its first epoch."""
+    from al.config import from_spec
+    from al.run import train
+    from al.study import NOT_REACHED, Goal, PruneAtEpochEnd
+
+    goal = Goal("time_to_accuracy", 0.999)
+    study = optuna.create_study(direction="minimize")
+    config = from_spec({**BASE, "training": {"epochs": 2, "batch_size": 64, "lr": 1e-5}})
+    first = PruneAtEpochEnd(study.ask(), goal)
+    result = train("digits", tmp_path / "a", config, [first])
+    assert result["status"] == "completed" and first.pruned_at is None and first.reached_at is None
+    assert goal.values(result) == [NOT_REACHED + 1 - result["val_accuracy"]]
+    study.tell(first.trial, 0.001)  # as if it had reached the target in a millisecond
+    second = PruneAtEpochEnd(study.ask(), goal)
+    result = train("digits", tmp_path / "b", config, [second])
+    assert second.pruned_at == 1 and result["epochs"] == 1 and "had not reached 0.999" in second.reason
+    assert not second.succeeded(result)
+
+
+def test_al_study_minimises_time_to_accuracy_locally(tmp_path):
+    (tmp_path / "space.json").write_text(json.dumps(FAST_THEN_SLOW))
+    (tmp_path / "base.json").write_text(json.dumps({**BASE, "training": {"epochs": 4, "batch_size": 64}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "al.cli", "study", "--dataset", "digits", "--trials", "2", "--space",
+         str(tmp_path / "space.json"), "--base", str(tmp_path / "base.json"), "--seed", "0", "--out",
+         str(tmp_path / "study"), "--objective", "time_to_accuracy", "--target", "0.4", "--quiet", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # Seed 0 asks lr 1e-5 first (it trains all 4 epochs, never reaching 0.4: no trial has, so none prunes
+    # it), then 0.01, which reaches it and ranks first.
+    slow, quick = json.loads(done.stdout.splitlines()[-1])["trials"]
+    assert (slow["params"]["training.lr"], slow["state"], slow["epochs_reported"]) == (1e-5, "complete", 4), slow
+    assert slow["value"] > 1e9 and quick["state"] == "complete" and quick["value"] < 60
+    assert json.loads(done.stdout.splitlines()[-1])["best"]["number"] == 1
+    refused = subprocess.run([sys.executable, "-m", "al.cli", "study", "--dataset", "digits", "--trials", "1",
+                              "--space", str(tmp_path / "space.json"), "--objective", "time_to_accuracy"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "target: time_to_accuracy needs" in refused.stderr

@@ -246,14 +246,15 @@ def attempt(store: Retrying, settings: Settings, job: JobRow, owner: str,
 
 def ended_run(result: dict, reporter: JobReporter, pruning) -> Outcome:
     """How a training run that returned ended: completed, or stopped (and why)."""
-    if result["status"] == "completed":
+    # A study's trial may also succeed by stopping at its target (time_to_accuracy).
+    succeeded = pruning.succeeded(result) if pruning else result["status"] == "completed"
+    if succeeded:
         return Outcome("succeeded", result)
     if reporter.cancel_requested.is_set():
         return Outcome("cancelled", result)
     if pruning and pruning.pruned_at is not None:
         return Outcome("pruned", {**result, "pruned_at_epoch": pruning.pruned_at},
-                       f"pruned by its study after epoch {pruning.pruned_at}: its validation accuracy was below the "
-                       "median of the earlier trials' at that epoch")
+                       f"pruned by its study after epoch {pruning.pruned_at}: {pruning.reason}")
     if reporter.lease_lost.is_set():
         return Outcome(None)  # the attempt that holds the lease now reports
     return Outcome("queued", result)  # the worker is shutting down; the checkpoint holds the current step

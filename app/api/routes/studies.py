@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from al.data import BUILTIN_DATASETS
-from al.study import SpaceError, parse_space
+from al.study import SpaceError, parse_goal, parse_space
 from app.api.deps import CoreDep, OffsetQuery, TrainCaller, iso
 from app.schemas import StudyCreate, StudyList, StudyPublic
 from service.jobspec import resolve
@@ -33,7 +33,8 @@ def get_study_or_404(core, study_id: str, tenant: str) -> StudyRow:
 
 
 @router.post("", status_code=202, response_model=StudyPublic, summary="Start a hyperparameter study",
-             responses={422: {"description": "the base, the space (the bad field is named) or the dataset is invalid"}})
+             responses={422: {"description": "the base, the space or the objective (the bad field is named) or the "
+                                       "dataset is invalid"}})
 def create_study(body: StudyCreate, response: Response, caller: TrainCaller, core: CoreDep) -> StudyPublic:
     """Each trial is a training job: the base with the trial's values at the space's paths. Workers run up to
     `parallel` trials at once; the best trial's model is registered under the study's name as it is found."""
@@ -46,6 +47,7 @@ def create_study(body: StudyCreate, response: Response, caller: TrainCaller, cor
     except ValueError as e:
         raise HTTPException(422, f"base: {e}") from None
     try:
+        parse_goal(spec)
         parse_space(spec["space"], spec["base"], resolve)
     except SpaceError as e:
         raise HTTPException(422, str(e)) from None

@@ -242,6 +242,34 @@ def test_study_page_shows_trials_and_accuracy_against_each_parameter(browser, se
     assert "Traceback" not in process.output()
 
 
+def test_a_pareto_study_page_plots_its_front(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, process = server
+    api = httpx.Client(base_url=url, timeout=30)
+    study = api.post("/v1/studies", json={
+        "name": "front-study", "dataset": "digits", "trials": 3, "seed": 0,
+        "objectives": ["val_accuracy", "train_seconds"],
+        "base": {"model": {"widths": [64], "target_width": 32}, "preset": "lean", "training": {"epochs": 1}},
+        "space": {"training.lr": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True}}}).json()
+    browser.get(f"{url}/ui/studies/{study['id']}")
+    wait_js(browser, "return document.querySelectorAll('#pareto circle').length === 3", 180, "three trials plotted")
+    wait_for(lambda: api.get(f"/v1/studies/{study['id']}").json()["status"] == "succeeded", 30, "the study's end")
+    done = api.get(f"/v1/studies/{study['id']}").json()
+    browser.refresh()
+    wait_js(browser, "return document.querySelectorAll('#pareto circle').length === 3", 30, "the plot again")
+    front = browser.execute_script("return [...document.querySelectorAll('#pareto circle.front')]"
+                                   ".map(c => +c.dataset.number).sort()")
+    assert front == sorted(t["number"] for t in done["pareto"]) and front
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#trials tbody tr')].map(r => r.querySelector('[data-key=value]')"
+        ".textContent)")
+    assert shown == [f"{100 * t['values'][0]:.2f} %, {t['values'][1]:#.4g} s" for t in done["trials"]], shown
+    assert "Pareto front" in browser.find_element(By.TAG_NAME, "main").text
+    screenshot(browser, tmp_path / "dashboard-pareto.png")
+    assert "Traceback" not in process.output()
+
+
 def test_keys_gate_the_dashboard(tmp_path, monkeypatch):
     """With AL_API_KEYS, a page without a known key is the key form and nothing else; `?key=` and the form
     store the key in a cookie, which the API then takes as it takes a bearer key."""

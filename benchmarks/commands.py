@@ -5,6 +5,7 @@ Cheap to import: the benchmarks themselves (torch, the service's clients) load w
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def add_commands(sub) -> None:
@@ -59,6 +60,11 @@ def add_time_to_accuracy(kinds, common) -> None:
     p.add_argument("--reference-epochs", type=int, default=3, help="N: BP's accuracy after N epochs sets the target")
     p.add_argument("--max-epochs", type=int, default=10, help="the schedule's length, and the most any run trains")
     p.add_argument("--al-presets", nargs="+", default=["default"], help="AL runs with each of these presets")
+    p.add_argument("--al-variants", type=json.loads, default=None,
+                   help='AL runs each preset with each of these changes, e.g. \'{"fan-out": {"model": {"init": '
+                        '"he_fan_out"}, "training": {"target_warmup": 100}}}\' (default: the preset as it is)')
+    p.add_argument("--al-modes", nargs="+", choices=("sequential", "threads", "processes"),
+                   default=["sequential", "threads", "processes"], help="how AL runs train")
     p.add_argument("--bp-presets", nargs="+", default=["default"],
                    help="BP runs with each (the first sets the target); the fastest is 'best BP'")
 

@@ -63,18 +63,24 @@ def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[
     cores = os.cpu_count() or 1
     model = case_model(arch, depth, args.mlp_width)
     stage_devices = ["cpu"] * min(depth, cores)
-    runs = {f"BP {preset}, {n} thread(s)": (n, {"method": "bp"}, preset)
+    # label -> (threads, training, preset, model on top of the case's)
+    runs = {f"BP {preset}, {n} thread(s)": (n, {"method": "bp"}, preset, {})
             for preset in args.bp_presets for n in sorted({1, cores})}
+    modes = {"sequential": (f"sequential, {cores} thread(s)", cores, {}),
+             "threads": ("threads", 1, {"pipeline": "threads", "devices": stage_devices}),
+             "processes": ("processes", 1, {"pipeline": "processes", "devices": stage_devices})}
     for preset in args.al_presets:
-        runs |= {f"AL {preset} sequential, {cores} thread(s)": (cores, {}, preset),
-                 f"AL {preset} threads": (1, {"pipeline": "threads", "devices": stage_devices}, preset),
-                 f"AL {preset} processes": (1, {"pipeline": "processes", "devices": stage_devices}, preset)}
+        for variant, changes in (args.al_variants or {"": {}}).items():
+            for mode in args.al_modes:
+                name, threads, placement = modes[mode]
+                label = " ".join(part for part in ("AL", preset, variant, name) if part)
+                runs[label] = (threads, {**changes.get("training", {}), **placement}, preset, changes.get("model", {}))
     measured: dict[str, list[dict]] = {label: [] for label in runs}
     for seed in range(args.seeds):
         target = None
-        for label, (threads, training, preset) in runs.items():
+        for label, (threads, training, preset, model_changes) in runs.items():
             # The seed's first run (BP) trains N epochs and sets the target; the others stop at it.
-            spec = {"data": data, "model": model, "threads": threads, "preset": preset, "target": target,
+            spec = {"data": data, "model": {**model, **model_changes}, "threads": threads, "preset": preset, "target": target,
                     "stop_after_epochs": args.reference_epochs if target is None else None,
                     "training": {"batch_size": args.batch_size, "device": "cpu", "seed": seed,
                                  "epochs": args.max_epochs, **training}}

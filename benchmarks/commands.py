@@ -65,6 +65,8 @@ def add_time_to_accuracy(kinds, common) -> None:
                         '"he_fan_out"}, "training": {"target_warmup": 100}}}\' (default: the preset as it is)')
     p.add_argument("--al-modes", nargs="+", choices=("sequential", "threads", "processes"),
                    default=["sequential", "threads", "processes"], help="how AL runs train")
+    p.add_argument("--cores", type=int, default=None,
+                   help="the most threads a run uses (default: every core; fewer where others share the machine)")
     p.add_argument("--bp-presets", nargs="+", default=["default"],
                    help="BP runs with each (the first sets the target); the fastest is 'best BP'")
 

@@ -60,7 +60,7 @@ def seconds_to(curve: list[dict], target: float) -> tuple[float, int] | None:
 
 
 def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[dict]:
-    cores = os.cpu_count() or 1
+    cores = args.cores or os.cpu_count() or 1
     model = case_model(arch, depth, args.mlp_width)
     stage_devices = ["cpu"] * min(depth, cores)
     # label -> (threads, training, preset, model on top of the case's)

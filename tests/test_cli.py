@@ -83,6 +83,23 @@ def test_bp_trains_the_same_topology(tmp_path):
     assert result["method"] == "bp" and result["test_accuracy"] >= 0.8
 
 
+def test_the_conv_and_learning_rate_levers_reach_the_run_from_the_command_line(tmp_path):
+    out = tmp_path / "m"
+    al("train", "--dataset", "digits", "--arch", "cnn", "--widths", "8,8", "--target-widths", "16,8", "--bridge-pool",
+       "2", "--bridge-convs", "1", "--init", "orthogonal", "--epochs", "1", "--lr-scaling", "sqrt",
+       "--lr-reference-batch", "64", "--lr-warmup", "5", "--target-warmup", "10", "--bridge-lr-factor", "2",
+       "--target-lr-factor", "3", "--json", "--out", str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config["model"][k] for k in ("target_widths", "bridge_convs", "init")} == {
+        "target_widths": [16, 8], "bridge_convs": 1, "init": "orthogonal"}
+    assert {k: config["training"][k] for k in ("lr_scaling", "lr_reference_batch", "lr_warmup", "target_warmup",
+                                               "bridge_lr_factor", "target_lr_factor")} == {
+        "lr_scaling": "sqrt", "lr_reference_batch": 64, "lr_warmup": 5, "target_warmup": 10,
+        "bridge_lr_factor": 2.0, "target_lr_factor": 3.0}
+    refused = al("train", "--dataset", "digits", "--bridge-convs", "1", "--out", str(tmp_path / "n"), check=False)
+    assert refused.returncode == 2 and "bridge_convs apply to conv maps" in refused.stderr
+
+
 def test_early_exit_from_the_command_line(digits_model, tmp_path):
     out, _, _ = digits_model
     result = last_json(al("eval", "--model", str(out), "--dataset", "digits", "--exit-confidence", "0", "--json"))

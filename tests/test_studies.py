@@ -329,3 +329,20 @@ def test_al_study_minimises_time_to_accuracy_locally(tmp_path):
                               "--space", str(tmp_path / "space.json"), "--objective", "time_to_accuracy"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "target: time_to_accuracy needs" in refused.stderr
+
+
+def test_a_local_pareto_study_lists_its_front_and_picks_the_most_accurate(tmp_path):
+    from al.study import Goal, run_local
+
+    result = run_local("digits", {**BASE, "training": {"epochs": 1, "batch_size": 64}}, FAST_THEN_SLOW, 3,
+                       tmp_path / "study", seed=0, goal=Goal("pareto"))
+    trials = result["trials"]
+    assert all(t["state"] == "complete" and len(t["values"]) == 2 for t in trials), trials
+    front = {t["number"] for t in result["pareto"]}
+    for t in trials:  # on the front exactly when no other trial is at least as good in both and better in one
+        dominated = any(o["values"][0] >= t["values"][0] and o["values"][1] <= t["values"][1]
+                        and o["values"] != t["values"] for o in trials)
+        assert (t["number"] in front) == (not dominated), trials
+    most_accurate = max(result["pareto"], key=lambda t: (t["values"][0], -t["values"][1]))
+    assert result["best"]["number"] == most_accurate["number"]
+    assert (tmp_path / "study" / f"trial-{most_accurate['number']}" / "model.safetensors").is_file()

@@ -153,7 +153,7 @@ def test_artifact_keys_are_checked_whole_and_a_stale_attempt_cannot_overwrite_th
     store, data = served.store, served.root / "api"
     config = make_config(training={"epochs": 1}).to_dict()
     with served.client() as client:
-        for verb in ("GET", "PUT"):
+        for verb in ("PUT", "GET"):
             huge = client.request(verb, "/v1/artifacts/models/t1/m/99999999999999999999999/model.safetensors",
                                   content=b"x", headers=WORKER)
             assert huge.status_code == 400 and "version" in huge.text, (verb, huge.text)
@@ -241,10 +241,12 @@ def test_a_rank_never_unpickles_what_a_peer_sends(tmp_path):
 
 
 def test_a_worker_hosts_copies_follow_deletes_and_its_byte_cap(served, monkeypatch):
+    files = {"old": npz(400), "new": npz(900)}
     settings = use_env(monkeypatch, {**served.env, "AL_DATA_DIR": str(served.root / "host-a"), "AL_API_KEY": "wrk",
-                                     "AL_ARTIFACTS_URL": served.url, "DATABASE_URL": served.store.url})
+                                     "AL_ARTIFACTS_URL": served.url, "DATABASE_URL": served.store.url,
+                                     "AL_CACHE_BYTES": str(len(files["new"]) + 100)})  # room for one of the two
     with served.client() as client:
-        old, new = upload(client, npz(400), T1_ADMIN), upload(client, npz(900), T1_ADMIN)
+        old, new = upload(client, files["old"], T1_ADMIN), upload(client, files["new"], T1_ADMIN)
     artifacts = artifacts_for(settings)
     copies = {d: artifacts.dataset(row.path, row.sha256) for d in (old, new)
               if (row := served.store.get_dataset("t1", d))}
@@ -254,7 +256,6 @@ def test_a_worker_hosts_copies_follow_deletes_and_its_byte_cap(served, monkeypat
     an_hour_ago = time.time() - 3600
     for path in (copies[old], gone_job):
         os.utime(path, (an_hour_ago, an_hour_ago))  # last used an hour ago
-    settings.cache_bytes = copies[new].stat().st_size + 100  # room for one of the two
     app = make_celery(settings)
     reconcile_once(served.store, app, settings)
     assert not copies[old].exists() and copies[new].exists() and not gone_job.exists()
@@ -284,8 +285,9 @@ def probe(store: Store, jobs: list[str]) -> tuple[str, str] | None:
 
 
 def test_two_pipeline_jobs_on_two_single_slot_workers_both_finish_and_stages_meet_on_the_stage_address(served):
-    """Before, each job took one worker for its stage 0 and waited for a stage 1 that the other held: neither
-    ever trained. Now a job takes its stage 0 only while enough worker slots are free (the gang rule)."""
+    """Before, each job could take one worker for its stage 0 and wait for a stage 1 that the other worker held, and
+    both went back to the queue together, again and again. Now a job takes its stage 0 only while enough worker
+    slots are free (the gang rule)."""
     env = {k: v for k, v in served.env.items() if k != "AL_API_KEYS"}
     hosts = [served.root / name for name in ("host-b", "host-c")]
     host_env = {**env, "DATABASE_URL": served.store.url, "AL_ARTIFACTS_URL": served.url, "AL_API_KEY": "wrk",
@@ -301,6 +303,8 @@ def test_two_pipeline_jobs_on_two_single_slot_workers_both_finish_and_stages_mee
                          if (rows := [served.store.get_job(j) for j in jobs]) else None, 150, "both jobs to end", 0.3)
         assert [j.status for j in ended] == ["succeeded", "succeeded"], ([j.error for j in ended],
                                                                          workers[0].output()[-3000:])
+        # No attempt waited for a stage in vain: the job that found too few free slots waited without a lease.
+        assert [j.attempts for j in ended] == [1, 1], [(j.attempts, j.error) for j in ended]
         # The hosts keep no copy of a finished job's folder, nor of the model versions they uploaded.
         wait_for(lambda: not [p for host in hosts for p in host.rglob("*.safetensors")], 30, "the hosts' copies to go")
     finally:

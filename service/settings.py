@@ -75,6 +75,10 @@ class Settings(BaseSettings):
         "http(s)://API-HOST:PORT = the API serves them to workers on other hosts (service/artifacts.py); empty = unset",
     )
     api_key: SecretStr | None = Field(None, description="the key a worker sends to the API (scope worker)")
+    cache_bytes: int = Field(
+        20 * 2**30, ge=0, description="a worker with AL_ARTIFACTS_URL: bytes of datasets and job folders it keeps "
+        "copies of (service/cache.py); past it the least recently used datasets go",
+    )
     stage_address: str | None = Field(
         None, description="the address other workers reach a pipeline job's stage 0 on, when this worker runs it; "
         "unset = this host's address on the route to the broker",
@@ -89,6 +93,7 @@ class Settings(BaseSettings):
     docs: bool | None = Field(None, description="serve /docs, /redoc and /openapi.json; unset = only in development")
     # Quotas per tenant: backpressure, so that one tenant cannot fill the queue or the disk for everyone.
     max_queued_jobs: int = Field(100, ge=1, description="queued jobs a tenant may have; past it, 429")
+    max_active_studies: int = Field(10, ge=1, description="unfinished studies a tenant may have; past it, 429")
     disk_quota_bytes: int = Field(
         10 * 2**30, ge=1, description="bytes of uploaded datasets a tenant may keep; an upload past it, 507"
     )

@@ -346,10 +346,14 @@ def test_artifacts_are_for_worker_keys_within_the_data_directory_and_registered_
         tmp_path, monkeypatch, trained_model_dir):
     client = make_client(tmp_path, monkeypatch, AL_API_KEYS=SCOPED_KEYS)
     worker = bearer(TOKENS["worker"])
-    stored = client.put("/v1/artifacts/jobs/job_1/checkpoint.pt", content=b"state", headers=worker)
+    store = client.app.state.core.store
+    job, _ = store.create_job(DEFAULT_TENANT, "j", {"dataset": "digits"}, make_config().to_dict(), None, None)
+    lease = store.take_lease(job.id, "attempt-1", 60).owner  # a job's files are written by the attempt holding it
+    stored = client.put(f"/v1/artifacts/jobs/{job.id}/checkpoint.pt", content=b"state",
+                        headers={**worker, "AL-Lease": lease})
     assert stored.status_code == 204, stored.text
-    assert client.get("/v1/artifacts/jobs/job_1/checkpoint.pt", headers=worker).content == b"state"
-    assert client.get("/v1/artifacts/jobs/job_1/checkpoint.pt", headers=bearer(TOKENS["admin"])).status_code == 403
+    assert client.get(f"/v1/artifacts/jobs/{job.id}/checkpoint.pt", headers=worker).content == b"state"
+    assert client.get(f"/v1/artifacts/jobs/{job.id}/checkpoint.pt", headers=bearer(TOKENS["admin"])).status_code == 403
     assert client.get("/v1/artifacts/jobs/job_2/checkpoint.pt", headers=worker).status_code == 404
     for key in ("al.db", "jobs/../al.db", "jobs/job_1/.checkpoint.pt.tmp", "broker/queue/x", "jobs"):
         refused = client.put(f"/v1/artifacts/{key}", content=b"x", headers=worker)

@@ -34,16 +34,35 @@ class Group:
         return sum(len(x) for x, _ in self.requests)
 
 
+class QueueFull(Exception):
+    """The requests waiting for the inference thread hold as many rows as the queue takes."""
+
+    def __init__(self, rows: int):
+        super().__init__(f"the inference queue holds {rows} rows, all it takes (AL_BATCH_QUEUE_ROWS); retry shortly")
+
+
 class Batcher:
-    def __init__(self, executor: Executor, max_size: int, wait: float):
+    def __init__(self, executor: Executor, max_size: int, wait: float, max_queued_rows: int):
         self.executor, self.max_size, self.wait = executor, max_size, wait
+        self.max_queued_rows, self.queued_rows = max_queued_rows, 0  # rows accepted and not yet answered
         self.groups: dict[Key, Group] = {}  # the oldest first: groups take turns
         self.busy = False  # a forward is on the inference thread
         self.timer: asyncio.TimerHandle | None = None
 
     async def predict(self, key: Key, model: LoadedModel, x: np.ndarray, depth: int | None,
                       exit_confidence: float | None) -> Prediction:
-        """The prediction for rows `x` (checked already: the right feature count, finite)."""
+        """The prediction for rows `x` (checked already: the right feature count, finite); QueueFull when the
+        queue is not empty and `x` would take it past its bound."""
+        if self.queued_rows and self.queued_rows + len(x) > self.max_queued_rows:
+            raise QueueFull(self.queued_rows)
+        self.queued_rows += len(x)
+        try:
+            return await self._predict(key, model, x, depth, exit_confidence)
+        finally:
+            self.queued_rows -= len(x)
+
+    async def _predict(self, key: Key, model: LoadedModel, x: np.ndarray, depth: int | None,
+                       exit_confidence: float | None) -> Prediction:
         loop = asyncio.get_running_loop()
         if self.max_size == 1:
             return await loop.run_in_executor(self.executor, model.predict, x, depth, exit_confidence)

@@ -191,7 +191,7 @@ def run_batcher(model, max_size: int, inputs: list[np.ndarray]) -> list:
 
     async def send():
         with ThreadPoolExecutor(1) as executor:
-            batcher = batching.Batcher(executor, max_size, wait=0.02)
+            batcher = batching.Batcher(executor, max_size, wait=0.02, max_queued_rows=10**6)
             return await asyncio.gather(*(batcher.predict(("digits", 1, None, None), model, x, None, None)
                                           for x in inputs), return_exceptions=True)
 

@@ -145,15 +145,22 @@ class Admission:
         path = scope["path"]
         if caller is None and needs_key(path):
             e = unauthorized()
-            return error_response(path, e.status_code, e.detail, e.headers)
+            return error_response(path, e.status_code, e.detail, {**e.headers, **closing(headers)})
         if by_session and scope["method"] not in SAFE_METHODS and not csrf_matches(scope["session"],
                                                                                     headers.get(CSRF_HEADER)):
             return error_response(path, 403, "a write with the dashboard's session needs its CSRF token "
                                              f"({CSRF_HEADER} header): refused as a request from another site")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            return error_response(path, 413, BodyTooLarge(limit).detail)
+            return error_response(path, 413, BodyTooLarge(limit).detail, closing(headers))
         return None
+
+
+def closing(headers: Headers) -> dict[str, str]:
+    """`Connection: close` for a refused request whose body is still to come: uvicorn would otherwise read the
+    rest and throw it away, and a client that keeps sending costs the server that reading."""
+    declared = headers.get("content-length", "0")
+    return {"Connection": "close"} if not declared.isdigit() or int(declared) > 0 else {}
 
 
 def limited(receive, limit: int):

@@ -222,9 +222,9 @@ def form_token(page_html: str) -> str:
 
 
 def dashboard_login(client, key: str, target: str = "/ui/jobs"):
-    """Log `client` (httpx or TestClient) in as a browser does: the key form (whose CSRF token the session
-    holds), then its POST; the answer, redirects not followed."""
-    form = client.get(target)
+    """Log `client` (httpx or TestClient) in as a browser does: a page (the key form, whose CSRF token the
+    session holds), then the form's POST; the answer, redirects not followed."""
+    form = client.get("/ui/jobs")
     return client.post("/ui/key", data={"key": key, "target": target, "csrf": form_token(form.text)},
                        follow_redirects=False)
 

@@ -195,7 +195,7 @@ def test_v2_infer_obeys_the_native_row_limit(server):
         assert native.status_code == 422 and "4096" in native.json()["detail"]
         tensor = {"name": "input", "shape": [5000, FEATURES], "datatype": "FP32", "data": [0] * (5000 * FEATURES)}
         v2 = client.post(INFER, json={"inputs": [tensor]})
-    assert v2.status_code == 400 and "4096" in v2.json()["error"], v2.text  # v2's errors are 400 {"error"}
+    assert v2.status_code == 400 and "4096" in v2.json()["error"], v2.text[:300]  # v2's errors are 400 {"error"}
 
 
 def test_a_full_batching_queue_answers_503_with_retry_after(server):

@@ -219,6 +219,25 @@ def test_batches_hold_at_most_max_size_rows_and_a_larger_input_runs_alone(model_
         assert_same(result, model.predict(x))
 
 
+def test_a_full_queue_refuses_rows_past_its_bound_and_an_empty_one_takes_any_request(model_dir):
+    model = load_model(model_dir)
+    rows = np.asarray(digits_rows(5), dtype=np.float32)
+    key = ("default", "digits", 1, None, None)
+
+    async def send():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = batching.Batcher(executor, 64, wait=0.05, max_queued_rows=4)
+            waiting = asyncio.ensure_future(batcher.predict(key, model, rows[:3], None, None))
+            await asyncio.sleep(0)  # 3 rows wait for others to join
+            with pytest.raises(batching.QueueFull, match="AL_BATCH_QUEUE_ROWS"):
+                await batcher.predict(key, model, rows[:2], None, None)
+            assert_same(await waiting, model.predict(rows[:3]))
+            assert batcher.queued_rows == 0
+            assert_same(await batcher.predict(key, model, rows, None, None), model.predict(rows))  # 5 > 4, alone
+
+    asyncio.run(send())
+
+
 # --- finding the model --------------------------------------------------------------------------
 
 

@@ -39,6 +39,12 @@ CAPPED = (
 )
 
 
+def add_edge(app, settings: Settings, keyring: Keyring) -> None:
+    # The last added runs first: the session (which the admission reads), then the admission.
+    app.add_middleware(Admission, settings=settings, keyring=keyring)
+    app.add_middleware(SessionByScheme, secret=keyring.secret)
+
+
 def needs_key(path: str) -> bool:
     """The API needs a key, all of it but health; the dashboard's pages show their key form instead, and its
     scripts, the docs and unknown paths under / hold no data."""

@@ -3,7 +3,6 @@ errors that name the problem."""
 
 from __future__ import annotations
 
-import secrets
 import time
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -17,7 +16,7 @@ from al import __version__
 from app.api.deps import Core, Keyring, require
 from app.api.routes import artifacts, datasets, jobs, models, studies, v2
 from app.batching import QueueFull
-from app.edge import Admission, SessionByScheme, error_response
+from app.edge import add_edge, error_response
 from app.inference import ModelCache
 from app.ui.routes import mount_ui
 from service.queue import make_celery
@@ -86,8 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.datasets_dir.mkdir(exist_ok=True)
     store = get_store(settings.store_url)
     model_cache = ModelCache(settings, store)
-    secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
-    keyring = Keyring(settings.keys, secret.encode())
+    keyring = Keyring.of(settings)
     core = Core(settings, keyring, store, make_celery(settings), model_cache, Studies(settings))
     metrics = Metrics(store)
 
@@ -136,10 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         status = 400 if request.url.path.startswith("/v2") else 422
         return error_response(request.url.path, status, validation_message(exc))
 
-    # The last added runs first: metrics, then the session (read by the admission), then the admission.
-    app.add_middleware(Admission, settings=settings, keyring=keyring)
-    app.add_middleware(SessionByScheme, secret=secret)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    add_edge(app, settings, keyring)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last, so it runs first: it counts every answer
     describe_errors_as_sent(app)
     return app
 

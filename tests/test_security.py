@@ -27,6 +27,7 @@ from service_support import (
 from al.config import make_config
 from al.run import train
 from app.api.deps import REACHES, known_key
+from app.edge import CAPPED, needs_key
 from app.main import create_app
 from service.settings import DEFAULT_TENANT, SCOPES, Settings, parse_api_keys
 
@@ -107,6 +108,22 @@ def test_every_route_has_one_scope_decision_that_every_scope_meets(tmp_path, mon
                 assert response.status_code == (403 if scope else 401), (method, path, who, response.text)
                 if scope and not path.startswith("/ui"):
                     assert f"scope {needed!r}" in detail(response) and TOKENS[scope] not in response.text
+
+
+def test_the_edge_tells_from_the_path_every_route_that_needs_a_key_and_every_capped_kind(tmp_path, monkeypatch):
+    """app/edge.py decides before routing, from the path alone, whether a request needs a key (401 before its
+    body is read) and which kind of request in flight it is: a new route must not fall between the two."""
+    client = make_client(tmp_path, monkeypatch, AL_API_KEYS=SCOPED_KEYS)
+    routes = [r for r in iter_route_contexts(client.app.routes) if isinstance(r.original_route, APIRoute)]
+    for route in routes:
+        path, [decision] = concrete(route.path), scope_decisions(route)
+        assert needs_key(path) == (decision is not None and not path.startswith("/ui")), route.path
+        for method in route.methods:
+            kinds = [kind for kind, capped_method, pattern, *_ in CAPPED
+                     if capped_method == method and pattern.fullmatch(path)]
+            expected = {"/predict": "predict", "/infer": "predict", "/events": "stream"}.get(path[path.rfind("/"):])
+            expected = "upload" if (method, path) == ("POST", "/v1/datasets") else expected
+            assert kinds == ([expected] if expected else []), (method, route.path, kinds)
 
 
 def test_api_keys_format_and_clear_errors_that_never_quote_a_token():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,12 +25,18 @@ class Keyring:
     """The API keys, found by token (a bearer header) or by id: what the dashboard's session holds instead of a
     key, an HMAC of it under the session's secret, which names the key to this server and to nobody else."""
 
-    def __init__(self, keys: list[ApiKey], secret: bytes):
+    def __init__(self, keys: list[ApiKey], secret: str):
         self.keys, self.secret = keys, secret
         self.by_id = {self.id_of(key): key for key in keys}
 
+    @classmethod
+    def of(cls, settings: Settings) -> Keyring:
+        """AL_API_KEYS under AL_SESSION_SECRET, or under a random secret when it is unset."""
+        secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
+        return cls(settings.keys, secret)
+
     def id_of(self, key: ApiKey) -> str:
-        return hmac.new(self.secret, key.token.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self.secret.encode(), key.token.encode(), hashlib.sha256).hexdigest()
 
     def find(self, token: str) -> ApiKey | None:
         return known_key(self.keys, token)

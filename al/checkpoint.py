@@ -116,6 +116,15 @@ class Prediction(NamedTuple):
     depths: list[int]  # the depth k of the path f_1..f_k -> b_k -> h_k..h_1 that answered each row
 
 
+class InferenceRequest(NamedTuple):
+    """Rows for one model and how far they may go, as `LoadedModel.request` checked them: nothing checks
+    them again on the way to the network."""
+
+    x: np.ndarray  # float32 rows of the model's input shape, every value finite
+    depth: int | None = None  # the deepest path to take, 1..depth (None: the full one)
+    exit_confidence: float | None = None  # each row stops at the first depth this sure of it (ALNet.predict)
+
+
 class LoadedModel:
     """A trained model ready for inference: raw inputs in, class values out."""
 
@@ -134,9 +143,9 @@ class LoadedModel:
     def num_features(self) -> int:
         return math.prod(self.input_shape)
 
-    def checked(self, x, depth: int | None = None, exit_confidence: float | None = None) -> np.ndarray:
-        """Raw samples of shape (N, *input_shape) or (N, features) as float32 rows of the input shape;
-        ValueError names whatever does not fit this model."""
+    def request(self, x, depth: int | None = None, exit_confidence: float | None = None) -> InferenceRequest:
+        """Raw samples of shape (N, *input_shape) or (N, features), checked against this model: the one
+        check on the way to `predict`. ValueError names whatever does not fit."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim < 2 or math.prod(x.shape[1:]) != self.num_features:
             raise ValueError(
@@ -149,14 +158,13 @@ class LoadedModel:
             raise ValueError(f"depth must be between 1 and {self.depth} for this model, got {depth}")
         if exit_confidence is not None and not 0 <= exit_confidence <= 1:
             raise ValueError(f"exit_confidence must be between 0 and 1, got {exit_confidence}")
-        return x.reshape(len(x), *self.input_shape)
+        return InferenceRequest(x.reshape(len(x), *self.input_shape), depth, exit_confidence)
 
-    def predict(self, x, depth: int | None = None, exit_confidence: float | None = None) -> Prediction:
-        """Class values, probabilities and the depth each row used (see `checked` for x, and
-        ALNet.predict for `exit_confidence`)."""
-        x = self.normalization.apply(torch.from_numpy(self.checked(x, depth, exit_confidence)))
+    def predict(self, request: InferenceRequest) -> Prediction:
+        """Class values, probabilities and the depth each row used, for a request made by `request`."""
+        x = self.normalization.apply(torch.from_numpy(request.x))
         device = next(self.net.parameters()).device
-        indices, probabilities, depths = self.net.predict(x.to(device), depth, exit_confidence)
+        indices, probabilities, depths = self.net.predict(x.to(device), request.depth, request.exit_confidence)
         return Prediction([self.classes[i] for i in indices.tolist()], probabilities.cpu().tolist(), depths.tolist())
 
 

@@ -107,7 +107,7 @@ def cmd_predict(args) -> None:
 
     model = load_model(args.model)
     x = read_inputs(Path(args.input))
-    predictions, probabilities, depths = model.predict(x, args.depth, args.exit_confidence)
+    predictions, probabilities, depths = model.predict(model.request(x, args.depth, args.exit_confidence))
     if args.json:
         print(json.dumps({"predictions": predictions, "probabilities": probabilities, "depths": depths}))
     else:

@@ -115,7 +115,7 @@ def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = 
         raise DataError(f"samples have shape {list(x.shape[1:])}, the model expects {list(model.input_shape)}")
     predictions, depths = [], []
     for i in range(0, len(x), 4096):
-        chunk_predictions, _, chunk_depths = model.predict(x[i : i + 4096], depth, exit_confidence)
+        chunk_predictions, _, chunk_depths = model.predict(model.request(x[i : i + 4096], depth, exit_confidence))
         predictions += chunk_predictions
         depths += chunk_depths
     correct = sum(str(p) == str(t) for p, t in zip(predictions, labels))

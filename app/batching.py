@@ -12,26 +12,34 @@ import asyncio
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from al.checkpoint import LoadedModel, Prediction
+from al.checkpoint import InferenceRequest, LoadedModel, Prediction
+from service.store import ModelRow
 
-Key = tuple[str, str, int, int | None, float | None]  # tenant, model name, version, depth, exit_confidence
+
+class Key(NamedTuple):
+    """What requests must share to share a forward: the model version, and how far its rows may go."""
+
+    tenant: str
+    model: str
+    version: int
+    depth: int | None
+    exit_confidence: float | None
 
 
 @dataclass
 class Group:
-    """Requests waiting for a forward with the same model and settings."""
+    """Requests waiting for a forward with the same key."""
 
     model: LoadedModel
-    depth: int | None
-    exit_confidence: float | None
-    requests: deque[tuple[np.ndarray, asyncio.Future]] = field(default_factory=deque)
+    requests: deque[tuple[InferenceRequest, asyncio.Future]] = field(default_factory=deque)
 
     @property
     def rows(self) -> int:
-        return sum(len(x) for x, _ in self.requests)
+        return sum(len(request.x) for request, _ in self.requests)
 
 
 class QueueFull(Exception):
@@ -49,26 +57,26 @@ class Batcher:
         self.busy = False  # a forward is on the inference thread
         self.timer: asyncio.TimerHandle | None = None
 
-    async def predict(self, key: Key, model: LoadedModel, x: np.ndarray, depth: int | None,
-                      exit_confidence: float | None) -> Prediction:
-        """The prediction for rows `x` (checked already: the right feature count, finite); QueueFull when the
-        queue is not empty and `x` would take it past its bound."""
-        if self.queued_rows and self.queued_rows + len(x) > self.max_queued_rows:
+    async def submit(self, row: ModelRow, model: LoadedModel, request: InferenceRequest) -> Prediction:
+        """The prediction of `model` (the registry's `row`) for a request it checked (LoadedModel.request);
+        QueueFull when the queue is not empty and the request's rows would take it past its bound."""
+        rows = len(request.x)
+        if self.queued_rows and self.queued_rows + rows > self.max_queued_rows:
             raise QueueFull(self.queued_rows)
-        self.queued_rows += len(x)
+        self.queued_rows += rows
         try:
-            return await self._predict(key, model, x, depth, exit_confidence)
+            return await self._submit(row, model, request)
         finally:
-            self.queued_rows -= len(x)
+            self.queued_rows -= rows
 
-    async def _predict(self, key: Key, model: LoadedModel, x: np.ndarray, depth: int | None,
-                       exit_confidence: float | None) -> Prediction:
+    async def _submit(self, row: ModelRow, model: LoadedModel, request: InferenceRequest) -> Prediction:
         loop = asyncio.get_running_loop()
         if self.max_size == 1:
-            return await loop.run_in_executor(self.executor, model.predict, x, depth, exit_confidence)
-        group = self.groups.setdefault(key, Group(model, depth, exit_confidence))
+            return await loop.run_in_executor(self.executor, model.predict, request)
+        key = Key(row.tenant, row.name, row.version, request.depth, request.exit_confidence)
+        group = self.groups.setdefault(key, Group(model))
         future = loop.create_future()
-        group.requests.append((x, future))
+        group.requests.append((request, future))
         if not self.busy:
             if self.wait == 0 or group.rows >= self.max_size:
                 self.dispatch()
@@ -81,26 +89,25 @@ class Batcher:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        batch: list[tuple[np.ndarray, asyncio.Future]] = []
+        batch: list[tuple[InferenceRequest, asyncio.Future]] = []
         while not batch and self.groups:
             key = next(iter(self.groups))
             group = self.groups.pop(key)
             rows = 0
-            while group.requests and (not batch or rows + len(group.requests[0][0]) <= self.max_size):
-                x, future = group.requests.popleft()
+            while group.requests and (not batch or rows + len(group.requests[0][0].x) <= self.max_size):
+                request, future = group.requests.popleft()
                 if not future.done():  # a request whose client went away is dropped
-                    batch.append((x, future))
-                    rows += len(x)
+                    batch.append((request, future))
+                    rows += len(request.x)
             if group.requests:
                 self.groups[key] = group  # the rest goes behind the other groups
         self.busy = bool(batch)
         if batch:
             done = asyncio.get_running_loop().run_in_executor(
-                self.executor, forward, group.model, [x for x, _ in batch], group.depth, group.exit_confidence
-            )
+                self.executor, forward, group.model, [request for request, _ in batch])
             done.add_done_callback(lambda finished: self.answer(batch, finished))
 
-    def answer(self, batch: list[tuple[np.ndarray, asyncio.Future]], finished: asyncio.Future) -> None:
+    def answer(self, batch: list[tuple[InferenceRequest, asyncio.Future]], finished: asyncio.Future) -> None:
         error = finished.exception()  # `forward` catches what predict raises; this is for the unforeseen
         for (_, future), result in zip(batch, [error] * len(batch) if error else finished.result()):
             if future.done():
@@ -112,25 +119,23 @@ class Batcher:
         self.dispatch()
 
 
-def forward(model: LoadedModel, xs: list[np.ndarray], depth: int | None,
-            exit_confidence: float | None) -> list[Prediction | Exception]:
-    """On the inference thread: one forward over every request's rows, split back per request. If it
-    raises, the requests run one by one, so each gets its own answer or error."""
-    if len(xs) > 1:
+def forward(model: LoadedModel, requests: list[InferenceRequest]) -> list[Prediction | Exception]:
+    """On the inference thread: one forward over every request's rows (same depth and exit_confidence), split
+    back per request. If it raises, the requests run one by one, so each gets its own answer or error."""
+    if len(requests) > 1:
         try:
-            joined = model.predict(np.concatenate(xs), depth, exit_confidence)
+            joined = model.predict(requests[0]._replace(x=np.concatenate([request.x for request in requests])))
         except Exception:  # noqa: BLE001 - some request's rows broke the batch; the loop below finds which
             pass
         else:
-            ends = np.cumsum([len(x) for x in xs]).tolist()
+            ends = np.cumsum([len(request.x) for request in requests]).tolist()
             return [Prediction(*(values[start:end] for values in joined))
                     for start, end in zip([0, *ends], ends)]
-    return [attempt(model, x, depth, exit_confidence) for x in xs]
+    return [attempt(model, request) for request in requests]
 
 
-def attempt(model: LoadedModel, x: np.ndarray, depth: int | None,
-            exit_confidence: float | None) -> Prediction | Exception:
+def attempt(model: LoadedModel, request: InferenceRequest) -> Prediction | Exception:
     try:
-        return model.predict(x, depth, exit_confidence)
+        return model.predict(request)
     except Exception as e:  # noqa: BLE001 - handed to this request's caller
         return e

@@ -9,11 +9,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from al.checkpoint import LoadedModel, Prediction, load_model
+from al.checkpoint import LoadedModel, load_model
 from app.batching import Batcher
 from service.settings import Settings
 from service.store import ModelRow, Store
@@ -24,7 +23,8 @@ ModelKey = tuple[str, str, int]
 
 
 class ModelCache:
-    """Loaded models, and one thread that runs every inference, fed by a batcher.
+    """Loaded models, and one thread that runs every inference, fed by `batcher` (Batcher.submit: a
+    request the model checked, batched with concurrent ones of the same settings).
 
     One thread, always the same: torch's intra-op thread pool belongs to the calling thread, and
     calling from ever-changing pool threads cost more than the forward itself for small batches.
@@ -42,14 +42,6 @@ class ModelCache:
                                       initializer=torch.set_num_threads, initargs=(settings.inference_threads,))
         self.batcher = Batcher(executor, settings.batch_max_size, settings.batch_wait_ms / 1000,
                                settings.batch_queue_rows)
-
-    async def predict(self, row: ModelRow, model: LoadedModel, x: np.ndarray, depth: int | None,
-                      exit_confidence: float | None) -> Prediction:
-        """The AL inference path (full, or up to `depth`, exiting early at `exit_confidence`), batched with
-        concurrent requests of the same settings; ValueError names any problem with this request."""
-        x = model.checked(x, depth, exit_confidence)  # before it joins a batch: its error is its own
-        key = (row.tenant, row.name, row.version, depth, exit_confidence)
-        return await self.batcher.predict(key, model, x, depth, exit_confidence)
 
     def registered(self, tenant: str, name: str, version: int | None) -> ModelRow | None:
         """The registry's row; the latest version of a name is looked up at most every LATEST_TTL seconds."""

@@ -7,12 +7,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from al.config import MAX_COMPONENTS, TrainConfig, limits_of
-from service.jobspec import JobSpec, ModelAndTraining, Strict
+from service.jobspec import DATASET_DESCRIPTION, ModelAndTraining, Strict
 
 MAX_PREDICT_ROWS = 4096
 MAX_EPOCHS = int(limits_of(TrainConfig)["epochs"].le)
 MAX_FEATURES = 1_000_000
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -43,20 +42,7 @@ class DatasetList(BaseModel):
     builtin: list[str] = Field(description="names of the built-in datasets, usable as dataset ids")
 
 
-# --- jobs -----------------------------------------------------------------------------
-
-
-DATASET_DESCRIPTION = "a built-in name (digits, mnist, ...) or an uploaded dataset's id"
-
-
-class JobCreate(JobSpec):
-    """A training job: what it trains on, the name its model is registered under, and its job spec
-    (service/jobspec.py, whose fields are the library's config fields)."""
-
-    dataset: str = Field(min_length=1, max_length=64, description=DATASET_DESCRIPTION)
-    name: str | None = Field(
-        None, pattern=NAME_PATTERN, description="model name to register on success (default: the job id)"
-    )
+# --- jobs (the body of POST /v1/jobs, JobCreate, is service/jobspec.py's) ------------------------------
 
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned"]

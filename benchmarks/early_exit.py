@@ -22,7 +22,7 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, depth: int | None, exit_confid
     correct, depths = 0, []
     started = time.perf_counter()
     for i in range(0, len(x), CHUNK):
-        classes, _, used = model.predict(x[i : i + CHUNK], depth, exit_confidence)
+        classes, _, used = model.predict(model.request(x[i : i + CHUNK], depth, exit_confidence))
         correct += sum(str(c) == str(model.classes[t]) for c, t in zip(classes, y[i : i + CHUNK]))
         depths += used
     return correct / len(x), depths, len(x) / (time.perf_counter() - started)
@@ -33,7 +33,7 @@ def one_row_ms(model, x: np.ndarray, depth: int | None, exit_confidence: float |
     seconds = []
     for row in x:
         started = time.perf_counter()
-        model.predict(row[None], depth, exit_confidence)
+        model.predict(model.request(row[None], depth, exit_confidence))
         seconds.append(time.perf_counter() - started)
     return 1000 * statistics.median(seconds)
 

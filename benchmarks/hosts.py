@@ -2,7 +2,7 @@
 
 Each host is a namespace with its own loopback and one address on 10.231.0.0/24. The bridge lives in
 a namespace of its own, so no traffic of these hosts reaches the machine's network or another run's
-hosts. Making namespaces needs root; `unavailable()` says why it cannot be done here.
+hosts. Making namespaces needs root; `unavailable_reason()` says why it cannot be done here.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
-def unavailable() -> str | None:
+def unavailable_reason() -> str | None:
     """Why namespaced hosts cannot be made on this machine; None when they can."""
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from al.trainer import Callback
-from benchmarks.hosts import Hosts, unavailable
+from benchmarks.hosts import Hosts, unavailable_reason
 from benchmarks.pipeline import median_run, one_run, predicted_seconds, vars_of
 from benchmarks.report import destination, publish
 from benchmarks.runs import case_model, fresh_process, run_result, subset_file
@@ -117,7 +117,7 @@ def run_on_hosts(spec: dict, count: int) -> dict:
 
 
 def bench_hosts(args) -> None:
-    reason = unavailable()
+    reason = unavailable_reason()
     if reason:
         raise SystemExit(f"al bench hosts: the hosts are network namespaces, and {reason}")
     cases = [(arch, depth) for arch in args.archs for depth in args.depths]

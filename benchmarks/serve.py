@@ -181,11 +181,11 @@ def bare_forward(model_dir: Path, rows: list[list[float]], iterations: int, thre
 
     model, x = load_model(model_dir), np.asarray(rows, dtype=np.float32)
     for _ in range(20):
-        model.predict(x)
+        model.predict(model.request(x))
     seconds = []
     for _ in range(iterations):
         t0 = time.perf_counter()
-        model.predict(x)
+        model.predict(model.request(x))
         seconds.append(time.perf_counter() - t0)
     p50, p99 = percentiles_ms(seconds)
     return {"p50_ms": p50, "p99_ms": p99}
@@ -280,9 +280,9 @@ def notes(inference_threads: int, load_at_start: float) -> str:
         "every request its own forward; on: the defaults (docs/service.md), concurrent requests share one "
         "forward. Two servers on one data directory, each case measured on both back to back; x off: "
         "requests/s over the same case with batching off. Model: the digits MLP of the default preset, "
-        "trained by the service itself. Bare forward: `LoadedModel.predict` in-process on the same rows "
-        "(normalise, forward, softmax, to lists), the work the server does per request, back to back; both "
-        f"with {inference_threads} torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: "
+        "trained by the service itself. Bare forward: `LoadedModel.request` and `predict` in-process on the "
+        "same rows (check, normalise, forward, softmax, to lists), the work the server does per request, back "
+        f"to back; both with {inference_threads} torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: "
         "client-observed time from POST /v1/jobs until GET shows `running` (10 ms polling), and the server's "
         "started_at - created_at, after one unmeasured job that waits out the worker's start-up, each "
         f"{IDLE_WAIT:.0f} s after the previous job ended. "

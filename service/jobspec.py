@@ -1,7 +1,7 @@
-"""The job spec, owned here: its HTTP schema, derived from the library's config fields (al/config.py), and
-`resolve`, which turns a spec into the RunConfig a job trains with. The API resolves a spec once, when the
-job is submitted (and a study's base and trials when it is created); the store keeps the RunConfig, and the
-worker trains with it as stored.
+"""The job spec, owned here: its HTTP schema (JobCreate, the body of POST /v1/jobs), derived from the
+library's config fields (al/config.py), and `resolve`, which turns a spec into the RunConfig a job trains
+with. The API resolves a spec once, when the job is submitted (and a study's base and trials when it is
+created); the store keeps the RunConfig, and the worker trains with it as stored.
 
 A job spec: `{"preset", "method", "model": {ModelConfig fields}, "training": {TrainConfig fields but the
 pipeline's}, "pipeline": {"mode", "devices", "stages", ..., "workers"}}`; a field left out takes the preset's
@@ -33,6 +33,8 @@ from al.model import count_parameters
 # TrainConfig fields that a job spec holds elsewhere: the method at its top, the placement under `pipeline`.
 NOT_IN_TRAINING = {"method", *PIPELINE_SECTION.values()} - {"device"}
 MAX_WORKERS = 32
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a job's model name
+DATASET_DESCRIPTION = "a built-in name (digits, mnist, ...) or an uploaded dataset's id"
 
 
 class Strict(BaseModel):
@@ -90,6 +92,16 @@ class ModelAndTraining(Strict):
 
 class JobSpec(ModelAndTraining):
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec, description="where the components run")
+
+
+class JobCreate(JobSpec):
+    """A training job (POST /v1/jobs): what it trains on, the name its model is registered under, and its
+    job spec."""
+
+    dataset: str = Field(min_length=1, max_length=64, description=DATASET_DESCRIPTION)
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN, description="model name to register on success (default: the job id)"
+    )
 
 
 @dataclass

@@ -28,7 +28,7 @@ from service_support import FAST, digits_npz, digits_rows, wait_for
 
 from al.config import from_spec
 from al.run import train
-from benchmarks.hosts import Hosts, unavailable
+from benchmarks.hosts import Hosts, unavailable_reason
 
 POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path(
     "/usr/lib/postgresql").is_dir() else None
@@ -45,7 +45,7 @@ PIPELINE_JOB = {
 def reason_to_skip() -> str | None:
     if POSTGRES_BIN is None or not shutil.which("runuser") or not shutil.which("redis-server"):
         return "needs Debian's PostgreSQL server binaries, runuser and redis-server to run host A's own"
-    return unavailable()
+    return unavailable_reason()
 
 
 @contextmanager

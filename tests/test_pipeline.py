@@ -209,7 +209,7 @@ def test_a_checkpoint_from_one_mode_resumes_in_another(tmp_path, one_thread, fir
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test_accuracy"] == straight["test_accuracy"]
     model_dir = load_model(tmp_path / "resumed")  # inference needs nothing of the pipeline
-    predictions = model_dir.predict(DIGITS.test_x[:8]).classes
+    predictions = model_dir.predict(model_dir.request(DIGITS.test_x[:8])).classes
     assert len(predictions) == 8
 
 
@@ -244,9 +244,9 @@ def test_torchrun_ranks_train_the_stages(tmp_path, one_thread):
 
 def test_torchrun_across_two_hosts_trains_the_stages(tmp_path, one_thread):
     """One torchrun per host (a network namespace, benchmarks/hosts.py), each with its own --out."""
-    from benchmarks.hosts import Hosts, unavailable
+    from benchmarks.hosts import Hosts, unavailable_reason
 
-    reason = unavailable()
+    reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
     # gloo binds to the address the hostname resolves to, which is often 127.0.0.1 (/etc/hosts): each

@@ -102,15 +102,15 @@ def test_model_directory_holds_config_metrics_and_weights_and_loads_for_inferenc
 
     model = load_model(tmp_path)
     assert evaluate(tmp_path, "digits")["test_accuracy"] == pytest.approx(result["test_accuracy"])
-    predictions, probabilities, depths = model.predict(torch.zeros(3, 64), depth=1)
+    predictions, probabilities, depths = model.predict(model.request(torch.zeros(3, 64), depth=1))
     assert len(predictions) == 3 and all(p in range(10) for p in predictions)
     assert depths == [1, 1, 1]
     with pytest.raises(ValueError, match="exit_confidence"):
-        model.predict(torch.zeros(1, 64), exit_confidence=1.5)
+        model.request(torch.zeros(1, 64), exit_confidence=1.5)
     with pytest.raises(ValueError, match="64 values"):
-        model.predict(torch.zeros(1, 10))
+        model.request(torch.zeros(1, 10))
     with pytest.raises(ValueError, match="NaN"):
-        model.predict(torch.full((1, 64), float("nan")))
+        model.request(torch.full((1, 64), float("nan")))
 
 
 def test_detach_target_switch_changes_what_trains_the_target_encoder(tmp_path):

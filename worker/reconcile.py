@@ -33,7 +33,7 @@ def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
     """One pass; the ids of the jobs it sent again."""
     resent = []
     live = None
-    for job in store.waiting_jobs():  # pipeline jobs waiting for workers (worker/tasks.py: too_few_workers)
+    for job in store.waiting_jobs():  # pipeline jobs waiting for workers (worker/tasks.py: waiting_reason)
         live = store.live_slots(settings.worker_seen_within) if live is None else live
         if pipeline_workers(job.spec) <= live and store.stop_waiting(job):
             log.info("job %s: %d worker slot(s) are live; sending it again", job.id, live)

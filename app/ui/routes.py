@@ -27,8 +27,7 @@ from app.api.routes.jobs import job_public
 from app.api.routes.models import version_public
 from app.api.routes.studies import study_public
 from app.edge import csrf_matches, csrf_token
-from app.schemas import JobCreate
-from service.jobspec import PipelineSpec
+from service.jobspec import JobCreate, PipelineSpec
 from service.store import ModelRow
 
 HERE = Path(__file__).parent

@@ -112,6 +112,10 @@ def job(client, job_id: str) -> dict:
     return client.get(f"/v1/jobs/{job_id}").json()
 
 
+def job_ids(client) -> set[str]:
+    return {j["id"] for j in client.get("/v1/jobs", params={"limit": 100}).json()["items"]}
+
+
 def running_at_epoch(client, job_id: str, epoch: int) -> dict:
     return wait_for(lambda: (j := job(client, job_id))["status"] == "running" and j["progress"]["epoch"] >= epoch
                     and j, 300, f"job {job_id} to run epoch {epoch}", interval=0.2)
@@ -201,14 +205,21 @@ def test_redis_restart_loses_nothing(client, dataset, epochs):
         running_at_epoch(client, running, 1)
         # waits in Redis behind the running one; flow's version 2
         queued = submit(client, dataset, "flow", epochs=2)
+        before = job_ids(client)
         time.sleep(1.5)  # appendfsync everysec
         (redis,) = containers("redis")
         sh("docker", "kill", "-s", "KILL", redis)
         compose("start", "redis")
         # the queued job's message came back from the append-only file: the reconciler would only
         # resend it after AL_REQUEUE_QUEUED_AFTER (300 s), far beyond these waits
-        finished(client, running)
-        finished(client, queued, timeout=200)
+        assert finished(client, running)["model"] == {"name": "redis-running", "version": 1}
+        trained_once(client, running, epochs["job"])
+        done = finished(client, queued, timeout=200)
+        assert done["model"] == {"name": "flow", "version": 2} and done["attempts"] == 1, done  # its message, once
+        trained_once(client, queued, 2)
+        assert job_ids(client) == before  # the store lost no job and gained none
+        predicts(client, "redis-running", 1)
+        predicts(client, "flow", 2)
 
 
 def test_two_workers_run_two_jobs_at_once(client, dataset, epochs):

@@ -14,8 +14,8 @@ from sse_starlette import EventSourceResponse
 
 from al.data import BUILTIN_DATASETS, DataError, summarize
 from app.api.deps import AdminCaller, Caller, Core, CoreDep, OffsetQuery, TrainCaller, iso, remove_files
-from app.schemas import JobCreate, JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
-from service.jobspec import check_fits, resolve
+from app.schemas import JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
+from service.jobspec import JobCreate, check_fits, resolve
 from service.queue import enqueue
 from service.store import TERMINAL, Conflict, JobRow, QuotaExceeded
 

@@ -94,10 +94,10 @@ async def run_predict(core: Core, caller: Caller, name: str, version: int | None
     except ValueError:  # ragged: numpy cannot make one array of the rows
         raise HTTPException(422, "inputs: every row must have the same shape") from None
     try:
-        predictions, probabilities, depths = await core.models.predict(
-            row, model, x, body.depth, body.exit_confidence)
+        request = model.request(x, body.depth, body.exit_confidence)
     except ValueError as e:  # wrong feature count, depth out of range
         raise HTTPException(422, str(e)) from None
+    predictions, probabilities, depths = await core.models.batcher.submit(row, model, request)
     return PredictResponse(predictions=predictions, probabilities=probabilities, depths=depths, model=row.name,
                            version=row.version)
 

@@ -163,10 +163,10 @@ async def infer(core: Core, caller: Caller, name: str, version: int | None, deco
     exit_confidence = parameter(body, "exit_confidence", lambda v: isinstance(v, int | float) and 0 <= v <= 1,
                                 "a number between 0 and 1")  # NaN is not
     try:
-        predictions, probabilities, depths = await core.models.predict(
-            row, model, x.reshape(tensor.shape[0], -1), depth, exit_confidence)
+        request = model.request(x.reshape(tensor.shape[0], -1), depth, exit_confidence)
     except ValueError as e:  # wrong feature count, NaN or infinity, depth out of range
         raise HTTPException(400, f"input {tensor.name!r}: {e}") from None
+    predictions, probabilities, depths = await core.models.batcher.submit(row, model, request)
     rows = len(predictions)
     outputs = {
         "predictions": V2Tensor(

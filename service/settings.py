@@ -98,6 +98,15 @@ class Settings(BaseSettings):
         10 * 2**30, ge=1, description="bytes of uploaded datasets a tenant may keep; an upload past it, 507"
     )
 
+    # Requests a tenant may have in flight at once, per kind (app/edge.py): past one, 429 with Retry-After.
+    max_concurrent_predicts: int = Field(64, ge=1, description="predict and v2 infer requests per tenant")
+    max_concurrent_uploads: int = Field(4, ge=1, description="dataset uploads per tenant")
+    max_concurrent_streams: int = Field(16, ge=1, description="open event streams (jobs' and studies') per tenant")
+    session_secret: SecretStr | None = Field(
+        None, description="signs the dashboard's session cookie; unset = a new random one at each start (every "
+        "dashboard session then ends with the process, and API processes behind one address need the same one)",
+    )
+
     # Byte limits on what a client may send (the rest are in app/schemas.py, where OpenAPI shows them).
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="JSON request bodies")
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="dataset uploads")
@@ -135,6 +144,10 @@ class Settings(BaseSettings):
     # share one forward on the inference thread (app/batching.py).
     batch_max_size: int = Field(
         64, ge=1, description="rows per batched forward; 1 turns batching off (a larger request runs alone)"
+    )
+    batch_queue_rows: int = Field(
+        16384, ge=1, description="rows waiting for the inference thread, all models together; a request that would "
+        "take the queue past it gets 503 with Retry-After (a request finding the queue empty always joins)",
     )
     batch_wait_ms: float = Field(
         0.0, ge=0, le=1000,

@@ -68,6 +68,7 @@ const AL = (() => {
       source.close();
       if (onEnd) onEnd(JSON.parse(event.data));
     });
+    source.addEventListener("deleted", () => source.close());  // else the browser reconnects, to a 404
     return source;
   }
 

@@ -131,6 +131,18 @@ def submit_from_form(driver, **fields: str) -> None:
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
 
+def click_in_live_list(driver, xpath: str) -> bool:
+    """Clicks what `xpath` finds; False when the stream re-drew its row between the find and the click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        driver.find_element(By.XPATH, xpath).click()
+    except StaleElementReferenceException:
+        return False
+    return True
+
+
 def row_status(driver, name: str) -> str | None:
     return driver.execute_script(
         "const a = [...document.querySelectorAll('#jobs tbody tr')].find(r => r.querySelector('a').textContent"
@@ -184,7 +196,8 @@ def test_train_watch_compare_predict_cancel(dashboard, tmp_path):
     wait_for(lambda: row_status(browser, "al-digits"), 10, "the submitted job's row")
     submit_from_form(browser, name="to-cancel", epochs="500", mode="threads", devices="cpu,cpu")
     wait_for(lambda: row_status(browser, "to-cancel"), 10, "the second job's row")
-    browser.find_element(By.XPATH, "//tr[.//a[text()='to-cancel']]//button[@data-cancel]").click()
+    wait_for(lambda: click_in_live_list(browser, "//tr[.//a[text()='to-cancel']]//button[@data-cancel]"), 10,
+             "the cancel button")
     wait_for(lambda: row_status(browser, "to-cancel") == "cancelled", 60, "the cancel, shown from the stream")
     # A bad spec: the API's message, as it gave it.
     submit_from_form(browser, name="bad", widths="0", epochs="1")
@@ -192,7 +205,7 @@ def test_train_watch_compare_predict_cancel(dashboard, tmp_path):
     assert error.startswith("422: ") and "widths" in error
     assert [e for e in console_errors(browser) if "/v1/jobs - " not in e or "422" not in e] == []
 
-    wait_for(lambda: row_status(browser, "al-digits") == "succeeded", 120, "the AL job to succeed, live in the list")
+    wait_for(lambda: row_status(browser, "al-digits") == "succeeded", 240, "the AL job to succeed, live in the list")
     assert console_errors(browser) == []  # e.g. no stream for a job id that is not there
     jobs = {j["name"]: j for j in api.get("/v1/jobs").json()["items"]}
     al_job = jobs["al-digits"]

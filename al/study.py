@@ -135,7 +135,8 @@ def goal_fields(spec: dict) -> dict:
 def parse_space(space: dict, base: dict, check: Callable[[dict], None] = check_spec_with_library
                 ) -> dict[str, BaseDistribution]:
     """Optuna distributions for a space; SpaceError names the first bad entry. `check(spec)` raises
-    ValueError for a spec that cannot train: it is tried with each range's ends and each choice."""
+    ValueError for a spec that cannot train: it is tried with each range's ends and each choice, and then with
+    the switches together (`_check_together`)."""
     if not isinstance(space, dict) or not space:
         raise SpaceError("space", "give at least one switch to search")
     distributions = {}
@@ -150,7 +151,24 @@ def parse_space(space: dict, base: dict, check: Callable[[dict], None] = check_s
             except ValueError as e:
                 raise SpaceError(field, f"{value!r} is not allowed: {e}") from None
         distributions[path] = distribution
+    _check_together(distributions, base, check)
     return distributions
+
+
+def _check_together(distributions: dict[str, BaseDistribution], base: dict, check: Callable[[dict], None]) -> None:
+    """Values that pass one by one can fail together (a network grows with each of its widths): every range at its
+    high end at once, alone and with each choice of each categorical switch."""
+    highs = {path: d.high for path, d in distributions.items() if not isinstance(d, CategoricalDistribution)}
+    choices = [{path: choice} for path, d in distributions.items() if isinstance(d, CategoricalDistribution)
+               for choice in d.choices]
+    for params in ({**highs, **choice} for choice in [{}, *choices]):
+        if len(params) < 2:
+            continue  # one switch alone was tried already
+        try:
+            check(apply_params(base, params))
+        except ValueError as e:
+            values = ", ".join(f"{path}={value!r}" for path, value in params.items())
+            raise SpaceError("space", f"the values {values} are not allowed together: {e}") from None
 
 
 def _distribution(field: str, kind, param) -> BaseDistribution:

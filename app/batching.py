@@ -42,15 +42,34 @@ class Group:
         return sum(len(request.x) for request, _ in self.requests)
 
 
+class QueueFull(Exception):
+    """The requests waiting for the inference thread hold as many rows as the queue takes."""
+
+    def __init__(self, rows: int):
+        super().__init__(f"the inference queue holds {rows} rows, all it takes (AL_BATCH_QUEUE_ROWS); retry shortly")
+
+
 class Batcher:
-    def __init__(self, executor: Executor, max_size: int, wait: float):
+    def __init__(self, executor: Executor, max_size: int, wait: float, max_queued_rows: int):
         self.executor, self.max_size, self.wait = executor, max_size, wait
+        self.max_queued_rows, self.queued_rows = max_queued_rows, 0  # rows accepted and not yet answered
         self.groups: dict[Key, Group] = {}  # the oldest first: groups take turns
         self.busy = False  # a forward is on the inference thread
         self.timer: asyncio.TimerHandle | None = None
 
     async def submit(self, row: ModelRow, model: LoadedModel, request: InferenceRequest) -> Prediction:
-        """The prediction of `model` (the registry's `row`) for a request it checked (LoadedModel.request)."""
+        """The prediction of `model` (the registry's `row`) for a request it checked (LoadedModel.request);
+        QueueFull when the queue is not empty and the request's rows would take it past its bound."""
+        rows = len(request.x)
+        if self.queued_rows and self.queued_rows + rows > self.max_queued_rows:
+            raise QueueFull(self.queued_rows)
+        self.queued_rows += rows
+        try:
+            return await self._submit(row, model, request)
+        finally:
+            self.queued_rows -= rows
+
+    async def _submit(self, row: ModelRow, model: LoadedModel, request: InferenceRequest) -> Prediction:
         loop = asyncio.get_running_loop()
         if self.max_size == 1:
             return await loop.run_in_executor(self.executor, model.predict, request)

@@ -40,7 +40,8 @@ class ModelCache:
         self._lock = threading.Lock()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="al-inference",
                                       initializer=torch.set_num_threads, initargs=(settings.inference_threads,))
-        self.batcher = Batcher(executor, settings.batch_max_size, settings.batch_wait_ms / 1000)
+        self.batcher = Batcher(executor, settings.batch_max_size, settings.batch_wait_ms / 1000,
+                               settings.batch_queue_rows)
 
     def registered(self, tenant: str, name: str, version: int | None) -> ModelRow | None:
         """The registry's row; the latest version of a name is looked up at most every LATEST_TTL seconds."""

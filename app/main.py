@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, body limits, Prometheus metrics, errors that name the problem."""
+"""The FastAPI application: routes, the edge every request passes first (app/edge.py), Prometheus metrics,
+errors that name the problem."""
 
 from __future__ import annotations
 
@@ -6,30 +7,22 @@ import time
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from al import __version__
-from app.api.deps import Core, require
+from app.api.deps import Core, Keyring, require
 from app.api.routes import artifacts, datasets, jobs, models, studies, v2
-from app.api.routes.artifacts import ARTIFACTS_PREFIX
+from app.batching import QueueFull
+from app.edge import add_edge, error_response
 from app.inference import ModelCache
 from app.ui.routes import mount_ui
 from service.queue import make_celery
 from service.settings import Settings, get_settings
 from service.store import OUTAGE, get_store
 from service.studies import Studies
-
-UPLOAD_PATHS = ("/v1/datasets",)
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """An HTTPException, so FastAPI passes it through its body parsing unchanged."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, too_large_message(limit))
 
 
 class Metrics:
@@ -52,46 +45,17 @@ class Metrics:
         yield gauge
 
 
-class LimitsAndMetrics:
-    """Pure ASGI (cheaper than BaseHTTPMiddleware on the predict path): caps request bodies and records metrics."""
+class RequestMetrics:
+    """Pure ASGI (cheaper than BaseHTTPMiddleware on the predict path), outermost: every answer is counted,
+    refusals at the edge included."""
 
-    def __init__(self, app, settings: Settings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        limit = request_limit(self.settings, path)
-        started = time.perf_counter()
-        status = 500
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = error_response(path, 413, too_large_message(limit))
-            await response(scope, receive, send)
-            return self.record(scope, 413, started)
-        if path.startswith("/v2"):
-            if b"inference-header-content-length" in headers:
-                try:
-                    scope, receive = await self.as_json(scope, receive, headers, limit)
-                except (ValueError, BodyTooLarge) as e:
-                    too_large = isinstance(e, BodyTooLarge)
-                    code, message = (413, e.detail) if too_large else (400, f"binary tensor data: {e}")
-                    await error_response(path, code, message)(scope, receive, send)
-                    return self.record(scope, code, started)
-            elif b"content-type" not in headers:
-                # Triton's and KServe's clients send v2 JSON without a Content-Type, as their servers accept.
-                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:  # a chunked body without Content-Length
-                raise BodyTooLarge(limit)
-            return message
+        started, status = time.perf_counter(), 500
 
         async def send_with_status(message):
             nonlocal status
@@ -100,63 +64,11 @@ class LimitsAndMetrics:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_with_status)
+            await self.app(scope, receive, send_with_status)
         finally:
-            self.record(scope, status, started)
-
-    @staticmethod
-    async def as_json(scope, receive, headers: dict, limit: int):
-        """A request in Triton's binary tensor data extension, read whole (up to `limit`) and replayed to the app
-        as the JSON request it stands for."""
-        header_length = headers[b"inference-header-content-length"]
-        if not header_length.isdigit():
-            raise ValueError("Inference-Header-Content-Length must be a number of bytes")
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                raise BodyTooLarge(limit)
-        converted = v2.json_from_binary(body, int(header_length))
-        replaced = {b"inference-header-content-length", b"content-length", b"content-type"}
-        scope = {**scope, "headers": [*[(k, v) for k, v in scope["headers"] if k not in replaced],
-                                      (b"content-type", b"application/json"),
-                                      (b"content-length", str(len(converted)).encode())]}
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()  # a disconnect, if the client goes
-            sent = True
-            return {"type": "http.request", "body": converted, "more_body": False}
-
-        return scope, replay
-
-    def record(self, scope, status: int, started: float) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        self.metrics.requests.labels(scope["method"], template, str(status)).inc()
-        self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
-
-
-def request_limit(settings: Settings, path: str) -> int:
-    if path in UPLOAD_PATHS:
-        return settings.max_upload_bytes
-    if path.startswith(ARTIFACTS_PREFIX):  # a worker's checkpoint: 16 bytes per parameter at most (weights, Adam)
-        return 16 * settings.max_parameters + settings.max_request_bytes
-    return settings.max_request_bytes
-
-
-def too_large_message(limit: int) -> str:
-    return f"request body is larger than the limit of {limit} bytes"
-
-
-def error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    """`{"error": ...}` on the Open Inference Protocol's paths, FastAPI's `{"detail": ...}` elsewhere."""
-    body = {"error": message} if path.startswith("/v2") else {"detail": message}
-    return JSONResponse(body, status_code=status, headers=headers)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"  # the route's template
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -173,7 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.datasets_dir.mkdir(exist_ok=True)
     store = get_store(settings.store_url)
     model_cache = ModelCache(settings, store)
-    core = Core(settings, store, make_celery(settings), model_cache, Studies(settings))
+    keyring = Keyring.of(settings)
+    core = Core(settings, keyring, store, make_celery(settings), model_cache, Studies(settings))
     metrics = Metrics(store)
 
     app = FastAPI(
@@ -212,12 +125,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for outage in OUTAGE:
         app.add_exception_handler(outage, store_outage)
 
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull):
+        return error_response(request.url.path, 503, str(exc), {"Retry-After": "1"})
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         status = 400 if request.url.path.startswith("/v2") else 422
         return error_response(request.url.path, status, validation_message(exc))
 
-    app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
+    add_edge(app, settings, keyring)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last, so it runs first: it counts every answer
     describe_errors_as_sent(app)
     return app
 
@@ -235,6 +153,7 @@ def describe_errors_as_sent(app: FastAPI) -> None:
                 "properties": {"detail": {"type": "string", "description": "what is wrong, field by field"}},
             }
             schema["components"]["schemas"].pop("ValidationError", None)
+            v2.describe_infer_body(schema)
             for path, operations in schema["paths"].items():
                 if path.startswith("/v2"):
                     for operation in operations.values():

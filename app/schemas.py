@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from al.config import MAX_COMPONENTS, TrainConfig, limits_of
 from al.study import OBJECTIVES, PARETO_OBJECTIVES
@@ -262,8 +262,20 @@ class V2InferInput(V2Tensor):
     name: str = Field(max_length=256, description="any name; the model has one input")
     datatype: V2Datatype = Field(description="numeric Open Inference Protocol datatype")
     shape: list[Annotated[int, Field(ge=1, le=MAX_FEATURES)]] = Field(
-        min_length=2, max_length=5, description="[rows, features] or [rows, *input_shape]"
+        min_length=2, max_length=5, description=f"[rows, features] or [rows, *input_shape]; at most "
+        f"{MAX_PREDICT_ROWS} rows, as the native predict"
     )
+    data: list[Any] | None = Field(None, description="row-major, flat or nested; absent when the values follow "
+                                   "the JSON in binary (parameters.binary_data_size, Triton's extension)")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: the bytes of the values in "
+                                              "binary after the JSON")
+
+    @field_validator("shape")
+    @classmethod
+    def _rows_within_limit(cls, shape: list[int]) -> list[int]:
+        if shape and shape[0] > MAX_PREDICT_ROWS:
+            raise ValueError(f"{shape[0]} rows; at most {MAX_PREDICT_ROWS} per request")
+        return shape
 
 
 class V2RequestedOutput(BaseModel):

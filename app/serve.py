@@ -18,7 +18,8 @@ from al.processes import die_with_parent
 from app.main import create_app
 from service.settings import Settings
 
-# The dashboard takes a key once as `?key=` (app/ui/routes.py); uvicorn's access log shows query strings.
+# The dashboard once took a key as `?key=`; it reads none from an address now, but old links still carry one,
+# and uvicorn's access log shows query strings.
 KEY_PARAMETER = re.compile(r"(?<=[?&])key=[^&\s]*")
 
 

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
         "http(s)://API-HOST:PORT = the API serves them to workers on other hosts (service/artifacts.py); empty = unset",
     )
     api_key: SecretStr | None = Field(None, description="the key a worker sends to the API (scope worker)")
+    cache_bytes: int = Field(
+        20 * 2**30, ge=0, description="a worker with AL_ARTIFACTS_URL: bytes of datasets and job folders it keeps "
+        "copies of (service/cache.py); past it the least recently used datasets go",
+    )
     stage_address: str | None = Field(
         None, description="the address other workers reach a pipeline job's stage 0 on, when this worker runs it; "
         "unset = this host's address on the route to the broker",
@@ -89,8 +93,18 @@ class Settings(BaseSettings):
     docs: bool | None = Field(None, description="serve /docs, /redoc and /openapi.json; unset = only in development")
     # Quotas per tenant: backpressure, so that one tenant cannot fill the queue or the disk for everyone.
     max_queued_jobs: int = Field(100, ge=1, description="queued jobs a tenant may have; past it, 429")
+    max_active_studies: int = Field(10, ge=1, description="unfinished studies a tenant may have; past it, 429")
     disk_quota_bytes: int = Field(
         10 * 2**30, ge=1, description="bytes of uploaded datasets a tenant may keep; an upload past it, 507"
+    )
+
+    # Requests a tenant may have in flight at once, per kind (app/edge.py): past one, 429 with Retry-After.
+    max_concurrent_predicts: int = Field(64, ge=1, description="predict and v2 infer requests per tenant")
+    max_concurrent_uploads: int = Field(4, ge=1, description="dataset uploads per tenant")
+    max_concurrent_streams: int = Field(16, ge=1, description="open event streams (jobs' and studies') per tenant")
+    session_secret: SecretStr | None = Field(
+        None, description="signs the dashboard's session cookie; unset = a new random one at each start (every "
+        "dashboard session then ends with the process, and API processes behind one address need the same one)",
     )
 
     # Byte limits on what a client may send (the rest are in app/schemas.py, where OpenAPI shows them).
@@ -130,6 +144,10 @@ class Settings(BaseSettings):
     # share one forward on the inference thread (app/batching.py).
     batch_max_size: int = Field(
         64, ge=1, description="rows per batched forward; 1 turns batching off (a larger request runs alone)"
+    )
+    batch_queue_rows: int = Field(
+        16384, ge=1, description="rows waiting for the inference thread, all models together; a request that would "
+        "take the queue past it gets 503 with Retry-After (a request finding the queue empty always joins)",
     )
     batch_wait_ms: float = Field(
         0.0, ge=0, le=1000,

@@ -39,6 +39,7 @@ from service.store import (
     OUTAGE,
     TERMINAL,
     JobRow,
+    QuotaExceeded,
     Store,
     StudyRow,
     get_store,
@@ -96,11 +97,17 @@ class Studies:
     # --- the API's side ---------------------------------------------------------------
 
     def create(self, tenant: str, name: str, spec: dict) -> StudyRow:
+        """The new study; QuotaExceeded if the tenant has AL_MAX_ACTIVE_STUDIES unfinished ones."""
         seed = spec.get("seed") if spec.get("seed") is not None else random.randrange(2**31)
         row = StudyRow(id=new_id("study_"), tenant=tenant, name=name, spec=spec, status="running",
                        created_at=time.time(), seed=seed)
+        # Optuna's study first: a driver pass may take the row as soon as it is written.
         optuna.create_study(study_name=row.id, storage=self.storage, directions=parse_goal(spec).directions)
-        return self.store.add_study(row)
+        try:
+            return self.store.add_study(row, self.settings.max_active_studies)
+        except QuotaExceeded:
+            optuna.delete_study(study_name=row.id, storage=self.storage)
+            raise
 
     def view(self, row: StudyRow, with_importances: bool = True) -> dict:
         """Trials with their jobs, the best trial, a Pareto study's front, and importances once there are enough
@@ -160,7 +167,15 @@ class Studies:
         jobs = self.store.trial_jobs(row, [t.number for t in running])
         still_running = 0
         for trial in running:
-            job = jobs.get(trial.number) or self._start_trial(row, trial, enqueue)
+            job = jobs.get(trial.number)
+            if job is None and row.status != "cancelling":
+                job = self._start_trial(row, trial, enqueue)
+            if job is None:  # it waits for room in the tenant's queue, or never will: the study is being cancelled
+                if row.status == "cancelling":
+                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                else:
+                    still_running += 1
+                continue
             if job.status in TERMINAL:
                 tell(study, trial.number, goal, job.result, job.status == "succeeded", job.status == "pruned")
                 continue
@@ -176,18 +191,27 @@ class Studies:
         asked = len(study.trials)
         while asked < spec["trials"] and still_running < spec["parallel"]:
             study.sampler = optuna.samplers.TPESampler(seed=row.seed + asked)  # reproducible across passes
-            self._start_trial(row, study.ask(distributions), enqueue)
+            job = self._start_trial(row, study.ask(distributions), enqueue)
             asked, still_running = asked + 1, still_running + 1
+            if job is None:  # the tenant's queue is full: the trial's job is made on a later pass
+                break
         if asked >= spec["trials"] and not still_running:
             complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             self.store.finish_study(row.id, "succeeded" if complete else "failed",
                                     None if complete else "no trial completed: see the trials' jobs")
 
-    def _start_trial(self, row: StudyRow, trial: FrozenTrial | optuna.Trial, enqueue: Callable[[str], None]) -> JobRow:
+    def _start_trial(self, row: StudyRow, trial: FrozenTrial | optuna.Trial,
+                     enqueue: Callable[[str], None]) -> JobRow | None:
+        """The trial's job, queued; None while the tenant has AL_MAX_QUEUED_JOBS queued jobs (trials count as jobs):
+        the trial waits for a later pass."""
         spec = trial_job_spec(row, trial)
         config = resolve(apply_params(row.spec["base"], trial.params)).config  # the space was checked at create
-        job, created = self.store.create_job(row.tenant, spec["name"], spec, config.to_dict(),
-                                             trial_key(row.id, trial.number), None)
+        try:
+            job, created = self.store.create_job(row.tenant, spec["name"], spec, config.to_dict(),
+                                                 trial_key(row.id, trial.number), None, self.settings.max_queued_jobs)
+        except QuotaExceeded:
+            log.info("study %s: trial %d waits: tenant %s's queue is full", row.id, trial.number, row.tenant)
+            return None
         if created:
             enqueue(job.id)
         return job

@@ -212,3 +212,19 @@ def register_model(settings, model_dir: Path, tenant: str = "default") -> str:
     assert store.finish(job.id, claim.owner, "succeeded", result={"status": "completed"},
                         publish=lambda name, version: f"jobs/{job.id}")
     return job.id
+
+
+def form_token(page_html: str) -> str:
+    """The CSRF token a dashboard page carries (the key form's hidden field, or the page's meta tag)."""
+    import re
+
+    return re.search(r'(?:name="csrf" value|name="csrf-token" content)="([^"]+)"', page_html).group(1)
+
+
+def dashboard_login(client, key: str, target: str = "/ui/jobs"):
+    """Log `client` (httpx or TestClient) in as a browser does: a page (the key form, whose CSRF token the
+    session holds), then the form's POST; the answer, redirects not followed."""
+    form = client.get("/ui/jobs")
+    return client.post("/ui/key", data={"key": key, "target": target, "csrf": form_token(form.text)},
+                       follow_redirects=False)
+

@@ -1,8 +1,11 @@
 """The dashboard (/ui): in a real browser (headless Chromium through Selenium) against a real `al serve`
-with its embedded broker, as after `make run`; the key gate and the package data without a browser."""
+with its embedded broker and a key, as after `make run` with AL_API_KEYS: logged in through the key form, its
+scripts' writes carry the session's CSRF token, and no page logs a severe console error. The key gate, the
+session and the package data without a browser."""
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import shutil
@@ -12,11 +15,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_support import digits_npz, free_port, service_env, start_server, use_env, wait_for
+from service_support import (
+    dashboard_login,
+    digits_npz,
+    form_token,
+    free_port,
+    service_env,
+    start_server,
+    use_env,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 EPOCHS = 3
+KEY = "dashboard-admin-key"
 
 
 def install_chromium() -> str | None:
@@ -47,6 +60,7 @@ def browser(tmp_path_factory):
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
                      "--disable-gpu", "--disable-extensions"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for console_errors()
     # The system's chromedriver, named: Selenium Manager has nothing to find or download.
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     driver.implicitly_wait(0)
@@ -58,9 +72,36 @@ def browser(tmp_path_factory):
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dashboard")
     port = free_port()
-    process = start_server(service_env(folder / "data", None), folder / "serve.log", port)
+    process = start_server(service_env(folder / "data", None, AL_API_KEYS=KEY), folder / "serve.log", port)
     yield f"http://127.0.0.1:{port}", process
     process.stop()
+
+
+def api_client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+
+
+def console_errors(driver) -> list[str]:
+    """The browser console's severe messages since the last call (failed requests among them)."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+@pytest.fixture(scope="module")
+def dashboard(browser, server):
+    """The browser, logged in through the key form as a person would; the server's url and process."""
+    from selenium.webdriver.common.by import By
+
+    url, process = server
+    browser.get(f"{url}/ui/jobs")
+    form = browser.find_element(By.CSS_SELECTOR, "form[action='/ui/key']")
+    form.find_element(By.NAME, "key").send_keys(KEY)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(lambda: browser.find_elements(By.ID, "submit"), 10, "the jobs page after the key form")
+    cookies = {c["name"]: c for c in browser.get_cookies()}
+    assert KEY not in str(cookies) and cookies["al_session"]["httpOnly"]
+    assert cookies["al_session"]["sameSite"] == "Strict"
+    console_errors(browser)  # the key form itself answers 401
+    return browser, url, process
 
 
 def wait_js(driver, script: str, timeout: float, what: str):
@@ -88,6 +129,18 @@ def submit_from_form(driver, **fields: str) -> None:
             field.clear()
             field.send_keys(value)
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+
+def click_in_live_list(driver, xpath: str) -> bool:
+    """Clicks what `xpath` finds; False when the stream re-drew its row between the find and the click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        driver.find_element(By.XPATH, xpath).click()
+    except StaleElementReferenceException:
+        return False
+    return True
 
 
 def row_status(driver, name: str) -> str | None:
@@ -127,12 +180,12 @@ def draw_digit(driver) -> None:
     actions.release().perform()
 
 
-def test_train_watch_compare_predict_cancel(browser, server, tmp_path):
+def test_train_watch_compare_predict_cancel(dashboard, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
 
-    url, process = server
-    api = httpx.Client(base_url=url, timeout=30)
+    browser, url, process = dashboard
+    api = api_client(url)
     browser.get(url)
     assert browser.current_url == f"{url}/ui/jobs"
 
@@ -143,14 +196,17 @@ def test_train_watch_compare_predict_cancel(browser, server, tmp_path):
     wait_for(lambda: row_status(browser, "al-digits"), 10, "the submitted job's row")
     submit_from_form(browser, name="to-cancel", epochs="500", mode="threads", devices="cpu,cpu")
     wait_for(lambda: row_status(browser, "to-cancel"), 10, "the second job's row")
-    browser.find_element(By.XPATH, "//tr[.//a[text()='to-cancel']]//button[@data-cancel]").click()
+    wait_for(lambda: click_in_live_list(browser, "//tr[.//a[text()='to-cancel']]//button[@data-cancel]"), 10,
+             "the cancel button")
     wait_for(lambda: row_status(browser, "to-cancel") == "cancelled", 60, "the cancel, shown from the stream")
     # A bad spec: the API's message, as it gave it.
     submit_from_form(browser, name="bad", widths="0", epochs="1")
     error = wait_for(lambda: browser.find_element(By.ID, "submit-error").text, 10, "the API's error")
     assert error.startswith("422: ") and "widths" in error
+    assert [e for e in console_errors(browser) if "/v1/jobs - " not in e or "422" not in e] == []
 
-    wait_for(lambda: row_status(browser, "al-digits") == "succeeded", 120, "the AL job to succeed, live in the list")
+    wait_for(lambda: row_status(browser, "al-digits") == "succeeded", 240, "the AL job to succeed, live in the list")
+    assert console_errors(browser) == []  # e.g. no stream for a job id that is not there
     jobs = {j["name"]: j for j in api.get("/v1/jobs").json()["items"]}
     al_job = jobs["al-digits"]
     assert api.get(f"/v1/jobs/{bp['id']}").json()["status"] in ("running", "succeeded", "queued")
@@ -193,13 +249,14 @@ def test_train_watch_compare_predict_cancel(browser, server, tmp_path):
     assert len(shown) == len(al_job["metrics"]["test_accuracy_by_depth"])
     screenshot(browser, tmp_path / "dashboard-model.png")
     print(f"screenshots in {tmp_path}")
+    assert console_errors(browser) == []
     assert "Traceback" not in process.output()
 
 
-def test_upload_with_progress(browser, server, tmp_path):
+def test_upload_with_progress(dashboard, tmp_path):
     from selenium.webdriver.common.by import By
 
-    url, _ = server
+    browser, url, _ = dashboard
     path = tmp_path / "digits.npz"
     path.write_bytes(digits_npz())
     browser.get(f"{url}/ui/datasets")
@@ -208,15 +265,16 @@ def test_upload_with_progress(browser, server, tmp_path):
     status = wait_for(lambda: browser.find_element(By.ID, "upload-status").text.startswith("uploaded as")
                       and browser.find_element(By.ID, "upload-status").text, 30, "the upload")
     dataset_id = status.removeprefix("uploaded as ")
-    assert httpx.get(f"{url}/v1/datasets/{dataset_id}").json()["rows"] == 1797
+    assert api_client(url).get(f"/v1/datasets/{dataset_id}").json()["rows"] == 1797
     assert browser.find_element(By.CSS_SELECTOR, "#datasets tr.added td").text == dataset_id
+    assert console_errors(browser) == []
 
 
-def test_study_page_shows_trials_and_accuracy_against_each_parameter(browser, server, tmp_path):
+def test_study_page_shows_trials_and_accuracy_against_each_parameter(dashboard, tmp_path):
     from selenium.webdriver.common.by import By
 
-    url, process = server
-    api = httpx.Client(base_url=url, timeout=30)
+    browser, url, process = dashboard
+    api = api_client(url)
     study = api.post("/v1/studies", json={
         "name": "digits-study", "dataset": "digits", "trials": 4, "pruner": {"type": "none"}, "seed": 0,
         "base": {"model": {"widths": [64], "target_width": 32}, "preset": "lean", "training": {"epochs": 1}},
@@ -239,6 +297,7 @@ def test_study_page_shows_trials_and_accuracy_against_each_parameter(browser, se
     wait_js(browser, "return document.querySelectorAll('#importances tr').length === 2", 30, "the importances")
     assert browser.find_element(By.LINK_TEXT, "digits-study v1").is_displayed()  # the best trial's model
     screenshot(browser, tmp_path / "dashboard-study.png")
+    assert console_errors(browser) == []
     assert "Traceback" not in process.output()
 
 
@@ -271,8 +330,10 @@ def test_a_pareto_study_page_plots_its_front(browser, server, tmp_path):
 
 
 def test_keys_gate_the_dashboard(tmp_path, monkeypatch):
-    """With AL_API_KEYS, a page without a known key is the key form and nothing else; `?key=` and the form
-    store the key in a cookie, which the API then takes as it takes a bearer key."""
+    """With AL_API_KEYS, a page without a known key is the key form and nothing else. The form, with its
+    session's CSRF token, logs the session in: the signed cookie holds the key's id, never the key, and the
+    API then takes the session as it takes a bearer key, writes only with the token. A key in the address
+    does nothing."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -281,25 +342,38 @@ def test_keys_gate_the_dashboard(tmp_path, monkeypatch):
     client = TestClient(create_app(settings))
     assert client.post("/v1/jobs", json={"dataset": "digits", "name": "secret-name"},
                        headers={"Authorization": "Bearer k1"}).status_code == 202
-    for path in ("/ui/jobs", "/ui/jobs?key=wrong", "/ui/models", "/ui/datasets"):
+    for path in ("/ui/jobs", "/ui/jobs?key=k2", "/ui/models", "/ui/datasets"):
         page = client.get(path)
         assert page.status_code == 401 and 'name="key"' in page.text and "secret-name" not in page.text
+    assert 'name="target" value="/ui/jobs"' in client.get("/ui/jobs?key=k2").text  # an old link's key is dropped
     assert client.get("/ui/static/common.js").status_code == 200  # scripts and styles hold no data
     assert client.get("/v1/jobs").status_code == 401
 
-    stored = client.get("/ui/jobs?key=k2&dataset=digits", follow_redirects=False)
+    token = form_token(client.get("/ui/jobs").text)
+    without = client.post("/ui/key", data={"key": "k2", "target": "/ui/jobs"})
+    assert without.status_code == 403 and "expired" in without.text  # no token: another site's form
+    assert client.get("/v1/jobs").status_code == 401
+    refused = client.post("/ui/key", data={"key": "nope", "target": "/ui/models", "csrf": token})
+    assert refused.status_code == 401 and "unknown key" in refused.text
+    stored = dashboard_login(client, "k2", "/ui/jobs?dataset=digits")
     assert stored.status_code == 303 and stored.headers["location"] == "/ui/jobs?dataset=digits"
     cookie = stored.headers["set-cookie"]
-    assert "al_key=k2" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
-    assert "secret-name" in client.get("/ui/jobs").text
+    assert cookie.startswith("al_session=") and "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    session = base64.b64decode(client.cookies["al_session"].split(".")[0] + "==").decode()  # signed, not secret
+    assert "k2" not in session and "secure" not in cookie.lower()
+    page = client.get("/ui/jobs")
+    assert "secret-name" in page.text
     assert client.get("/v1/jobs").status_code == 200  # the dashboard's own API calls and event streams
+    job = client.get("/v1/jobs").json()["items"][0]["id"]
+    assert client.post(f"/v1/jobs/{job}/cancel").status_code == 403  # a write without the page's token
+    assert client.post(f"/v1/jobs/{job}/cancel", headers={"X-CSRF-Token": form_token(page.text)}).status_code == 202
 
     client.cookies.clear()
-    refused = client.post("/ui/key", data={"key": "nope", "target": "/ui/models"})
-    assert refused.status_code == 401 and "unknown key" in refused.text
-    taken = client.post("/ui/key", data={"key": "k1", "target": "https://elsewhere.example/"}, follow_redirects=False)
+    taken = dashboard_login(client, "k1", "https://elsewhere.example/")
     assert taken.status_code == 303 and taken.headers["location"] == "/ui/jobs"
     assert client.get("/ui/models").status_code == 200
+    https = TestClient(create_app(settings), base_url="https://testserver")
+    assert "secure" in dashboard_login(https, "k1").headers["set-cookie"].lower()
 
 
 def test_templates_and_static_files_are_package_data():

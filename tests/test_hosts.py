@@ -194,7 +194,8 @@ def test_a_job_whose_host_is_killed_resumes_on_another_host(cluster):
     if "c" in cluster.processes:
         cluster.kill("c")
     job_id = submit(cluster, spec)
-    wait_for(lambda: job_status(cluster, job_id)["progress"]["epoch"] >= 2, 120, "two epochs on B", interval=0.2)
+    # Epoch 3 reported: epoch 2's checkpoint is uploaded (an epoch's progress is reported before its upload ends).
+    wait_for(lambda: job_status(cluster, job_id)["progress"]["epoch"] >= 3, 120, "three epochs on B", interval=0.2)
     cluster.kill("b")  # host B dies with its worker; C has not seen this job
     cluster.start_worker("c")
     done = wait_job(cluster, job_id, ("succeeded", "failed"), timeout=240)

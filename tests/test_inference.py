@@ -193,7 +193,7 @@ def run_batcher(model, max_size: int, requests: list[InferenceRequest]) -> list:
 
     async def send():
         with ThreadPoolExecutor(1) as executor:
-            batcher = batching.Batcher(executor, max_size, wait=0.02)
+            batcher = batching.Batcher(executor, max_size, wait=0.02, max_queued_rows=10**6)
             return await asyncio.gather(*(batcher.submit(row, model, request) for request in requests),
                                         return_exceptions=True)
 
@@ -220,6 +220,26 @@ def test_batches_hold_at_most_max_size_rows_and_a_larger_input_runs_alone(model_
     assert batch_sizes == [2, 1, 1]  # 2 + 2 rows, then 5 alone, then 1
     for request, result in zip(requests, results):
         assert_same(result, model.predict(request))
+
+
+def test_a_full_queue_refuses_rows_past_its_bound_and_an_empty_one_takes_any_request(model_dir):
+    model = load_model(model_dir)
+    rows = np.asarray(digits_rows(5), dtype=np.float32)
+    row = ModelRow(tenant="default", name="digits", version=1)
+
+    async def send():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = batching.Batcher(executor, 64, wait=0.05, max_queued_rows=4)
+            waiting = asyncio.ensure_future(batcher.submit(row, model, model.request(rows[:3])))
+            await asyncio.sleep(0)  # 3 rows wait for others to join
+            with pytest.raises(batching.QueueFull, match="AL_BATCH_QUEUE_ROWS"):
+                await batcher.submit(row, model, model.request(rows[:2]))
+            assert_same(await waiting, model.predict(model.request(rows[:3])))
+            assert batcher.queued_rows == 0
+            alone = await batcher.submit(row, model, model.request(rows))  # 5 > 4 rows, on an empty queue
+            assert_same(alone, model.predict(model.request(rows)))
+
+    asyncio.run(send())
 
 
 # --- finding the model --------------------------------------------------------------------------

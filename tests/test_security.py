@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from fastapi.testclient import TestClient
 from service_support import (
     TINY_MODEL,
+    dashboard_login,
     digits_npz,
     digits_rows,
     free_port,
@@ -26,6 +27,7 @@ from service_support import (
 from al.config import make_config
 from al.run import train
 from app.api.deps import REACHES, known_key
+from app.edge import CAPPED, needs_key
 from app.main import create_app
 from service.settings import DEFAULT_TENANT, SCOPES, Settings, parse_api_keys
 
@@ -106,6 +108,22 @@ def test_every_route_has_one_scope_decision_that_every_scope_meets(tmp_path, mon
                 assert response.status_code == (403 if scope else 401), (method, path, who, response.text)
                 if scope and not path.startswith("/ui"):
                     assert f"scope {needed!r}" in detail(response) and TOKENS[scope] not in response.text
+
+
+def test_the_edge_tells_from_the_path_every_route_that_needs_a_key_and_every_capped_kind(tmp_path, monkeypatch):
+    """app/edge.py decides before routing, from the path alone, whether a request needs a key (401 before its
+    body is read) and which kind of request in flight it is: a new route must not fall between the two."""
+    client = make_client(tmp_path, monkeypatch, AL_API_KEYS=SCOPED_KEYS)
+    routes = [r for r in iter_route_contexts(client.app.routes) if isinstance(r.original_route, APIRoute)]
+    for route in routes:
+        path, [decision] = concrete(route.path), scope_decisions(route)
+        assert needs_key(path) == (decision is not None and not path.startswith("/ui")), route.path
+        for method in route.methods:
+            kinds = [kind for kind, capped_method, pattern, *_ in CAPPED
+                     if capped_method == method and pattern.fullmatch(path)]
+            expected = {"/predict": "predict", "/infer": "predict", "/events": "stream"}.get(path[path.rfind("/"):])
+            expected = "upload" if (method, path) == ("POST", "/v1/datasets") else expected
+            assert kinds == ([expected] if expected else []), (method, route.path, kinds)
 
 
 def test_api_keys_format_and_clear_errors_that_never_quote_a_token():
@@ -300,8 +318,9 @@ def test_deletes_refuse_while_in_use_and_free_the_disk(tmp_path, monkeypatch, tr
 
 
 def test_a_real_run_never_logs_a_key(tmp_path):
-    """`al serve` (API and worker) with every kind of key, sent every way the service takes one: as a bearer
-    header, the dashboard's cookie, its key form and its `?key=`; a wrong key too. Its log holds none of them."""
+    """`al serve` (API and worker) with every kind of key, sent every way a client may: as a bearer header,
+    through the dashboard's key form (its session then holds no key) and in an old `?key=` link (which the
+    dashboard no longer reads); a wrong key too. Its log holds none of them, nor does the session cookie."""
     keys = {**TOKENS, "other": "other-tenant-Kp27"}
     env = service_env(tmp_path / "data", None, AL_API_KEYS=f"{SCOPED_KEYS},{keys['other']}:admin:other")
     port = free_port()
@@ -322,11 +341,11 @@ def test_a_real_run_never_logs_a_key(tmp_path):
             assert client.get("/v1/models/logged", headers=bearer(keys["other"])).status_code == 404
             assert client.get("/v1/jobs", headers=bearer(keys["worker"])).status_code == 403
             assert client.get("/v1/jobs", headers=bearer("wrong-key-Jh55")).status_code == 401
-            assert client.get("/v1/jobs", headers={"Cookie": f"al_key={keys['train']}"}).status_code == 200
-            assert client.get(f"/ui/jobs?key={keys['admin']}").status_code == 303
-            form = client.post("/ui/key", data={"key": keys["predict"], "target": "/ui/models"},
-                               follow_redirects=True)
-            assert form.status_code == 200 and "logged" in form.text
+            assert client.get(f"/ui/jobs?key={keys['admin']}").status_code == 401  # the key form; not logged in
+            assert client.get("/v1/jobs").status_code == 401
+            assert dashboard_login(client, keys["predict"], "/ui/models").status_code == 303
+            assert "logged" in client.get("/ui/models").text
+            assert not [name for name, token in keys.items() if token in str(client.cookies.jar)]
             copy = tmp_path / "data" / "models" / DEFAULT_TENANT / "logged" / "1"
             assert copy.is_dir()
             assert client.delete("/v1/models/logged/versions/1", headers=admin_key).status_code == 204
@@ -346,10 +365,14 @@ def test_artifacts_are_for_worker_keys_within_the_data_directory_and_registered_
         tmp_path, monkeypatch, trained_model_dir):
     client = make_client(tmp_path, monkeypatch, AL_API_KEYS=SCOPED_KEYS)
     worker = bearer(TOKENS["worker"])
-    stored = client.put("/v1/artifacts/jobs/job_1/checkpoint.pt", content=b"state", headers=worker)
+    store = client.app.state.core.store
+    job, _ = store.create_job(DEFAULT_TENANT, "j", {"dataset": "digits"}, make_config().to_dict(), None, None)
+    lease = store.take_lease(job.id, "attempt-1", 60).owner  # a job's files are written by the attempt holding it
+    stored = client.put(f"/v1/artifacts/jobs/{job.id}/checkpoint.pt", content=b"state",
+                        headers={**worker, "AL-Lease": lease})
     assert stored.status_code == 204, stored.text
-    assert client.get("/v1/artifacts/jobs/job_1/checkpoint.pt", headers=worker).content == b"state"
-    assert client.get("/v1/artifacts/jobs/job_1/checkpoint.pt", headers=bearer(TOKENS["admin"])).status_code == 403
+    assert client.get(f"/v1/artifacts/jobs/{job.id}/checkpoint.pt", headers=worker).content == b"state"
+    assert client.get(f"/v1/artifacts/jobs/{job.id}/checkpoint.pt", headers=bearer(TOKENS["admin"])).status_code == 403
     assert client.get("/v1/artifacts/jobs/job_2/checkpoint.pt", headers=worker).status_code == 404
     for key in ("al.db", "jobs/../al.db", "jobs/job_1/.checkpoint.pt.tmp", "broker/queue/x", "jobs"):
         refused = client.put(f"/v1/artifacts/{key}", content=b"x", headers=worker)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+import psutil
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from al.processes import die_with_parent
@@ -13,21 +13,6 @@ from service.settings import Settings
 from service.store import get_store
 from worker.reconcile import start_reconciler
 from worker.tasks import SHUTDOWN_SIGNAL, SHUTTING_DOWN, register_tasks
-
-
-def child_pids() -> list[int]:
-    """This process's children, from /proc (Linux)."""
-    me, pids = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # it ended meanwhile
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # the field after the state is the parent's pid
-            pids.append(int(entry.name))
-    return pids
 
 
 def run_worker(settings: Settings) -> None:
@@ -47,10 +32,10 @@ def run_worker(settings: Settings) -> None:
         if "stop" in reconciler:  # a stopping worker requeues nothing
             reconciler["stop"].set()
         # A warm shutdown waits for running tasks: tell them to checkpoint now and requeue their job.
-        for pid in child_pids():
+        for child in psutil.Process().children():
             try:
-                os.kill(pid, SHUTDOWN_SIGNAL)
-            except ProcessLookupError:
+                child.send_signal(SHUTDOWN_SIGNAL)
+            except psutil.NoSuchProcess:
                 pass
 
     reconciler = {}

@@ -1,5 +1,6 @@
 """The reconciler: requeues jobs whose worker died, so they resume from their checkpoint in
-seconds to minutes instead of after Redis's visibility timeout (or never, with the embedded broker).
+seconds to minutes instead of after Redis's visibility timeout (or never, with the embedded broker),
+and trims this host's copies of the artifact store's files (service/cache.py).
 
 Every worker runs one in a thread of its main process; requeueing is a conditional UPDATE,
 so when several reconcilers see the same expired lease only one of them sends the message.
@@ -14,6 +15,8 @@ import threading
 
 from celery import Celery
 
+from service.artifacts import CACHE_FOLDER
+from service.cache import trim_cache
 from service.jobspec import pipeline_workers
 from service.queue import enqueue
 from service.settings import Settings
@@ -32,11 +35,12 @@ os.register_at_fork(before=_pass_lock.acquire, after_in_parent=_pass_lock.releas
 def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
     """One pass; the ids of the jobs it sent again."""
     resent = []
-    live = None
-    for job in store.waiting_jobs():  # pipeline jobs waiting for workers (worker/tasks.py: waiting_reason)
-        live = store.live_slots(settings.worker_seen_within) if live is None else live
-        if pipeline_workers(job.spec) <= live and store.stop_waiting(job):
-            log.info("job %s: %d worker slot(s) are live; sending it again", job.id, live)
+    free = None
+    for job in store.waiting_jobs():  # pipeline jobs waiting for free workers (Store.take_lease: TooFewWorkers)
+        free = store.free_slots(settings.worker_seen_within) if free is None else free
+        if pipeline_workers(job.spec) <= free and store.stop_waiting(job):
+            log.info("job %s: %d worker slot(s) are free; sending it again", job.id, free)
+            free -= pipeline_workers(job.spec)  # one at a time into the free slots: the others wait for them
             enqueue(app, job.id)
             resent.append(job.id)
     for job in store.expired_leases():
@@ -53,6 +57,8 @@ def reconcile_once(store: Store, app: Celery, settings: Settings) -> list[str]:
         log.warning("job %s: still queued after %.0f s; sending it again", job_id, settings.requeue_queued_after)
         enqueue(app, job_id)
         resent.append(job_id)
+    if settings.artifacts_url:  # this host's copies of the artifact store's files
+        trim_cache(store, settings.data_dir / CACHE_FOLDER, settings.cache_bytes, settings.lease_seconds)
     return resent
 
 

@@ -29,13 +29,13 @@ from al.data import BUILTIN_DATASETS
 from al.pipeline import PipelineError, StagesMissing
 from al.run import train
 from al.trainer import Callback
-from service.artifacts import ArtifactError, LocalArtifacts, artifacts_for
+from service.artifacts import ArtifactError, LocalArtifacts, StaleAttempt, artifacts_for
 from service.jobspec import pipeline_workers
 from service.queue import STAGE_TASK, TRAIN_TASK, enqueue, enqueue_stage
 from service.registry import published_copy
 from service.retry import Retrying
 from service.settings import Settings
-from service.store import OUTAGE, JobRow, Store, get_store, worker_identity
+from service.store import OUTAGE, JobRow, Store, TooFewWorkers, get_store, worker_identity
 from service.studies import trial_pruning
 from worker.stages import join_as, start_stages
 
@@ -147,18 +147,6 @@ def allow_child_processes() -> None:
     process._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(process.authkey))
 
 
-def waiting_reason(store: Store, settings: Settings, job_id: str) -> str | None:
-    """Why a pipeline job over several workers cannot start now (fewer worker slots are live than it has stages);
-    None when it can."""
-    job = store.get_job(job_id)
-    workers = pipeline_workers(job.spec) if job else 1
-    live = store.live_slots(settings.worker_seen_within) if workers > 1 else workers
-    if live >= workers:
-        return None
-    return (f"waiting for workers: its pipeline asks for {workers} (one per stage) and {live} worker slot(s) are "
-            "live; start more workers (al worker, on any host) or ask for fewer")
-
-
 @dataclass
 class Outcome:
     """How an attempt ended: the job's status (None: another attempt holds the job now), its result, why."""
@@ -175,13 +163,15 @@ def run_job(store: Store, settings: Settings, job_id: str, requeue: Callable[[st
     job over several workers sends its other stages with `send_stage(job_id, rank, attempt)`. The status it ended
     with, or None if it was not ours to run."""
     store = patient(store, settings)
-    waiting = waiting_reason(store, settings, job_id)
-    if waiting:  # the reconciler sends it again once enough workers are live; this worker stays free meanwhile
-        store.wait(job_id, waiting)
-        log.info("job %s: %s", job_id, waiting)
-        return None
     owner = worker_identity()
-    claim = store.take_lease(job_id, owner, settings.lease_seconds)
+    queued = store.get_job(job_id)
+    try:
+        claim = store.take_lease(job_id, owner, settings.lease_seconds, pipeline_workers(queued.spec) if queued else 1,
+                                 settings.worker_seen_within)
+    except TooFewWorkers as e:  # the reconciler sends it again once enough slots are free; this one stays free
+        store.wait(job_id, str(e))
+        log.info("job %s: %s", job_id, e)
+        return None
     if claim is None:
         log.info("job %s is finished or held by a live lease elsewhere; this delivery does nothing", job_id)
         return None
@@ -225,9 +215,12 @@ def attempt(store: Retrying, settings: Settings, job: JobRow, owner: str,
             start_stages(store, settings, job, owner, send_stage)
         result = train(source, artifacts.path(f"jobs/{job.id}"), config, [reporter, *([pruning] if pruning else [])],
                        resume=True, may_save=lambda: store.holds_lease(job.id, owner),
-                       saved=lambda: artifacts.push_job(job.id))
+                       saved=lambda: artifacts.push_job(job.id, owner))
     except SoftTimeLimitExceeded:
         return Outcome("failed", error=f"time limit of {settings.job_soft_time_limit} s exceeded")
+    except StaleAttempt as e:  # another attempt holds the job now, and it reports
+        log.warning("job %s: attempt %d lost its lease: %s", job.id, job.attempts, e)
+        return Outcome(None)
     except StagesMissing as e:  # every worker was busy: queued again, and this attempt is no failure
         return Outcome("queued", error=f"waiting for workers: {e}")
     except PipelineError as e:  # a stage died: the attempt failed, and the job resumes from its checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,15 +16,38 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.inference import ModelCache
-from service.settings import DEFAULT_TENANT, ApiKey, Settings
+from service.settings import ApiKey, Settings
 from service.store import Store
 from service.studies import Studies
 
 
+class Keyring:
+    """The API keys, found by token (a bearer header) or by id: what the dashboard's session holds instead of a
+    key, an HMAC of it under the session's secret, which names the key to this server and to nobody else."""
+
+    def __init__(self, keys: list[ApiKey], secret: str):
+        self.keys, self.secret = keys, secret
+        self.by_id = {self.id_of(key): key for key in keys}
+
+    @classmethod
+    def of(cls, settings: Settings) -> Keyring:
+        """AL_API_KEYS under AL_SESSION_SECRET, or under a random secret when it is unset."""
+        secret = settings.session_secret.get_secret_value() if settings.session_secret else secrets.token_urlsafe(32)
+        return cls(settings.keys, secret)
+
+    def id_of(self, key: ApiKey) -> str:
+        return hmac.new(self.secret.encode(), key.token.encode(), hashlib.sha256).hexdigest()
+
+    def find(self, token: str) -> ApiKey | None:
+        return known_key(self.keys, token)
+
+
 @dataclass
 class Core:
-    """The parts every route reaches: settings, the job store, the queue, loaded models, the study driver."""
+    """The parts every route reaches: settings, the keys, the job store, the queue, loaded models, the study
+    driver."""
     settings: Settings
+    keyring: Keyring
     store: Store
     celery: Celery
     models: ModelCache
@@ -39,10 +63,8 @@ CoreDep = Annotated[Core, Depends(get_core)]
 VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="the model version")]
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 
+# The key is read from the headers before the body (app/edge.py); this declares it in OpenAPI.
 bearer = HTTPBearer(auto_error=False, description="a key of AL_API_KEYS (when it is set)")
-# The dashboard's key (app/ui/): set by its key form as an HttpOnly, SameSite=Strict cookie, so the
-# dashboard's own requests, EventSource included, carry it and other sites' requests never do.
-KEY_COOKIE = "al_key"
 
 # What each scope may do. predict < train < admin; a worker key is for what workers on other hosts
 # fetch from and store in the API's artifact store (app/api/routes/artifacts.py), and nothing else.
@@ -70,13 +92,14 @@ def known_key(keys: list[ApiKey], given: str) -> ApiKey | None:
     return matches[0] if matches else None
 
 
-def caller_for(settings: Settings, given: str) -> Caller | None:
-    """The caller a key stands for; None for an unknown key. Without keys (development) everyone is the
-    default tenant's admin."""
-    if not settings.keys:
-        return Caller(DEFAULT_TENANT, "admin")
-    key = known_key(settings.keys, given)
-    return Caller(key.tenant, key.scope) if key else None
+def unauthorized() -> HTTPException:
+    return HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def caller_of(request: Request) -> Caller | None:
+    """The caller app/edge.py found from the request's headers (a bearer key or the dashboard's session)."""
+    return getattr(request.state, "caller", None)
 
 
 def reaches(caller: Caller, scope: str) -> bool:
@@ -93,12 +116,10 @@ def require(scope: str):
     has one such decision (or `public`); tests/test_security.py finds a route without one."""
 
     async def caller(request: Request, core: CoreDep,
-                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-        given = credentials.credentials if credentials else request.cookies.get(KEY_COOKIE, "")
-        who = caller_for(core.settings, given)
+                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+        who = caller_of(request)
         if who is None:
-            raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise unauthorized()
         if core.settings.keys and not reaches(who, scope):  # without keys, everyone may do everything
             raise HTTPException(403, scope_refused(who, scope))
         return who

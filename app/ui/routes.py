@@ -1,6 +1,7 @@
 """The dashboard at /ui: pages rendered here (Jinja2, autoescaped), whose scripts call the API and follow
 jobs over its SSE stream. With AL_API_KEYS set, a page without a known key shows the key form only; a page
-shows the key's tenant's data, and only if the key's scope reaches what the API asks for the same data."""
+shows the key's tenant's data, and only if the key's scope reaches what the API asks for the same data. The key
+form logs a session in (app/edge.py: a signed cookie that holds the key's id, never the key)."""
 
 from __future__ import annotations
 
@@ -20,56 +21,46 @@ from al import __version__
 from al.checkpoint import read_model_info
 from al.config import ARCHS, METHODS, PRESETS
 from al.data import BUILTIN_DATASETS
-from app.api.deps import KEY_COOKIE, Caller, Core, CoreDep, caller_for, public, reaches, scope_refused
+from app.api.deps import Caller, Core, CoreDep, caller_of, public, reaches, scope_refused
 from app.api.routes.datasets import dataset_public
 from app.api.routes.jobs import job_public
 from app.api.routes.models import version_public
 from app.api.routes.studies import study_public
+from app.edge import csrf_matches, csrf_token
 from service.jobspec import JobCreate, PipelineSpec
 from service.store import ModelRow
 
 HERE = Path(__file__).parent
-templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True))
+# Every page carries its session's CSRF token: the key form posts it, the scripts send it (X-CSRF-Token).
+templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True),
+                            context_processors=[lambda request: {"csrf": csrf_token(request.session)}])
 templates.env.globals["version"] = __version__
 PIPELINE_MODES = get_args(PipelineSpec.model_fields["mode"].annotation)
 PAGE = 100  # jobs listed, and offered to compare with
 
 
 class Gate(Exception):
-    """Stops a page before it reads any data: the key form, or the redirect that stores a `?key=`."""
+    """Stops a page before it reads any data: the key form, or the page that says the scope falls short."""
 
     def __init__(self, response: Response):
         self.response = response
 
 
-def key_form(request: Request, target: str, error: str | None = None) -> HTMLResponse:
-    return templates.TemplateResponse(request, "key.html", {"target": target, "error": error}, status_code=401)
-
-
-def with_key_cookie(response: Response, request: Request, key: str) -> Response:
-    response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", secure=request.url.scheme == "https",
-                        path="/")
-    return response
+def key_form(request: Request, target: str, error: str | None = None, status_code: int = 401) -> HTMLResponse:
+    return templates.TemplateResponse(request, "key.html", {"target": target, "error": error},
+                                      status_code=status_code)
 
 
 def page_scope(scope: str):
-    """A page's scope decision, as app/api/deps.py's `require` is a route's. The key comes as the cookie,
-    a bearer header or `?key=` (which is kept as the cookie and dropped from the address); without a known
-    key the page is the key form, with one whose scope falls short it says what is missing."""
+    """A page's scope decision, as app/api/deps.py's `require` is a route's, on the caller app/edge.py found
+    (the dashboard's session or a bearer header): without one the page is the key form, with one whose scope
+    falls short it says what is missing."""
 
-    async def caller(request: Request, core: CoreDep) -> Caller:
-        params = dict(request.query_params)
-        if "key" in params:
-            given = params.pop("key")
-            target = request.url.path + (f"?{urlencode(params)}" if params else "")
-            if caller_for(core.settings, given) is None:
-                raise Gate(key_form(request, target, "unknown key"))
-            raise Gate(with_key_cookie(RedirectResponse(target, 303), request, given))
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(KEY_COOKIE, "")
-        who = caller_for(core.settings, given)
+    async def caller(request: Request) -> Caller:
+        who = caller_of(request)
         if who is None:
-            raise Gate(key_form(request, str(request.url.path)))
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "key"])  # old links
+            raise Gate(key_form(request, request.url.path + (f"?{query}" if query else "")))
         if not reaches(who, scope):
             raise Gate(page(request, "refused.html", 403, message=scope_refused(who, scope)))
         return who
@@ -85,12 +76,21 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 @router.post("/key", dependencies=[Depends(public)])
 def submit_key(request: Request, core: CoreDep, key: Annotated[str, Form(max_length=1024)],
+               csrf: Annotated[str, Form(max_length=256)] = "",
                target: Annotated[str, Form(max_length=2048)] = "/ui/jobs") -> Response:
+    """The key form's answer: the session then holds the key's id (never the key), and a new CSRF token. Only
+    with the token of the form this session was shown, so another site cannot log a browser in as its key."""
     if not target.startswith("/ui/") or target.startswith("//"):  # only back into the dashboard
         target = "/ui/jobs"
-    if caller_for(core.settings, key) is None:
+    if not csrf_matches(request.session, csrf):
+        return key_form(request, target, "this form has expired or came from another site: enter the key again",
+                        403)
+    found = core.keyring.find(key)
+    if found is None:
         return key_form(request, target, "unknown key")
-    return with_key_cookie(RedirectResponse(target, 303), request, key)
+    request.session.clear()  # a new session for the new key: nothing of the one before carries over
+    request.session["key"] = core.keyring.id_of(found)
+    return RedirectResponse(target, 303)
 
 
 def page(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:

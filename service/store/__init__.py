@@ -15,11 +15,11 @@ from service.store.leases import Claim, Leases, worker_identity
 from service.store.models import Models
 from service.store.rows import ACTIVE, STATUSES, STUDY_TERMINAL, TERMINAL, DatasetRow, JobRow, ModelRow, StudyRow
 from service.store.studies import StudyRecords, trial_key
-from service.store.workers import Workers
+from service.store.workers import TooFewWorkers, Workers
 
 __all__ = ["ACTIVE", "OUTAGE", "STATUSES", "STUDY_TERMINAL", "TERMINAL", "Claim", "Conflict", "DatasetRow",
-           "JobRow", "ModelRow", "QuotaExceeded", "Store", "StudyRow", "get_store", "new_id", "trial_key",
-           "with_installed_driver", "worker_identity"]
+           "JobRow", "ModelRow", "QuotaExceeded", "Store", "StudyRow", "TooFewWorkers", "get_store", "new_id",
+           "trial_key", "with_installed_driver", "worker_identity"]
 
 
 class Store(Jobs, Leases, Datasets, Models, Workers, StudyRecords):

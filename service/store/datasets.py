@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from service.store.db import Conflict, Database, QuotaExceeded, lock
-from service.store.rows import ACTIVE, STUDY_TERMINAL, DatasetRow, JobRow, StudyRow
+from service.store.rows import ACTIVE, RUNNING, STUDY_TERMINAL, DatasetRow, JobRow, StudyRow
 
 
 class Datasets(Database):
@@ -37,6 +37,19 @@ class Datasets(Database):
         with self.session() as s:
             return s.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0))
                             .where(DatasetRow.tenant == tenant))
+
+    def datasets_with(self, digests: set[str], paths: set[str]) -> list[DatasetRow]:
+        """Every tenant's datasets whose content digest or path is one of these (a worker host's cache keeps the
+        copies the store still has)."""
+        with self.session() as s:
+            return list(s.scalars(select(DatasetRow).where(DatasetRow.sha256.in_(digests)
+                                                           | DatasetRow.path.in_(paths))))
+
+    def datasets_in_training(self) -> list[DatasetRow]:
+        """The datasets that running jobs train on."""
+        with self.session() as s:
+            return list(s.scalars(select(DatasetRow).join(JobRow, (JobRow.tenant == DatasetRow.tenant) & (
+                JobRow.spec["dataset"].as_string() == DatasetRow.id)).where(JobRow.status.in_(RUNNING)).distinct()))
 
     def delete_dataset(self, tenant: str, dataset_id: str) -> DatasetRow | None:
         """Remove a dataset's row (the caller removes its file); None if the tenant has no such dataset.

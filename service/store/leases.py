@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import case, func, select, update
 
-from service.store.db import Database
+from service.store.db import Database, lock
 from service.store.models import add_version, next_version
-from service.store.rows import TERMINAL, EpochRow, JobRow
+from service.store.rows import RUNNING, TERMINAL, EpochRow, JobRow
+from service.store.workers import TooFewWorkers, free_slots
 
 
 def worker_identity() -> str:
@@ -34,10 +35,16 @@ class Claim:
 
 
 class Leases(Database):
-    def take_lease(self, job_id: str, owner: str, lease_seconds: float) -> Claim | None:
-        """Atomically start an attempt: only if the job is not finished and nobody holds a live lease."""
+    def take_lease(self, job_id: str, owner: str, lease_seconds: float, workers: int = 1,
+                   seen_within: float = 0.0) -> Claim | None:
+        """Atomically start an attempt: only if the job is not finished and nobody holds a live lease. A job over
+        `workers` > 1 workers (its stages train at once, a gang) starts only while that many slots of the workers
+        seen within `seen_within` seconds are free, else TooFewWorkers: counted and taken in one transaction, so
+        two such jobs never each take half the workers and wait for the other half."""
         now = time.time()
         with self.writing() as s, s.begin():
+            if workers > 1:
+                lock(s, "gang")
             taken = s.execute(
                 update(JobRow)
                 .where(
@@ -55,6 +62,10 @@ class Leases(Database):
                     rendezvous=None,
                 )
             ).rowcount
+            if taken and workers > 1:
+                free, live = free_slots(s, seen_within, except_job=job_id)
+                if free < workers:
+                    raise TooFewWorkers(workers, free, live)  # the transaction rolls back: nothing was taken
         if not taken:
             return None
         with self.session() as s:
@@ -127,7 +138,7 @@ class Leases(Database):
         now = time.time()
         with self.writing() as s, s.begin():
             job = s.scalars(select(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == owner,
-                                                 JobRow.status.in_(("running", "cancelling")))).first()
+                                                 JobRow.status.in_(RUNNING))).first()
             if job is None:
                 return None
             new_status = "cancelled" if job.status == "cancelling" else "queued"
@@ -138,10 +149,14 @@ class Leases(Database):
             ))
             return new_status
 
+    def running_job_ids(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(JobRow.id).where(JobRow.status.in_(RUNNING))))
+
     def expired_leases(self) -> list[JobRow]:
         with self.session() as s:
             return list(s.scalars(select(JobRow).where(
-                JobRow.status.in_(("running", "cancelling")), JobRow.lease_expires_at < time.time()
+                JobRow.status.in_(RUNNING), JobRow.lease_expires_at < time.time()
             )))
 
     def release_expired(self, job: JobRow) -> str | None:

@@ -10,6 +10,7 @@ from service.settings import DEFAULT_TENANT
 
 TERMINAL = ("succeeded", "failed", "cancelled", "pruned")  # pruned: a study's trial its pruner stopped
 ACTIVE = ("queued", "running", "cancelling")
+RUNNING = ("running", "cancelling")  # an attempt holds the job (or did, until its lease expires)
 STUDY_TERMINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned")
 

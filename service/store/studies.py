@@ -7,7 +7,7 @@ import time
 
 from sqlalchemy import func, select, update
 
-from service.store.db import Database
+from service.store.db import Database, QuotaExceeded, lock
 from service.store.jobs import scoped_key
 from service.store.rows import STUDY_TERMINAL, JobRow, StudyRow
 
@@ -21,8 +21,16 @@ def trial_key(study_id: str, number: int) -> str:
 
 
 class StudyRecords(Database):
-    def add_study(self, row: StudyRow) -> StudyRow:
+    def add_study(self, row: StudyRow, max_active: int | None = None) -> StudyRow:
+        """Keep a new study; QuotaExceeded if its tenant has `max_active` unfinished studies already (counted and
+        inserted in one transaction)."""
         with self.writing() as s, s.begin():
+            if max_active is not None:
+                lock(s, f"studies/{row.tenant}")
+                active = s.scalar(select(func.count()).select_from(StudyRow).where(
+                    StudyRow.tenant == row.tenant, StudyRow.status.not_in(STUDY_TERMINAL)))
+                if active >= max_active:
+                    raise QuotaExceeded(active, max_active)
             s.add(row)
         return row
 

@@ -138,7 +138,8 @@ def job_metrics(job_id: str, caller: TrainCaller, core: CoreDep) -> JobMetrics:
             response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "events `epoch` (one per "
                              "completed epoch, with its metrics), `progress` (the job, on every change) and a "
-                             "last `end` (the finished job), after which the stream closes"}})
+                             "last `end` (the finished job) or `deleted` (`{\"id\"}`: the job was deleted), "
+                             "after which the stream closes"}})
 async def job_events(job_id: str, caller: TrainCaller, core: CoreDep) -> EventSourceResponse:
     await run_in_threadpool(get_job_or_404, core, caller, job_id)
     store, poll = core.store, core.settings.events_poll_interval
@@ -147,6 +148,9 @@ async def job_events(job_id: str, caller: TrainCaller, core: CoreDep) -> EventSo
         last_epoch, last_seen = 0, None
         while True:
             job = await run_in_threadpool(store.get_job, job_id)
+            if job is None:  # deleted since the last poll: the stream ends as it would for a finished job
+                yield {"event": "deleted", "data": json.dumps({"id": job_id})}
+                return
             for metrics in await run_in_threadpool(store.job_epochs, job_id, last_epoch):
                 last_epoch = metrics["epoch"]
                 yield {"event": "epoch", "data": json.dumps(metrics)}

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
-from al.data import BUILTIN_DATASETS
 from al.study import SpaceError, parse_goal, parse_space
 from app.api.deps import CoreDep, OffsetQuery, TrainCaller, iso
+from app.api.routes.jobs import RETRY_AFTER_SECONDS, dataset_shape
 from app.schemas import StudyCreate, StudyList, StudyPublic
-from service.jobspec import resolve
-from service.store import STUDY_TERMINAL, StudyRow
+from service.jobspec import check_fits, resolve
+from service.store import STUDY_TERMINAL, QuotaExceeded, StudyRow
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -33,25 +34,36 @@ def get_study_or_404(core, study_id: str, tenant: str) -> StudyRow:
 
 
 @router.post("", status_code=202, response_model=StudyPublic, summary="Start a hyperparameter study",
-             responses={422: {"description": "the base, the space or the objective (the bad field is named) or the "
-                                       "dataset is invalid"}})
+             responses={422: {"description": "the base, the space or the objective (the bad field is named) or the dataset is invalid, "
+                                             "or a trial's network would not fit the data or AL_MAX_PARAMETERS"},
+                        429: {"description": "the tenant has AL_MAX_ACTIVE_STUDIES unfinished studies; see "
+                                             "Retry-After"}})
 def create_study(body: StudyCreate, response: Response, caller: TrainCaller, core: CoreDep) -> StudyPublic:
     """Each trial is a training job: the base with the trial's values at the space's paths. Workers run up to
-    `parallel` trials at once; the best trial's model is registered under the study's name as it is found."""
-    if body.dataset not in BUILTIN_DATASETS and core.store.get_dataset(caller.tenant, body.dataset) is None:
-        raise HTTPException(422, f"unknown dataset {body.dataset!r}: upload it with POST /v1/datasets "
-                                 f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
+    `parallel` trials at once; the best trial's model is registered under the study's name as it is found.
+    The base and every value of the space are checked as a job's spec is (POST /v1/jobs), limits included."""
+    input_shape, num_classes = dataset_shape(core, caller, body.dataset)
+
+    def trains(spec: dict) -> None:
+        check_fits(resolve(spec).config, input_shape, num_classes, core.settings.max_parameters)
+
     spec = body.model_dump(exclude_none=True)
     try:
-        resolve(spec["base"])
+        trains(spec["base"])
     except ValueError as e:
         raise HTTPException(422, f"base: {e}") from None
     try:
         parse_goal(spec)
-        parse_space(spec["space"], spec["base"], resolve)
+        parse_space(spec["space"], spec["base"], trains)
     except SpaceError as e:
         raise HTTPException(422, str(e)) from None
-    row = core.studies.create(caller.tenant, body.name, spec)
+    try:
+        row = core.studies.create(caller.tenant, body.name, spec)
+    except QuotaExceeded as e:
+        raise HTTPException(429, f"tenant {caller.tenant!r} has {e.used} unfinished studies, the most "
+                                 f"AL_MAX_ACTIVE_STUDIES allows ({e.limit}); retry once one has finished, or cancel "
+                                 "one",
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     response.headers["Location"] = f"/v1/studies/{row.id}"
     return study_public(core, row)
 
@@ -86,7 +98,8 @@ def cancel_study(study_id: str, caller: TrainCaller, core: CoreDep) -> StudyPubl
 
 @router.get("/{study_id}/events", summary="Trials as Server-Sent Events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "events `trial` (a trial "
-                             "that ended, with its job's result) and a last `end` (the finished study)"}})
+                             "that ended, with its job's result) and a last `end` (the finished study) or "
+                             "`deleted` (`{\"id\"}`: the study was deleted)"}})
 async def study_events(study_id: str, caller: TrainCaller, core: CoreDep) -> EventSourceResponse:
     await run_in_threadpool(get_study_or_404, core, study_id, caller.tenant)
     poll = core.settings.events_poll_interval
@@ -95,6 +108,9 @@ async def study_events(study_id: str, caller: TrainCaller, core: CoreDep) -> Eve
         reported = set()
         while True:
             row = await run_in_threadpool(core.store.get_study, study_id)
+            if row is None:  # deleted since the last poll
+                yield {"event": "deleted", "data": json.dumps({"id": study_id})}
+                return
             public = await run_in_threadpool(study_public, core, row, row.status in STUDY_TERMINAL)
             for trial in public.trials:
                 if trial.state not in ("running", "waiting") and trial.number not in reported:

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Annotated, NamedTuple
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from al import __version__
 from app.api.deps import Caller, Core, CoreDep, PredictCaller, VersionPath, public, require
 from app.api.routes.models import find_model, model_for
 from app.schemas import (
     V2Error,
+    V2InferInput,
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
@@ -70,37 +74,78 @@ def metadata(core: Core, caller: Caller, name: str, version: int | None) -> V2Mo
     )
 
 
-def json_from_binary(body: bytes, header_length: int) -> bytes:
-    """A request in Triton's binary tensor data extension (a JSON header of `header_length` bytes, then the
-    inputs' raw values) as the plain JSON request it stands for; ValueError names what does not fit."""
-    if not 0 < header_length <= len(body):
-        raise ValueError(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
+class InferBody(NamedTuple):
+    """An infer request and its input's values, decoded."""
+
+    request: V2InferRequest
+    x: np.ndarray
+
+
+async def infer_body(request: Request) -> InferBody:
+    """The body, read only once the route's key check has passed (the dependency after it) and within the body
+    limit (app/edge.py), then decoded in a worker thread: JSON, or Triton's binary tensor data extension (a JSON
+    header of Inference-Header-Content-Length bytes, then the input's raw values)."""
+    body = await request.body()
+    return await run_in_threadpool(decode_infer, body, request.headers.get("inference-header-content-length"))
+
+
+def validated(header: dict | bytes) -> V2InferRequest:
     try:
-        request = json.loads(body[:header_length])
-        inputs = list(request["inputs"])
-    except (ValueError, KeyError, TypeError):
-        raise ValueError("the JSON header before the binary data is not an inference request") from None
-    offset = header_length
-    for tensor in inputs:
-        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
-        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-        if size is None:
-            continue
-        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-        if datatype not in BINARY_DTYPES:
-            raise ValueError(f"input {name!r}: binary data of datatype {datatype!r} is not supported")
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(body) - offset:
-            raise ValueError(f"input {name!r}: binary_data_size {size!r} does not fit the {len(body) - offset} "
-                             "bytes left")
-        values = np.frombuffer(body[offset:offset + size], dtype=BINARY_DTYPES[datatype])
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape) or math.prod(shape) != len(values):
-            raise ValueError(f"input {name!r}: shape {shape!r} does not match {len(values)} binary values")
-        tensor["data"] = values.tolist()
-        del parameters["binary_data_size"]
-        offset += size
-    if offset != len(body):
-        raise ValueError(f"{len(body) - offset} bytes of binary data belong to no input")
-    return json.dumps(request).encode()
+        return (V2InferRequest.model_validate_json if isinstance(header, bytes) else V2InferRequest.model_validate)(
+            header)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
+
+
+def decode_infer(body: bytes, header_length: str | None) -> InferBody:
+    """The request and its values as an array; a 400 naming what does not fit. Binary values become the array
+    they are (np.frombuffer: no Python list, no JSON text)."""
+    if header_length is None:
+        request = validated(body)
+        tensor = request.inputs[0]
+        if tensor.data is None:
+            raise HTTPException(400, f"input {tensor.name!r}: no data; send `data`, or the values in binary after "
+                                     "the JSON (Inference-Header-Content-Length)")
+        try:
+            x = np.asarray(tensor.data, dtype=np.float64)
+        except (ValueError, TypeError, OverflowError):  # OverflowError: an integer literal past float64
+            raise HTTPException(400, f"input {tensor.name!r}: data must be numbers, flat or nested row-major") from None
+        check_size(tensor, x.size)
+        return InferBody(request, x)
+    if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+        raise HTTPException(400, f"Inference-Header-Content-Length {header_length} does not fit a body of "
+                                 f"{len(body)} bytes")
+    offset = int(header_length)
+    try:
+        header = json.loads(body[:offset])
+    except ValueError:
+        raise HTTPException(400, "the JSON header before the binary data is not an inference request") from None
+    request = validated(header)
+    tensor = request.inputs[0]
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is None:
+        return decode_infer(body[:offset], None) if offset == len(body) else binary_left_over(len(body) - offset)
+    dtype = np.dtype(BINARY_DTYPES[tensor.datatype])
+    fits = isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= len(body) - offset
+    if not fits or size % dtype.itemsize:
+        raise HTTPException(400, f"input {tensor.name!r}: binary_data_size {size!r} does not fit the "
+                                 f"{len(body) - offset} bytes left in {tensor.datatype} values")
+    if offset + size != len(body):
+        binary_left_over(len(body) - offset - size)
+    x = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+    check_size(tensor, x.size)
+    return InferBody(request, x)
+
+
+def check_size(tensor: V2InferInput, size: int) -> None:
+    expected = math.prod(tensor.shape)
+    if size != expected:
+        raise HTTPException(400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} values, "
+                                 f"data has {size}")
+
+
+def binary_left_over(size: int) -> InferBody:
+    raise HTTPException(400, f"{size} bytes of binary data belong to no input")
 
 
 def parameter(body: V2InferRequest, name: str, valid, what: str):
@@ -111,18 +156,9 @@ def parameter(body: V2InferRequest, name: str, valid, what: str):
     return value
 
 
-async def infer(core: Core, caller: Caller, name: str, version: int | None,
-                body: V2InferRequest) -> V2InferResponse:
+async def infer(core: Core, caller: Caller, name: str, version: int | None, decoded: InferBody) -> V2InferResponse:
     row, model = await model_for(core, caller, name, version)
-    tensor = body.inputs[0]
-    expected = math.prod(tensor.shape)
-    try:
-        x = np.asarray(tensor.data, dtype=np.float64)
-    except (ValueError, TypeError, OverflowError):  # OverflowError: an integer literal past float64
-        raise HTTPException(400, f"input {tensor.name!r}: data must be numbers, flat or nested row-major") from None
-    if x.size != expected:
-        raise HTTPException(400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} values, "
-                                 f"data has {x.size}")
+    body, tensor, x = decoded.request, decoded.request.inputs[0], decoded.x
     depth = parameter(body, "depth", lambda v: isinstance(v, int), "an integer")
     exit_confidence = parameter(body, "exit_confidence", lambda v: isinstance(v, int | float) and 0 <= v <= 1,
                                 "a number between 0 and 1")  # NaN is not
@@ -174,17 +210,31 @@ def model_version_ready(name: str, version: VersionPath, caller: PredictCaller, 
     return {"name": name, "version": str(version), "ready": True}
 
 
+# The infer routes read their body themselves (infer_body), after the caller's scope is decided; OpenAPI
+# shows the JSON form (describe_infer_body), and the binary form is Triton's extension of it.
+INFER_BODY = {"requestBody": {"required": True, "description": "JSON; or Triton's binary tensor data extension: "
+                              "that JSON (input parameters.binary_data_size, no data) in the first "
+                              "Inference-Header-Content-Length bytes, then the values, little-endian",
+                              "content": {"application/json": {"schema": {
+                                  "$ref": "#/components/schemas/V2InferRequest"}}}}}
+InferBodyDep = Annotated[InferBody, Depends(infer_body)]
+
+
+def describe_infer_body(schema: dict) -> None:
+    """Puts V2InferRequest and what it refers to into the OpenAPI document's components."""
+    request = V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema["components"]["schemas"].update(request.pop("$defs", {}), V2InferRequest=request)
+
+
 # Unset optional fields (id, parameters) are left out rather than sent as null, as the protocol shows them.
 @router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True,
-             summary="Infer with the latest version")
-async def model_infer(name: str, body: V2InferRequest, caller: PredictCaller,
-                      core: CoreDep) -> V2InferResponse:
+             summary="Infer with the latest version", openapi_extra=INFER_BODY)
+async def model_infer(name: str, caller: PredictCaller, core: CoreDep, body: InferBodyDep) -> V2InferResponse:
     return await infer(core, caller, name, None, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
-             response_model_exclude_none=True, summary="Infer with a version")
-async def model_version_infer(
-    name: str, version: VersionPath, body: V2InferRequest, caller: PredictCaller, core: CoreDep
-) -> V2InferResponse:
+             response_model_exclude_none=True, summary="Infer with a version", openapi_extra=INFER_BODY)
+async def model_version_infer(name: str, version: VersionPath, caller: PredictCaller, core: CoreDep,
+                              body: InferBodyDep) -> V2InferResponse:
     return await infer(core, caller, name, version, body)

@@ -32,8 +32,11 @@ const AL = (() => {
     return `${status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`;
   }
 
+  // The session's CSRF token (the page carries it): the API refuses a write with the session's cookie without it.
+  const csrfToken = () => document.querySelector('meta[name="csrf-token"]').content;
+
   async function api(method, path, body) {
-    const init = { method, credentials: "same-origin", headers: {} };
+    const init = { method, credentials: "same-origin", headers: { "X-CSRF-Token": csrfToken() } };
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -65,6 +68,7 @@ const AL = (() => {
       source.close();
       if (onEnd) onEnd(JSON.parse(event.data));
     });
+    source.addEventListener("deleted", () => source.close());  // else the browser reconnects, to a 404
     return source;
   }
 
@@ -102,6 +106,6 @@ const AL = (() => {
     for (const node of document.querySelectorAll("[data-time]")) node.textContent = localTime(node.dataset.time);
   });
 
-  return { TERMINAL, el, pageData, api, errorMessage, showError, follow, percent, number, localTime, statusBadge, progressBar,
+  return { TERMINAL, el, pageData, csrfToken, api, errorMessage, showError, follow, percent, number, localTime, statusBadge, progressBar,
            jobLink, modelLink, cancel };
 })();

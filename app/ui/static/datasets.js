@@ -20,6 +20,7 @@
     const button = form.querySelector("button");
     const request = new XMLHttpRequest();
     request.open("POST", "/v1/datasets");
+    request.setRequestHeader("X-CSRF-Token", AL.csrfToken());
     request.upload.addEventListener("progress", (e) => {
       if (!e.lengthComputable) return;
       bar.value = e.loaded / e.total;

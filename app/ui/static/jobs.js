@@ -37,12 +37,17 @@
     document.getElementById("no-jobs").hidden = rows.size > 0;
   }
 
+  // Follow a job's stream, or queue it while MAX_STREAMS are open; each stream that ends starts the next.
   function watch(jobId, first = false) {
     if (first) waiting.unshift(jobId);
     else waiting.push(jobId);
+    openWaiting();
+  }
+
+  function openWaiting() {
     while (streams < MAX_STREAMS && waiting.length) {
       streams += 1;
-      AL.follow(waiting.shift(), { onProgress: show, onEnd: (job) => { show(job); streams -= 1; watch(); } });
+      AL.follow(waiting.shift(), { onProgress: show, onEnd: (job) => { show(job); streams -= 1; openWaiting(); } });
     }
   }
 

@@ -161,5 +161,6 @@
       study = JSON.parse(event.data);
       render();
     });
+    source.addEventListener("deleted", () => source.close());  // else the browser reconnects, to a 404
   }
 })();

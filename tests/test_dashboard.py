@@ -301,11 +301,11 @@ def test_study_page_shows_trials_and_accuracy_against_each_parameter(dashboard, 
     assert "Traceback" not in process.output()
 
 
-def test_a_pareto_study_page_plots_its_front(browser, server, tmp_path):
+def test_a_pareto_study_page_plots_its_front(dashboard, tmp_path):
     from selenium.webdriver.common.by import By
 
-    url, process = server
-    api = httpx.Client(base_url=url, timeout=30)
+    browser, url, process = dashboard
+    api = api_client(url)
     study = api.post("/v1/studies", json={
         "name": "front-study", "dataset": "digits", "trials": 3, "seed": 0,
         "objectives": ["val_accuracy", "train_seconds"],

@@ -80,7 +80,8 @@ def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[
         target = None
         for label, (threads, training, preset, model_changes) in runs.items():
             # The seed's first run (BP) trains N epochs and sets the target; the others stop at it.
-            spec = {"data": data, "model": {**model, **model_changes}, "threads": threads, "preset": preset, "target": target,
+            spec = {"data": data, "model": {**model, **model_changes}, "threads": threads, "preset": preset,
+                    "target": target,
                     "stop_after_epochs": args.reference_epochs if target is None else None,
                     "training": {"batch_size": args.batch_size, "device": "cpu", "seed": seed,
                                  "epochs": args.max_epochs, **training}}

@@ -34,8 +34,9 @@ def get_study_or_404(core, study_id: str, tenant: str) -> StudyRow:
 
 
 @router.post("", status_code=202, response_model=StudyPublic, summary="Start a hyperparameter study",
-             responses={422: {"description": "the base, the space or the objective (the bad field is named) or the dataset is invalid, "
-                                             "or a trial's network would not fit the data or AL_MAX_PARAMETERS"},
+             responses={422: {"description": "the base, the space or the objective (the bad field is named) or the "
+                                             "dataset is invalid, or a trial's network would not fit the data or "
+                                             "AL_MAX_PARAMETERS"},
                         429: {"description": "the tenant has AL_MAX_ACTIVE_STUDIES unfinished studies; see "
                                              "Retry-After"}})
 def create_study(body: StudyCreate, response: Response, caller: TrainCaller, core: CoreDep) -> StudyPublic:

@@ -73,6 +73,11 @@ def cmd_train(args) -> None:
         "target_width": args.target_width,
         "bridge_pool": args.bridge_pool,
         "h1_loss": args.h1_loss,
+        "embedding_dim": args.embedding_dim,
+        "heads": args.heads,
+        "max_tokens": args.max_tokens,
+        "vocab_size": args.vocab_size,
+        "text_column": args.text_column,
     }
     training = {
         "method": args.method,
@@ -103,10 +108,10 @@ def cmd_eval(args) -> None:
 
 def cmd_predict(args) -> None:
     from al.checkpoint import load_model
-    from al.data import read_inputs
+    from al.data import TEXT_COLUMN, read_inputs
 
     model = load_model(args.model)
-    x = read_inputs(Path(args.input))
+    x = read_inputs(Path(args.input), model.config["model"].get("text_column", TEXT_COLUMN))
     predictions, probabilities, depths = model.predict(model.request(x, args.depth, args.exit_confidence))
     if args.json:
         print(json.dumps({"predictions": predictions, "probabilities": probabilities, "depths": depths}))
@@ -139,12 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a directory")
-    p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist, kmnist, or a .npz/.csv file")
+    p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist, kmnist, or a .npz/.csv file "
+                   "(a CSV with a text column holds texts, for --arch lstm or transformer)")
     p.add_argument("--arch", choices=ARCHS, default=None)
-    p.add_argument("--widths", type=_widths, default=None, help="encoder widths/channels, e.g. 512,512")
+    p.add_argument("--widths", type=_widths, default=None, help="encoder widths/channels, e.g. 512,512 (lstm: hidden "
+                   "units per direction of each layer; transformer: feed-forward width of each layer)")
     p.add_argument("--target-width", type=int, default=None, help="n, the width of t_i")
     p.add_argument("--bridge-pool", type=int, default=None, help="conv maps: pool to PxP before the bridge")
     p.add_argument("--h1-loss", choices=("mse", "ce"), default=None)
+    p.add_argument("--embedding-dim", type=int, default=None, help="lstm, transformer: width of the token embeddings")
+    p.add_argument("--heads", type=int, default=None, help="transformer: attention heads of each layer")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="lstm, transformer: tokens a text keeps; a longer text is cut (default 128)")
+    p.add_argument("--vocab-size", type=int, default=None, help="lstm, transformer: most distinct tokens (default "
+                   "10000), learnt from the training split")
+    p.add_argument("--text-column", default=None, help="the CSV column that holds the texts (default: text)")
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--epochs", type=int, default=None)
@@ -180,9 +194,11 @@ def add_eval(sub) -> None:
 
 
 def add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predict the classes of the samples in a file")
+    p = sub.add_parser("predict", help="predict the classes of the samples in a file: one line each, the class "
+                       "(a text model's: its label) and its probability, tab-separated")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, help=".npz with array x, or .csv")
+    p.add_argument("--input", required=True, help=".npz with array x, or .csv; a text model: a .csv with its text "
+                   "column, or a .txt of one text per line")
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--exit-confidence", type=float, default=None, metavar="X",
                    help=EXIT_CONFIDENCE_HELP + "; --json gives the depth of each row")

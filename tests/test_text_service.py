@@ -79,6 +79,10 @@ def test_bad_text_uploads_and_mismatched_jobs_are_refused_naming_the_problem(ser
     assert mlp.status_code == 422 and "arch mlp reads numbers, the dataset holds texts" in mlp.text
     lstm = client.post("/v1/jobs", json={"dataset": "digits", "model": {"arch": "lstm"}})
     assert lstm.status_code == 422 and "arch lstm reads texts, the dataset holds numbers" in lstm.text
+    study = client.post("/v1/studies", json={"name": "s", "dataset": dataset["id"], "base": {"model": {"arch": "mlp"}},
+                                             "space": {"training.lr": {"type": "float", "low": 0.001, "high": 0.1}},
+                                             "trials": 2})
+    assert study.status_code == 422 and "arch mlp reads numbers, the dataset holds texts" in study.text, study.text
 
 
 def test_native_predict_answers_indices_labels_and_probabilities(served):
@@ -131,7 +135,8 @@ def test_tritonclient_sends_bytes_tensors_as_json_and_binary(served):
 
 def test_malformed_binary_bytes_are_a_400(served):
     client, _ = served
-    header = b'{"inputs": [{"name": "input", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": 9}}]}'
+    header = (b'{"inputs": [{"name": "input", "shape": [2], "datatype": "BYTES", '
+              b'"parameters": {"binary_data_size": 9}}]}')
     body = header + (3).to_bytes(4, "little") + b"abc" + b"\x05\x00"  # the second element's length is cut short
     answer = client.post("/v2/models/texts/infer", content=body,
                          headers={"Inference-Header-Content-Length": str(len(header))})

@@ -29,10 +29,27 @@ CLASSES = ["food", "sports", "tech"]
 TEXTS = ["the team and the ball, a goal", "linux kernel code", "bread and soup"]
 
 
+def train_by_job(client: httpx.Client, process, upload: tuple[str, bytes], name: str, model: dict) -> dict:
+    """The dataset `upload` (file name, content) as POST /v1/datasets answered it, after a job trained `model`
+    on it under `name`."""
+    uploaded = client.post("/v1/datasets", files={"file": upload})
+    assert uploaded.status_code == 201, uploaded.text
+    spec = {"dataset": uploaded.json()["id"], "name": name, "model": model,
+            "training": {"epochs": 2, "batch_size": 16, "lr": 0.01}}
+    job = client.post("/v1/jobs", json=spec)
+    assert job.status_code == 202, job.text
+    with client.stream("GET", f"/v1/jobs/{job.json()['id']}/events", timeout=120) as response:
+        sse_events(response)
+    finished = client.get(f"/v1/jobs/{job.json()['id']}").json()
+    assert finished["status"] == "succeeded", (finished["error"], process.output()[-3000:])
+    return uploaded.json()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """`al serve` with "digits" (an image model) registered, and "texts", an LSTM trained by a job from an
-    uploaded CSV; (client, the dataset as the upload answered it)."""
+    """`al serve` with "digits" (an image model) registered, "texts", an LSTM trained by a job from an uploaded
+    text CSV, and "levels", an MLP trained from a table whose classes have names; (client, the text dataset as
+    the upload answered it)."""
     root = tmp_path_factory.mktemp("text-service")
     train("digits", root / "digits", make_config(model={"arch": "mlp", "widths": [16], "target_width": 8},
                                                  training={"epochs": 1, "device": "cpu"}))
@@ -43,18 +60,12 @@ def served(tmp_path_factory):
     port = free_port()
     process = start_server(env, root / "serve.log", port)
     csv_bytes = write_csv(root / "texts.csv", synthetic_texts(240)).read_bytes()
+    table = "a,b,label\n" + "".join(f"{i % 7},{i % 5},{'high' if i % 7 > 3 else 'low'}\n" for i in range(120))
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        uploaded = client.post("/v1/datasets", files={"file": ("texts.csv", csv_bytes)})
-        assert uploaded.status_code == 201, uploaded.text
-        spec = {"dataset": uploaded.json()["id"], "name": "texts", "model": LSTM,
-                "training": {"epochs": 2, "batch_size": 16, "lr": 0.01}}
-        job = client.post("/v1/jobs", json=spec)
-        assert job.status_code == 202, job.text
-        with client.stream("GET", f"/v1/jobs/{job.json()['id']}/events", timeout=120) as response:
-            sse_events(response)
-        finished = client.get(f"/v1/jobs/{job.json()['id']}").json()
-        assert finished["status"] == "succeeded", (finished["error"], process.output()[-3000:])
-        yield client, uploaded.json()
+        dataset = train_by_job(client, process, ("texts.csv", csv_bytes), "texts", LSTM)
+        train_by_job(client, process, ("levels.csv", table.encode()), "levels",
+                     {"arch": "mlp", "widths": [8], "target_width": 4})
+        yield client, dataset
     process.stop()
     drop_queue(env)
 
@@ -102,6 +113,8 @@ def test_native_predict_answers_indices_labels_and_probabilities(served):
     assert text_to_image.status_code == 422 and "not text" in text_to_image.json()["detail"], text_to_image.text
     digits = client.post("/v1/models/digits/predict", json={"inputs": digits_rows(2)}).json()
     assert digits["labels"] is None and all(p in range(10) for p in digits["predictions"])
+    levels = client.post("/v1/models/levels/predict", json={"inputs": [[6, 0], [0, 1]]}).json()  # a table
+    assert levels["labels"] == [["high", "low"][p] for p in levels["predictions"]], levels
 
 
 def test_tritonclient_sends_bytes_tensors_as_json_and_binary(served):

@@ -31,7 +31,7 @@ class DatasetPublic(BaseModel):
     rows: int = Field(description="samples in the file (train and test together)")
     shape: list[int] = Field(description="shape of one sample, e.g. [64] for a table or [1, 28, 28] for images; "
                              "[] for texts")
-    features: int = Field(description="values per sample (the product of `shape`)")
+    features: int = Field(description="values per sample (the product of `shape`; 1 for texts: one string each)")
     classes: list[Any] = Field(description="label values, sorted; the index is the class index")
     size_bytes: int | None = Field(None, description="size of the stored file")
     created_at: str | None = Field(None, description="upload time, ISO 8601 UTC")

@@ -4,6 +4,8 @@ Open Inference Protocol v2 (BYTES, with Triton's own client, JSON and binary), a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import numpy as np
 import pytest
@@ -104,6 +106,11 @@ def test_native_predict_answers_indices_labels_and_probabilities(served):
     body = answer.json()
     assert body["labels"] == [CLASSES[p] for p in body["predictions"]] and len(body["labels"]) == 5
     assert all(abs(sum(p) - 1) < 1e-4 and len(p) == 3 for p in body["probabilities"])
+    with ThreadPoolExecutor(len(TEXTS)) as pool:  # concurrent requests, which the server may batch together
+        alone = list(pool.map(lambda text: client.post("/v1/models/texts/predict", json={"inputs": [text]}).json(),
+                              TEXTS))
+    assert [a["labels"][0] for a in alone] == body["labels"][:3]
+    np.testing.assert_allclose([a["probabilities"][0] for a in alone], body["probabilities"][:3], atol=1e-5)
     by_depth = [client.post("/v1/models/texts/predict", json={"inputs": TEXTS, "depth": k}).json()["depths"]
                 for k in (1, 2)]
     assert by_depth == [[1, 1, 1], [2, 2, 2]]

@@ -195,6 +195,11 @@ class LoadedModel:
         wrong = next((item for item in x if not isinstance(item, str)), None)
         if wrong is not None:
             raise ValueError(f"this model reads texts (strings), got {type(wrong).__name__} {str(wrong)[:40]!r}")
+        for i, text in enumerate(x):
+            try:
+                text.encode("utf-8")  # the tokenizer takes only what UTF-8 can hold: no lone surrogate (JSON "\ud800")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text {i} is not valid Unicode: {e.reason} at character {e.start}") from None
         return as_texts(x)
 
     def predict(self, request: InferenceRequest) -> Prediction:

@@ -114,6 +114,9 @@ def test_native_predict_answers_indices_labels_and_probabilities(served):
     by_depth = [client.post("/v1/models/texts/predict", json={"inputs": TEXTS, "depth": k}).json()["depths"]
                 for k in (1, 2)]
     assert by_depth == [[1, 1, 1], [2, 2, 2]]
+    surrogate = client.post("/v1/models/texts/predict", content='{"inputs": ["fine", "half \\ud800 a pair"]}',
+                            headers={"Content-Type": "application/json"})  # JSON may escape a lone surrogate
+    assert surrogate.status_code == 422 and "text 1 is not valid Unicode" in surrogate.json()["detail"], surrogate.text
     numbers = client.post("/v1/models/texts/predict", json={"inputs": [[0.5] * 24]})
     assert numbers.status_code == 422 and "reads texts" in numbers.json()["detail"], numbers.text
     text_to_image = client.post("/v1/models/digits/predict", json={"inputs": TEXTS})

@@ -155,9 +155,9 @@ def add_train(sub) -> None:
     p.add_argument("--embedding-dim", type=int, default=None, help="lstm, transformer: width of the token embeddings")
     p.add_argument("--heads", type=int, default=None, help="transformer: attention heads of each layer")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="lstm, transformer: tokens a text keeps; a longer text is cut (default 128)")
+                   help="lstm, transformer: tokens a text keeps; a longer text is cut (default 64)")
     p.add_argument("--vocab-size", type=int, default=None, help="lstm, transformer: most distinct tokens (default "
-                   "10000), learnt from the training split")
+                   "8000), learnt from the training split")
     p.add_argument("--text-column", default=None, help="the CSV column that holds the texts (default: text)")
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")

@@ -82,9 +82,9 @@ class ModelConfig:
     embedding_dim: int | None = setting(None, "lstm, transformer: width of the token embeddings (transformer: of "
                                          "every layer)", ge=1, le=MAX_WIDTH, search=True)
     heads: int = setting(4, "transformer: attention heads of each layer (they divide embedding_dim)", ge=1, le=64)
-    max_tokens: int = setting(128, "lstm, transformer: tokens of a text that the model reads; a longer text is cut "
+    max_tokens: int = setting(64, "lstm, transformer: tokens of a text that the model reads; a longer text is cut "
                               "after this many tokens", ge=1, le=4096, search=True)
-    vocab_size: int = setting(10000, "lstm, transformer: most distinct tokens, learnt from the training split "
+    vocab_size: int = setting(8000, "lstm, transformer: most distinct tokens, learnt from the training split "
                               "(the most frequent; two are padding and unknown)", ge=3, le=1_000_000, search=True)
     text_column: str = setting("text", "lstm, transformer: the CSV column that holds the texts",
                                pattern=r"^[^\r\n]+$", max_length=128)
@@ -95,8 +95,9 @@ class ModelConfig:
             "mlp": ([512, 512], 512),
             "cnn": ([32, 64, 128, 256], 256),
             "resnet": ([16, 16, 32, 64], 256),
+            # Text: sizes tuned on the Debian packages' validation split for a 2-core CPU (docs/benchmarks.md, Texts)
             "lstm": ([64], 128),
-            "transformer": ([256], 128),
+            "transformer": ([128], 128),
         }
         if self.arch not in defaults:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
@@ -105,7 +106,7 @@ class ModelConfig:
             self,
             widths=list(self.widths or widths),
             target_width=self.target_width or target_width,
-            embedding_dim=self.embedding_dim or (128 if self.arch in TEXT_ARCHS else None),
+            embedding_dim=self.embedding_dim or (64 if self.arch in TEXT_ARCHS else None),
         )
 
 

@@ -76,6 +76,11 @@ def cmd_train(args) -> None:
         "bridge_convs": args.bridge_convs,
         "target_widths": args.target_widths,
         "init": args.init,
+        "embedding_dim": args.embedding_dim,
+        "heads": args.heads,
+        "max_tokens": args.max_tokens,
+        "vocab_size": args.vocab_size,
+        "text_column": args.text_column,
     }
     training = {
         "method": args.method,
@@ -112,10 +117,10 @@ def cmd_eval(args) -> None:
 
 def cmd_predict(args) -> None:
     from al.checkpoint import load_model
-    from al.data import read_inputs
+    from al.data import TEXT_COLUMN, read_inputs
 
     model = load_model(args.model)
-    x = read_inputs(Path(args.input))
+    x = read_inputs(Path(args.input), model.config["model"].get("text_column", TEXT_COLUMN))
     predictions, probabilities, depths = model.predict(model.request(x, args.depth, args.exit_confidence))
     if args.json:
         print(json.dumps({"predictions": predictions, "probabilities": probabilities, "depths": depths}))
@@ -150,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a directory")
-    p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist, kmnist, or a .npz/.csv file")
+    p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist, kmnist, or a .npz/.csv file "
+                   "(a CSV with a text column holds texts, for --arch lstm or transformer)")
     p.add_argument("--arch", choices=ARCHS, default=None)
-    p.add_argument("--widths", type=_widths, default=None, help="encoder widths/channels, e.g. 512,512")
+    p.add_argument("--widths", type=_widths, default=None, help="encoder widths/channels, e.g. 512,512 (lstm: hidden "
+                   "units per direction of each layer; transformer: feed-forward width of each layer)")
     p.add_argument("--target-width", type=int, default=None, help="n, the width of t_i")
     p.add_argument("--bridge-pool", type=int, default=None, help="conv maps: pool to PxP before the bridge")
     p.add_argument("--h1-loss", choices=("mse", "ce"), default=None)
@@ -160,6 +167,13 @@ def add_train(sub) -> None:
                    help="conv maps: conv layers in each bridge before the pooling")
     p.add_argument("--target-widths", type=_widths, default=None, help="the width of each t_i, e.g. 64,128")
     p.add_argument("--init", choices=INITS, default=None, help="initial weights (default he_normal, as R1)")
+    p.add_argument("--embedding-dim", type=int, default=None, help="lstm, transformer: width of the token embeddings")
+    p.add_argument("--heads", type=int, default=None, help="transformer: attention heads of each layer")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="lstm, transformer: tokens a text keeps; a longer text is cut (default 64)")
+    p.add_argument("--vocab-size", type=int, default=None, help="lstm, transformer: most distinct tokens (default "
+                   "8000), learnt from the training split")
+    p.add_argument("--text-column", default=None, help="the CSV column that holds the texts (default: text)")
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--epochs", type=int, default=None)
@@ -202,9 +216,11 @@ def add_eval(sub) -> None:
 
 
 def add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predict the classes of the samples in a file")
+    p = sub.add_parser("predict", help="predict the classes of the samples in a file: one line each, the class "
+                       "(a text model's: its label) and its probability, tab-separated")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, help=".npz with array x, or .csv")
+    p.add_argument("--input", required=True, help=".npz with array x, or .csv; a text model: a .csv with its text "
+                   "column, or a .txt of one text per line")
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--exit-confidence", type=float, default=None, metavar="X",
                    help=EXIT_CONFIDENCE_HELP + "; --json gives the depth of each row")

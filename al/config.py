@@ -16,7 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHS = ("mlp", "cnn", "resnet")
+TEXT_ARCHS = ("lstm", "transformer")  # read texts (al/data/text.py); the others read numbers
+ARCHS = ("mlp", "cnn", "resnet", *TEXT_ARCHS)
 METHODS = ("al", "bp")
 ACTIVATIONS = ("elu", "relu", "sigmoid", "tanh", "identity")
 SCHEDULES = ("step", "cosine", "none")
@@ -64,9 +65,11 @@ def value_type(cls, name: str) -> type:
 
 @dataclass
 class ModelConfig:
-    arch: str = setting("mlp", "mlp | cnn | resnet", choices=ARCHS)
+    arch: str = setting("mlp", "mlp | cnn | resnet (numbers) | lstm | transformer (texts)", choices=ARCHS)
     widths: list[int] | None = setting(
-        None, "mlp: width of each component's encoder; cnn: channels per block; resnet: stem then stages",
+        None, "mlp: width of each component's encoder; cnn: channels per block; resnet: stem then stages; "
+        "lstm: hidden units per direction of each bidirectional LSTM layer; transformer: feed-forward width of each "
+        "encoder layer (lstm, transformer: one layer per entry, each a component after the embedding's)",
         ge=1, le=MAX_WIDTH, items=(1, MAX_COMPONENTS))
     target_width: int | None = setting(None, "n, the width of the label codes t_i", ge=1, le=MAX_WIDTH,
                                        search=True)
@@ -88,6 +91,16 @@ class ModelConfig:
     init: str = setting("he_normal", "initial weights (biases zero but with torch): he_normal (R1), he_fan_out, "
                         "xavier_normal, xavier_uniform, orthogonal, torch (PyTorch's defaults)", choices=INITS,
                         search=True)
+    # Texts (lstm, transformer): component 1's encoder is the token embedding.
+    embedding_dim: int | None = setting(None, "lstm, transformer: width of the token embeddings (transformer: of "
+                                         "every layer)", ge=1, le=MAX_WIDTH, search=True)
+    heads: int = setting(4, "transformer: attention heads of each layer (they divide embedding_dim)", ge=1, le=64)
+    max_tokens: int = setting(64, "lstm, transformer: tokens of a text that the model reads; a longer text is cut "
+                              "after this many tokens", ge=1, le=4096, search=True)
+    vocab_size: int = setting(8000, "lstm, transformer: most distinct tokens, learnt from the training split "
+                              "(the most frequent; two are padding and unknown)", ge=3, le=1_000_000, search=True)
+    text_column: str = setting("text", "lstm, transformer: the CSV column that holds the texts",
+                               pattern=r"^[^\r\n]+$", max_length=128)
 
     def resolved(self) -> ModelConfig:
         """Fill the per-architecture defaults."""
@@ -95,6 +108,9 @@ class ModelConfig:
             "mlp": ([512, 512], 512),
             "cnn": ([32, 64, 128, 256], 256),
             "resnet": ([16, 16, 32, 64], 256),
+            # Text: sizes tuned on the Debian packages' validation split for a 2-core CPU (docs/benchmarks.md, Texts)
+            "lstm": ([64], 128),
+            "transformer": ([128], 128),
         }
         if self.arch not in defaults:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
@@ -103,6 +119,7 @@ class ModelConfig:
             self,
             widths=list(self.widths or widths),
             target_width=self.target_width or target_width,
+            embedding_dim=self.embedding_dim or (64 if self.arch in TEXT_ARCHS else None),
         )
 
 
@@ -289,6 +306,9 @@ def validate(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
     if model_cfg.arch == "resnet" and len(model_cfg.widths) < 2:
         raise ValueError("resnet widths need the stem and at least one stage")
     check_conv_levers(model_cfg)
+    if model_cfg.arch == "transformer" and model_cfg.embedding_dim % model_cfg.heads:
+        raise ValueError(f"transformer: heads ({model_cfg.heads}) must divide embedding_dim "
+                         f"({model_cfg.embedding_dim})")
     if train_cfg.pipeline != "sequential" and train_cfg.method != "al":
         raise ValueError("pipelining is for AL only: BP's backward pass locks every layer until the loss is known")
 

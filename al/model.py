@@ -7,6 +7,7 @@ Component i (paper letters in brackets):
     decoder        [h_i]  t_i     -> ~t_{i-1}; h_1 ends in class scores
 
 Inference: h_1(...h_k(b_k(f_k(...f_1(x))))) for depth k (k = L is the full path).
+The encoders of text models (arch lstm, transformer) are in al/sequence.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from al.config import ModelConfig
+from al.config import TEXT_ARCHS, ModelConfig
+from al.sequence import MaskedMeanPool, text_encoders
 
 _ACTIVATIONS = {
     "elu": nn.ELU,
@@ -121,7 +123,7 @@ class ALNet(nn.Module):
         if exit_confidence is None:
             probabilities = self.probabilities(self(x, k_max))
             return probabilities.argmax(dim=1), probabilities, torch.full((len(x),), k_max, device=x.device)
-        probabilities = x.new_empty(len(x), self.num_classes)
+        probabilities = torch.empty(len(x), self.num_classes, device=x.device)  # x may be token ids
         depths = torch.full((len(x),), k_max, device=x.device)
         rows, s = torch.arange(len(x), device=x.device), x
         for k in range(1, k_max + 1):
@@ -210,8 +212,18 @@ def _encoders(cfg: ModelConfig, input_shape: tuple[int, ...]) -> list[nn.Module]
     return encoders
 
 
-def _bridge(s_shape: tuple[int, ...], cfg: ModelConfig, n: int) -> nn.Module:
-    """b_i from s_i to a code of width n: on conv maps, `bridge_convs` conv layers, then the pooling."""
+def _bridge(features_in: int, cfg: ModelConfig, pool: list[nn.Module], n: int) -> nn.Module:
+    """b_i to a code of width n: `pool` (what makes s_i one vector per sample), then the dense layers."""
+    widths = [features_in] + [cfg.bridge_hidden_factor * n] * (cfg.bridge_depth - 1) + [n]
+    layers = list(pool)
+    for w_in, w_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(w_in, w_out), activation(cfg.bridge_activation)]
+    return nn.Sequential(*layers)
+
+
+def _conv_pool(s_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, list[nn.Module]]:
+    """What a bridge does to s_i before its dense layers: on conv maps, `bridge_convs` conv layers, then the
+    pooling; then one vector per sample. Returns its width and the layers."""
     layers: list[nn.Module] = []
     if len(s_shape) == 3:
         channels = s_shape[0]
@@ -221,40 +233,48 @@ def _bridge(s_shape: tuple[int, ...], cfg: ModelConfig, n: int) -> nn.Module:
         if cfg.bridge_pool is not None:
             layers.append(nn.AdaptiveAvgPool2d(cfg.bridge_pool))
             s_shape = (channels, cfg.bridge_pool, cfg.bridge_pool)
-    layers.append(nn.Flatten())
-    widths = [math.prod(s_shape)] + [cfg.bridge_hidden_factor * n] * (cfg.bridge_depth - 1) + [n]
-    for w_in, w_out in zip(widths, widths[1:]):
-        layers += [nn.Linear(w_in, w_out), activation(cfg.bridge_activation)]
-    return nn.Sequential(*layers)
+    return math.prod(s_shape), [*layers, nn.Flatten()]
 
 
-def build_network(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, method: str) -> ALNet:
-    """The network for `cfg`; h_1 ends in a sigmoid for AL with MSE, in logits otherwise."""
-    encoders = _encoders(cfg, tuple(input_shape))
-    shapes = []
+def _encoders_and_pools(cfg: ModelConfig, input_shape: tuple[int, ...]) -> list[tuple[nn.Module, int, list]]:
+    """(f_i, the features its bridge reads, the pooling in front of that bridge) of each component."""
+    if cfg.arch in TEXT_ARCHS:
+        encoders, features = text_encoders(cfg)
+        return [(encoder, width, [MaskedMeanPool()]) for encoder, width in zip(encoders, features)]
+    made = []
     with torch.no_grad():
         s = torch.zeros(1, *input_shape)
-        for encoder in encoders:
+        for encoder in _encoders(cfg, input_shape):
             encoder.eval()
             s = encoder(s)
             encoder.train()
-            shapes.append(tuple(s.shape[1:]))
-    code_widths = cfg.target_widths or [cfg.target_width] * len(encoders)  # validate() checked their count
+            made.append((encoder, *_conv_pool(tuple(s.shape[1:]), cfg)))
+    return made
+
+
+def build_network(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, method: str) -> ALNet:
+    """The network for `cfg`; h_1 ends in a sigmoid for AL with MSE, in logits otherwise. `input_shape` is that of
+    one sample (text models: of its token ids, which they do not need)."""
+    made = _encoders_and_pools(cfg, tuple(input_shape))
+    code_widths = cfg.target_widths or [cfg.target_width] * len(made)  # validate() checked their count
     output = "sigmoid" if method == "al" and cfg.h1_loss == "mse" else "logits"
     components = []
-    for i, (encoder, s_shape, n) in enumerate(zip(encoders, shapes, code_widths)):
+    for i, ((encoder, features, pool), n) in enumerate(zip(made, code_widths)):
         t_prev_width = num_classes if i == 0 else code_widths[i - 1]
         decoder_act = ("identity" if output == "logits" else "sigmoid") if i == 0 else cfg.target_activation
         components.append(
             Component(
                 encoder=encoder,
-                bridge=_bridge(s_shape, cfg, n),
+                bridge=_bridge(features, cfg, pool, n),
                 target_encoder=nn.Sequential(nn.Linear(t_prev_width, n), activation(cfg.target_activation)),
                 decoder=nn.Sequential(nn.Linear(n, t_prev_width), activation(decoder_act)),
             )
         )
     net = ALNet(components, num_classes, output)
-    initialise(net, cfg.init)
+    # The LSTM and Transformer layers keep PyTorch's own initialisation (as the reference code's text models).
+    text = cfg.arch in TEXT_ARCHS
+    initialise([part for c in components for part in ([] if text else [c.encoder]) + [c.bridge, c.target_encoder,
+                                                                                        c.decoder]], cfg.init)
     return net
 
 
@@ -268,11 +288,11 @@ _INITS = {
 }
 
 
-def initialise(net: nn.Module, init: str) -> None:
-    """`init`'s weights and zero biases; "torch" keeps what PyTorch's layers drew when they were made."""
+def initialise(parts: list[nn.Module], init: str) -> None:
+    """`init`'s weights and zero biases in `parts`; "torch" keeps what PyTorch's layers drew when they were made."""
     if init == "torch":
         return
-    for module in net.modules():
+    for module in (m for part in parts for m in part.modules()):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             _INITS[init](module.weight)
             if module.bias is not None:

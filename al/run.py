@@ -17,8 +17,8 @@ from al.checkpoint import (
     read_metrics,
     save_model,
 )
-from al.config import PLACEMENT, RunConfig
-from al.data import DataError, Dataset, load_dataset, prepare_splits
+from al.config import PLACEMENT, TEXT_ARCHS, RunConfig
+from al.data import TENSOR, TEXT, TEXT_COLUMN, DataError, Dataset, load_dataset, prepare_splits
 from al.model import build_network
 from al.pipeline import ProcessesRunner, pipeline_runner
 from al.trainer import Callback, Trainer
@@ -28,8 +28,10 @@ class SaveEachEpoch(Callback):
     """A resumable checkpoint and the model files after every epoch and when the run ends, each time that
     `may_save()` allows (a service: this attempt still holds the job); then `saved()` (a service: upload them)."""
 
-    def __init__(self, directory: Path, config: dict, may_save: Callable[[], bool], saved: Callable[[], None]):
+    def __init__(self, directory: Path, config: dict, may_save: Callable[[], bool], saved: Callable[[], None],
+                 files: dict[str, str]):
         self.directory, self.config, self.may_save, self.saved = directory, config, may_save, saved
+        self.files = files  # beside the weights: a text model's tokenizer
 
     def on_epoch_end(self, trainer, metrics):
         self.save(trainer, self.config)
@@ -40,7 +42,7 @@ class SaveEachEpoch(Callback):
     def save(self, trainer, config: dict) -> None:
         if self.may_save():
             # Model files first: a checkpoint without its config.json beside it would not resume.
-            save_model(self.directory, trainer.net, config, trainer.history)
+            save_model(self.directory, trainer.net, config, trainer.history, self.files)
             trainer.save_checkpoint(self.directory / TRAINING_STATE)
             self.saved()
 
@@ -68,18 +70,18 @@ def train(
     """Train a model of `config` (al.config.make_config or from_spec) into `out_dir`; with `resume`, continue
     from its checkpoint if there is one. Each save first asks `may_save()` (a worker whose lease was lost must
     not overwrite its successor's checkpoint), and then calls `saved()`."""
-    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     model_cfg, train_cfg = config.model, config.training
+    data = load_for(model_cfg.arch, dataset, model_cfg.text_column)
     out = Path(out_dir)
     torch.manual_seed(train_cfg.seed)
-    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
-    net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
+    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed, model_cfg.vocab_size, model_cfg.max_tokens)
+    input_shape = tuple(splits.train_x.shape[1:])  # a text model's: token ids
+    net = build_network(model_cfg, input_shape, data.num_classes, train_cfg.method)
     config_json = model_config_json(
-        model_cfg, train_cfg, config.preset, data.input_shape, data.classes, splits.normalization, data.name,
-        data.fingerprint(),
+        model_cfg, train_cfg, config.preset, input_shape, data.classes, splits.encoding, data.name, data.fingerprint(),
     )
     runner = pipeline_runner(train_cfg)
-    callbacks = [*callbacks, SaveEachEpoch(out, config_json, may_save, saved)]
+    callbacks = [*callbacks, SaveEachEpoch(out, config_json, may_save, saved, splits.encoding.files())]
     trainer = Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=runner)
     checkpoint = out / TRAINING_STATE
     if resume and checkpoint.is_file() and (out / CONFIG).is_file():
@@ -96,12 +98,28 @@ def train(
     return trainer.fit()
 
 
+def load_for(arch: str, dataset: str | Dataset, text_column: str) -> Dataset:
+    """The dataset an architecture trains on: texts for lstm and transformer, numbers for the others."""
+    hint = f"arch {arch} reads texts, from a CSV column named {text_column!r} (text_column)"
+    try:
+        data = load_dataset(dataset, text_column) if isinstance(dataset, str) else dataset
+    except DataError as e:
+        raise DataError(f"{e}; {hint}" if arch in TEXT_ARCHS else str(e)) from None
+    if arch in TEXT_ARCHS and data.input_kind != TEXT:
+        raise DataError(f"{data.name} holds numbers; {hint}")
+    if arch not in TEXT_ARCHS and data.input_kind == TEXT:
+        raise DataError(f"{data.name} holds texts: train it with arch {' or '.join(TEXT_ARCHS)} "
+                        f"(arch {arch} reads numbers)")
+    return data
+
+
 def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = None, split: str = "test",
              exit_confidence: float | None = None) -> dict:
     """Accuracy of a saved model on a dataset's test split (or on all of its samples); with `exit_confidence`,
     each sample stops at the first depth whose top probability reaches it, and `mean_depth` says how deep they went."""
     model = load_model(model_dir)
-    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    text_column = model.config["model"].get("text_column", TEXT_COLUMN)
+    data = load_dataset(dataset, text_column) if isinstance(dataset, str) else dataset
     if split == "all":
         x = np.concatenate([data.train_x, data.test_x])
         y = np.concatenate([data.train_y, data.test_y])
@@ -111,7 +129,10 @@ def evaluate(model_dir: str | Path, dataset: str | Dataset, depth: int | None = 
     unknown = sorted({str(v) for v in labels} - {str(c) for c in model.classes})
     if unknown:
         raise DataError(f"labels {', '.join(unknown[:5])} are not classes of this model ({model.classes})")
-    if tuple(x.shape[1:]) != model.input_shape:
+    if data.input_kind != model.input_kind:
+        what = {TEXT: f"texts (a CSV with the column {text_column!r})", TENSOR: "numbers"}
+        raise DataError(f"{data.name} holds {what[data.input_kind]}, the model reads {what[model.input_kind]}")
+    if model.input_kind == TENSOR and tuple(x.shape[1:]) != model.input_shape:
         raise DataError(f"samples have shape {list(x.shape[1:])}, the model expects {list(model.input_shape)}")
     predictions, depths = [], []
     for i in range(0, len(x), 4096):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from al.config import MAX_COMPONENTS, TrainConfig, limits_of
 from al.study import OBJECTIVES, PARETO_OBJECTIVES
@@ -27,9 +27,12 @@ class DatasetPublic(BaseModel):
     id: str = Field(description="use it as a job's `dataset`; built-in datasets have their name as id")
     name: str = Field(description="the uploaded file's name, or the built-in name")
     builtin: bool = Field(description="one of the library's datasets, not an upload")
+    input_kind: Literal["tensor", "text"] = Field("tensor", description="tensor: samples of numbers; text: a CSV's "
+                                                  "`text` column (train it with arch lstm or transformer)")
     rows: int = Field(description="samples in the file (train and test together)")
-    shape: list[int] = Field(description="shape of one sample, e.g. [64] for a table or [1, 28, 28] for images")
-    features: int = Field(description="values per sample (the product of `shape`)")
+    shape: list[int] = Field(description="shape of one sample, e.g. [64] for a table or [1, 28, 28] for images; "
+                             "[] for texts")
+    features: int = Field(description="values per sample (the product of `shape`; 1 for texts: one string each)")
     classes: list[Any] = Field(description="label values, sorted; the index is the class index")
     size_bytes: int | None = Field(None, description="size of the stored file")
     created_at: str | None = Field(None, description="upload time, ISO 8601 UTC")
@@ -196,6 +199,9 @@ class ModelVersionPublic(BaseModel):
     input_shape: list[int] | None = Field(None, description="shape of one sample; predict takes rows of this "
                                           "shape or flat rows of `features` values")
     features: int | None = Field(None, description="values per input row")
+    input_kind: Literal["tensor", "text"] | None = Field(None, description="tensor: predict takes rows of numbers; "
+                                                         "text: one string per row (input_shape is [max_tokens], "
+                                                         "the tokens it reads of each)")
     classes: list[Any] | None = Field(None, description="class values, in the order of `probabilities`")
     depth: int | None = Field(None, description="components; predict's `depth` may be 1..depth")
     method: str | None = Field(None, description="al | bp")
@@ -217,11 +223,12 @@ Sample = Values | Annotated[list[Values], Field(min_length=1)] | Annotated[list[
 
 
 class PredictRequest(Strict):
-    inputs: list[Sample] = Field(
+    inputs: list[Sample] | list[str] = Field(
         min_length=1,
         max_length=MAX_PREDICT_ROWS,
         description="raw (un-normalised) samples, one per row: flat (the model's `features` values) or nested "
-        "in its `input_shape`",
+        "in its `input_shape`; for a text model (input_kind text), one string per row, of any length (the model "
+        "reads its first max_tokens tokens; the request's size is bounded by AL_MAX_REQUEST_BYTES)",
     )
     depth: int | None = Field(
         None, ge=1, le=MAX_COMPONENTS, description="shortcut inference at this depth (default: all)"
@@ -234,7 +241,10 @@ class PredictRequest(Strict):
 
 
 class PredictResponse(BaseModel):
-    predictions: list[Any] = Field(description="the predicted class value of each row")
+    predictions: list[Any] = Field(description="per row, the predicted class: its index in `classes` where the "
+                                   "classes have names (`labels`), else its value")
+    labels: list[str] | None = Field(None, description="per row, the name of the predicted class; only for a model "
+                                     "whose classes have names (e.g. a text model's)")
     probabilities: list[list[float]] = Field(description="per row, the probability of each class in `classes` order")
     depths: list[int] = Field(description="per row, the depth k of the path that answered it")
     model: str = Field(description="the model's name")
@@ -244,7 +254,7 @@ class PredictResponse(BaseModel):
 # --- Open Inference Protocol v2 -----------------------------------------------------------
 
 V2Datatype = Literal[
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
 ]
 
 
@@ -260,10 +270,11 @@ class V2Tensor(BaseModel):
 
 class V2InferInput(V2Tensor):
     name: str = Field(max_length=256, description="any name; the model has one input")
-    datatype: V2Datatype = Field(description="numeric Open Inference Protocol datatype")
+    datatype: V2Datatype = Field(description="a numeric Open Inference Protocol datatype; BYTES (UTF-8 strings) "
+                                 "for a text model")
     shape: list[Annotated[int, Field(ge=1, le=MAX_FEATURES)]] = Field(
-        min_length=2, max_length=5, description=f"[rows, features] or [rows, *input_shape]; at most "
-        f"{MAX_PREDICT_ROWS} rows, as the native predict"
+        min_length=1, max_length=5, description=f"[rows, features] or [rows, *input_shape]; [rows] of BYTES for a "
+        f"text model; at most {MAX_PREDICT_ROWS} rows, as the native predict"
     )
     data: list[Any] | None = Field(None, description="row-major, flat or nested; absent when the values follow "
                                    "the JSON in binary (parameters.binary_data_size, Triton's extension)")
@@ -277,9 +288,18 @@ class V2InferInput(V2Tensor):
             raise ValueError(f"{shape[0]} rows; at most {MAX_PREDICT_ROWS} per request")
         return shape
 
+    @model_validator(mode="after")
+    def _shape_fits_datatype(self) -> V2InferInput:
+        if self.datatype == "BYTES" and len(self.shape) != 1:
+            raise ValueError(f"a BYTES input (texts) has shape [rows], got {self.shape}")
+        if self.datatype != "BYTES" and len(self.shape) < 2:
+            raise ValueError(f"a {self.datatype} input has shape [rows, features] or [rows, *input_shape], "
+                             f"got {self.shape}")
+        return self
+
 
 class V2RequestedOutput(BaseModel):
-    name: str = Field(max_length=256, description="predictions | probabilities | depths")
+    name: str = Field(max_length=256, description="predictions | labels | probabilities | depths")
     parameters: dict[str, Any] | None = Field(None, description="unused")
 
 
@@ -289,7 +309,7 @@ class V2InferRequest(BaseModel):
         None, description='{"depth": k} for shortcut inference, {"exit_confidence": c} (0..1) for early exit'
     )
     inputs: list[V2InferInput] = Field(min_length=1, max_length=1, description="one input tensor")
-    outputs: list[V2RequestedOutput] | None = Field(None, max_length=3, description="default: every output")
+    outputs: list[V2RequestedOutput] | None = Field(None, max_length=4, description="default: every output")
 
 
 class V2InferResponse(BaseModel):
@@ -298,7 +318,9 @@ class V2InferResponse(BaseModel):
     id: str | None = Field(None, description="the request's id")
     parameters: dict[str, Any] | None = Field(None, description="unused")
     outputs: list[V2Tensor] = Field(
-        description="predictions [rows] (class values), probabilities [rows, classes], depths [rows] (depth used)"
+        description="predictions [rows] (class values; class indices where the classes have names), labels [rows] "
+        "(BYTES, the class names; only where the classes have names), probabilities [rows, classes], depths [rows] "
+        "(depth used)"
     )
 
 

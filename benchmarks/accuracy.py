@@ -1,36 +1,69 @@
-"""`al bench accuracy`: AL next to BP on one dataset and architecture, last-epoch test accuracy and time."""
+"""`al bench accuracy`: AL next to BP on one dataset and architecture, last-epoch test accuracy and time; on texts,
+with the classical reference beside them: TF-IDF and logistic regression on the same splits."""
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 from benchmarks.report import Destination, destination, mean_sd, publish
 
+TFIDF = "tf-idf + logistic regression"
+TFIDF_C = (1.0, 3.0, 10.0, 30.0)  # logistic regression's inverse regularisation, chosen on the validation split
+
+
+def tfidf_reference(data, val_fraction: float, seed: int) -> dict:
+    """TF-IDF of words and word pairs (sublinear counts, terms seen twice or more) and logistic regression, fitted on
+    the training split the models train on (the validation rows carved as theirs are), C chosen on the validation
+    split; the test accuracy of that C."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from al.data import carve_validation
+
+    started = time.perf_counter()
+    train_rows, val_rows = carve_validation(len(data.train_x), val_fraction, seed)
+    vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
+    train_x = vectorizer.fit_transform(data.train_x[train_rows])
+    val_x, test_x = vectorizer.transform(data.train_x[val_rows]), vectorizer.transform(data.test_x)
+    fitted = [LogisticRegression(C=c, max_iter=2000).fit(train_x, data.train_y[train_rows]) for c in TFIDF_C]
+    best = max(fitted, key=lambda model: model.score(val_x, data.train_y[val_rows]))
+    return {"test_accuracy": best.score(test_x, data.test_y), "val_accuracy": best.score(val_x, data.train_y[val_rows]),
+            "C": best.C, "train_seconds": time.perf_counter() - started, "epochs": 1}
+
 
 def bench_accuracy(args) -> None:
+    import torch
+
     from al.config import make_config
-    from al.data import load_dataset
+    from al.data import TEXT, load_dataset
     from al.run import train
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset)
     # The presets name the table unless it is `default` alone, whose tables came first.
-    name = "-".join(["accuracy", args.dataset, args.arch, *sorted(set(args.presets) - {"default"})])
+    label = args.name or Path(args.dataset).stem
+    name = "-".join(["accuracy", label, args.arch, *sorted(set(args.presets) - {"default"})])
     runs: dict[str, list[dict]] = {}
+    if data.input_kind == TEXT:
+        runs[TFIDF] = [tfidf_reference(data, make_config().training.val_fraction, seed) for seed in range(args.seeds)]
     for preset in args.presets:
         for method in ("al", "bp"):
             key = f"{method}/{preset}"
             runs[key] = []
             for seed in range(args.seeds):
                 training = {"method": method, "epochs": args.epochs, "seed": seed, "device": args.device,
-                            "batch_size": args.batch_size}
+                            "batch_size": args.batch_size, "lr": args.lr}
                 with tempfile.TemporaryDirectory() as out:
                     result = train(data, out, make_config(preset, {"arch": args.arch}, training))
                 runs[key].append(result)
                 print(f"{key} seed {seed}: test_accuracy {result['test_accuracy']:.4f} "
                       f"({result['train_seconds']:.1f}s)", file=sys.stderr)
                 # After every run, so that an interrupted benchmark still publishes what it measured.
-                publish_accuracy(destination(args), name, args.dataset, args.arch, args.epochs, runs)
+                publish_accuracy(destination(args), name, label, args.arch, args.epochs, runs)
 
 
 def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epochs: int, runs: dict[str, list[dict]],
@@ -45,7 +78,7 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
         rows.append({
             "method / preset": key,
             "test accuracy % (last epoch)": f"{acc_mean:.2f} +- {acc_sd:.2f}",
-            "seconds / epoch": f"{sec_mean:.2f} +- {sec_sd:.2f}",
+            "seconds / epoch": f"{sec_mean:.2f} +- {sec_sd:.2f}" + (" (fit, all C)" if key == TFIDF else ""),
             "runs": len(results),
         })
     publish(
@@ -55,6 +88,8 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
         columns=["method / preset", "test accuracy % (last epoch)", "seconds / epoch", "runs"],
         rows=rows,
         notes="BP trains the same inference topology (f_1..f_L -> b_L -> h_L..h_1) with cross-entropy. "
-        "Mean +- sample standard deviation over seeds 0..runs-1; test accuracy of the last epoch.",
+        "Mean +- sample standard deviation over seeds 0..runs-1; test accuracy of the last epoch."
+        + (f" {TFIDF}: fitted on each seed's training split, C in {list(TFIDF_C)} chosen on its validation split "
+           "(benchmarks/accuracy.py, tfidf_reference)." if TFIDF in runs else ""),
         raw={"runs": runs, **record},
     )

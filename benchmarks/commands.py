@@ -44,8 +44,11 @@ def add_accuracy(kinds, common) -> None:
     a.add_argument("--epochs", type=int, default=20)
     a.add_argument("--seeds", type=int, default=3)
     a.add_argument("--batch-size", type=int, default=None)
+    a.add_argument("--lr", type=float, default=None, help="learning rate of AL and BP (default: the preset's)")
     a.add_argument("--presets", nargs="+", default=["default"])
     a.add_argument("--device", default="auto")
+    a.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    a.add_argument("--name", default=None, help="the dataset's name in the table's (default: the name or file stem)")
 
 
 def add_time_to_accuracy(kinds, common) -> None:
@@ -56,6 +59,7 @@ def add_time_to_accuracy(kinds, common) -> None:
     p.add_argument("--cases", nargs="+", default=["mlp:2", "mlp:4", "cnn:2", "cnn:4"], help="ARCH:COMPONENTS")
     p.add_argument("--mlp-width", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every run (default: the presets')")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--reference-epochs", type=int, default=3, help="N: BP's accuracy after N epochs sets the target")
     p.add_argument("--max-epochs", type=int, default=10, help="the schedule's length, and the most any run trains")

@@ -44,7 +44,7 @@ def bench_early_exit(args) -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset)
     model = trained_model(args, data)
-    counts = component_macs(model.net, model.input_shape)
+    counts = component_macs(model.net, torch.zeros(1, *model.input_shape))
     depth = model.depth
     full_macs = path_macs(counts, depth)
     latency_rows = data.test_x[: args.latency_rows]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import destination, publish
-from benchmarks.runs import build_trainer, case_model, run_in_fresh_process, subset_file
+from benchmarks.runs import build_trainer, case_model, run_in_fresh_process, subset_file, table_name
 
 MODEL_STAGES = (1, 2, 4, 8, 16)
 
@@ -68,7 +68,7 @@ def bench_pipeline(args) -> None:
     kind = "cuda" if args.devices and args.devices[0].startswith("cuda") else "cpu"  # CPU and GPU tables side by side
     publish(
         destination(args),
-        name=f"pipeline-{kind}",
+        name=table_name("pipeline", args.archs, kind),
         title=f"Pipelined AL: {args.dataset} ({args.samples} samples), batch {args.batch_size}, epoch 2 of 2, "
         f"median of {args.repeats}",
         columns=["arch", "components", "run", "stages", "samples/s", "range", "x AL 1 thread", "x best sequential AL",
@@ -80,7 +80,7 @@ def bench_pipeline(args) -> None:
     )
     publish(
         destination(args),
-        name=f"pipeline-model-{kind}",
+        name=table_name("pipeline-model", args.archs, kind),
         title="Pipelined AL: the schedule model, from measured stage times, on L devices",
         columns=["arch", "components", "stages L", "batches per sync M", "predicted samples/s",
                  "predicted x sequential", "measured samples/s", "measured x sequential"],
@@ -202,11 +202,15 @@ def schedule_model_rows(raw: list[dict], batch_size: int) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
-    def find(run, arch="mlp", depth=2):
+    """The targets' figures, for the first architecture (mlp by default) with 2 components."""
+    arch = rows[0]["arch"]
+
+    def find(run, depth=2):
         return next(r for r in rows if r["arch"] == arch and r["components"] == depth and r["run"] == run)
 
     threads, processes = find("AL threads"), find("AL processes")
     return {
+        "arch": arch,
         "threads_vs_one": threads["x AL 1 thread"],
         "threads_vs_best": threads["x best sequential AL"],
         "processes_vs_threads": f"{float(processes['samples/s']) / float(threads['samples/s']):.2f}",
@@ -223,7 +227,7 @@ NOTES = (
     "each stage spent training in the epoch; bubble % the mean share of the epoch a stage was idle (filling, "
     "draining, waiting on a slower neighbour or on the GIL). 'model samples/s' is the schedule model fed with "
     "the measured stage times of that run. Peak MiB is the peak RSS of the run's process(es), all stage "
-    "processes summed. Targets for 2 stages, mlp: threads {threads_vs_one}x one-thread sequential (target "
+    "processes summed. Targets for 2 stages, {arch}: threads {threads_vs_one}x one-thread sequential (target "
     ">= 1.7) and {threads_vs_best}x the best sequential (>= 1.05); processes/threads = {processes_vs_threads} "
     "(within 15 %); peak memory {threads_memory}x sequential for threads and {processes_memory}x for processes "
     "(<= 1.5)."

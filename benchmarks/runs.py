@@ -3,6 +3,7 @@ each run in a fresh Python process, so that its peak memory is its own and no th
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -11,25 +12,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from al.config import TEXT_ARCHS, ModelConfig
+
 
 def subset_file(dataset: str, samples: int, directory: Path) -> Path:
-    """The first `samples` training samples of a dataset as an .npz, so that runs load little."""
-    from al.data import load_dataset
+    """The first `samples` training samples of a dataset (and a quarter as many test samples) as an .npz, or as a
+    CSV of texts and labels for a text dataset, so that runs load little."""
+    from al.data import TEXT, load_dataset
 
     data = load_dataset(dataset)
     x = np.concatenate([data.train_x[:samples], data.test_x[: samples // 4]])
-    y = np.concatenate([data.train_y[:samples], data.test_y[: samples // 4]])
+    y = np.asarray(data.classes)[np.concatenate([data.train_y[:samples], data.test_y[: samples // 4]])]
+    if data.input_kind == TEXT:
+        path = directory / f"{Path(dataset).stem}-{samples}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("text", "label"), *zip(x, y)])
+        return path
     path = directory / f"{dataset}-{samples}.npz"
-    np.savez(path, x=x, y=np.asarray(data.classes)[y])
+    np.savez(path, x=x, y=y)
     return path
 
 
 def case_model(arch: str, depth: int, mlp_width: int) -> dict:
     """The model of a benchmark case: `depth` components of the architecture."""
+    if arch in TEXT_ARCHS:  # the embedding, then depth - 1 layers of the library's default sizes
+        return {"arch": arch, "widths": ModelConfig(arch=arch).resolved().widths[:1] * (depth - 1)}
     return {
         "mlp": {"arch": "mlp", "widths": [mlp_width] * depth, "target_width": mlp_width // 4},
         "cnn": {"arch": "cnn", "widths": [16, 32, 32, 64][:depth], "target_width": 128, "bridge_pool": 4},
     }[arch]
+
+
+def table_name(base: str, archs, kind: str) -> str:
+    """A benchmark's table: text models' cases get tables of their own, beside the others'."""
+    return f"{base}-text-{kind}" if any(arch in TEXT_ARCHS for arch in archs) else f"{base}-{kind}"
 
 
 def build_trainer(spec: dict, callbacks=(), **training):
@@ -45,8 +61,8 @@ def build_trainer(spec: dict, callbacks=(), **training):
     config = make_config(spec.get("preset", "default"), spec["model"], {**spec["training"], **training})
     model_cfg, train_cfg = config.model, config.training
     torch.manual_seed(train_cfg.seed)
-    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed)
-    net = build_network(model_cfg, data.input_shape, data.num_classes, train_cfg.method)
+    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed, model_cfg.vocab_size, model_cfg.max_tokens)
+    net = build_network(model_cfg, tuple(splits.train_x.shape[1:]), data.num_classes, train_cfg.method)
     return Trainer(net, model_cfg, train_cfg, splits, callbacks, runner=pipeline_runner(train_cfg))
 
 

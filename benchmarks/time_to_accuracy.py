@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from al.trainer import Callback
-from benchmarks.macs import component_macs, training_macs
+from benchmarks.macs import component_macs, training_macs, typical_sample
 from benchmarks.report import destination, mean_sd, publish
-from benchmarks.runs import build_trainer, case_model, run_in_fresh_process, subset_file
+from benchmarks.runs import build_trainer, case_model, run_in_fresh_process, subset_file, table_name
 
 TARGET_MARGIN = 0.005  # half a point below BP's reference accuracy
 
@@ -44,7 +44,7 @@ def one_run(spec: dict) -> dict:
     for metrics in trainer.history:
         seconds += metrics["seconds"]
         curve.append({"epoch": metrics["epoch"], "seconds": seconds, "val_accuracy": metrics["val_accuracy"]})
-    counts = component_macs(trainer.net, tuple(trainer.train_x.shape[1:]))
+    counts = component_macs(trainer.net, typical_sample(trainer.train_x))
     result = {"curve": curve, "train_samples": len(trainer.train_x),
               "train_flops_per_sample": 2 * training_macs(counts, trainer.cfg.method)}
     if trainer.cfg.pipeline != "sequential":
@@ -84,7 +84,7 @@ def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[
                     "target": target,
                     "stop_after_epochs": args.reference_epochs if target is None else None,
                     "training": {"batch_size": args.batch_size, "device": "cpu", "seed": seed,
-                                 "epochs": args.max_epochs, **training}}
+                                 "epochs": args.max_epochs, "lr": args.lr, **training}}
             result = run_in_fresh_process("benchmarks.time_to_accuracy", spec)
             if target is None:
                 target = result["curve"][args.reference_epochs - 1]["val_accuracy"] - TARGET_MARGIN
@@ -183,7 +183,7 @@ def publish_results(args, where, rows, raw) -> None:
     figures = " ".join(f"![{c}](figures/time-to-accuracy-{c.replace(':', '-')}.svg)" for c in args.cases)
     publish(
         where,
-        name="time-to-accuracy-cpu",
+        name=table_name("time-to-accuracy", [case.partition(":")[0] for case in args.cases], "cpu"),
         title=f"Time to accuracy: {args.dataset} ({args.samples} samples), batch {args.batch_size}, target = BP's "
         f"validation accuracy after {args.reference_epochs} epochs - 0.5 points, {args.seeds} seeds",
         columns=columns,

@@ -20,6 +20,7 @@ from al.config import (
     METHODS,
     PIPELINE_SECTION,
     PRESETS,
+    TEXT_ARCHS,
     Limits,
     ModelConfig,
     RunConfig,
@@ -28,6 +29,7 @@ from al.config import (
     limits_of,
     value_type,
 )
+from al.data import TENSOR, TEXT
 from al.model import count_parameters
 
 # TrainConfig fields that a job spec holds elsewhere: the method at its top, the placement under `pipeline`.
@@ -132,8 +134,18 @@ def resolve(spec: ModelAndTraining | dict) -> Resolved:
     return Resolved(from_spec(values), workers or 1)
 
 
-def check_fits(config: RunConfig, input_shape: tuple[int, ...], num_classes: int, max_parameters: int) -> None:
-    """The network fits the data and the parameter limit (AL_MAX_PARAMETERS); ValueError says how it does not."""
+def check_fits(config: RunConfig, input_shape: tuple[int, ...], num_classes: int, max_parameters: int,
+               input_kind: str = TENSOR) -> None:
+    """The network fits the data (texts for a text arch, numbers for the others) and the parameter limit
+    (AL_MAX_PARAMETERS); ValueError says how it does not. A text model is counted with its whole `vocab_size`
+    (the vocabulary it learns may be smaller) and reads `max_tokens` token ids."""
+    arch = config.model.arch
+    if (arch in TEXT_ARCHS) != (input_kind == TEXT):
+        raise ValueError(f"arch {arch} reads {'texts' if arch in TEXT_ARCHS else 'numbers'}, the dataset holds "
+                         f"{'texts' if input_kind == TEXT else 'numbers'}; text datasets train with arch "
+                         f"{' or '.join(TEXT_ARCHS)}")
+    if input_kind == TEXT:
+        input_shape = (config.model.max_tokens,)
     parameters = count_parameters(config.model, input_shape, num_classes, config.training.method)
     if parameters > max_parameters:
         raise ValueError(f"the network would have {parameters:,} parameters, over the limit of "

@@ -270,6 +270,34 @@ def test_upload_with_progress(dashboard, tmp_path):
     assert console_errors(browser) == []
 
 
+def test_a_text_model_page_takes_a_text_and_shows_the_label_of_every_depth(dashboard, tmp_path):
+    from selenium.webdriver.common.by import By
+    from test_text import synthetic_texts, write_csv
+
+    browser, url, process = dashboard
+    api = api_client(url)
+    upload = write_csv(tmp_path / "texts.csv", synthetic_texts(240)).read_bytes()
+    dataset = api.post("/v1/datasets", files={"file": ("texts.csv", upload)}).json()
+    job = api.post("/v1/jobs", json={"dataset": dataset["id"], "name": "texts", "training": {"epochs": 1},
+                                     "model": {"arch": "lstm", "embedding_dim": 16, "widths": [8, 8],
+                                               "target_width": 12, "max_tokens": 24, "vocab_size": 200}}).json()
+    wait_for(lambda: api.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded", 120, "the LSTM job")
+    browser.get(f"{url}/ui/models/texts")
+    assert not browser.find_element(By.ID, "pad").is_displayed()  # no drawing canvas for a text model
+    assert "a text" in browser.find_element(By.ID, "input-help").text
+    text = "linux kernel code, and a compiler"
+    browser.find_element(By.ID, "inputs").send_keys(text)
+    browser.find_element(By.ID, "predict").click()
+    shown = wait_js(browser, "const rows = [...document.querySelectorAll('#probabilities tbody tr')];"
+                    "return rows.length && rows.map(r => r.querySelector('.prediction').textContent)", 20,
+                    "the label at every depth")
+    answers = [api.post("/v1/models/texts/predict", json={"inputs": [text], "depth": depth}).json()
+               for depth in range(1, api.get("/v1/models/texts").json()["versions"][0]["depth"] + 1)]
+    assert shown == [answer["labels"][0] for answer in answers] and len(shown) == 3  # the embedding, 2 LSTMs
+    assert console_errors(browser) == []
+    assert "Traceback" not in process.output()
+
+
 def test_study_page_shows_trials_and_accuracy_against_each_parameter(dashboard, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -19,9 +19,13 @@ class DataError(ValueError):
     """The data cannot be used; the message says why."""
 
 
+TENSOR, TEXT = "tensor", "text"  # the input kinds: numbers (tables, images) or texts
+
+
 @dataclass
 class Dataset:
-    """Samples as float32 arrays of shape (N, *input_shape) and labels as class indices."""
+    """Samples as float32 arrays of shape (N, *input_shape), or texts as object arrays of str (N,), and labels as
+    class indices."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -35,6 +39,10 @@ class Dataset:
         return tuple(self.train_x.shape[1:])
 
     @property
+    def input_kind(self) -> str:
+        return TEXT if self.train_x.dtype == object else TENSOR
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 
@@ -43,7 +51,12 @@ class Dataset:
         digest = hashlib.blake2b(digest_size=16)
         for array in (self.train_x, self.train_y, self.test_x, self.test_y):
             digest.update(str((array.dtype.str, array.shape)).encode())
-            digest.update(np.ascontiguousarray(array).data)
+            if array.dtype == object:  # texts: each one's length, then its characters
+                for text in array:
+                    encoded = text.encode()
+                    digest.update(len(encoded).to_bytes(8, "little") + encoded)
+            else:
+                digest.update(np.ascontiguousarray(array).data)
         digest.update(repr(self.classes).encode())
         return digest.hexdigest()
 
@@ -53,8 +66,9 @@ class Summary:
     """What a dataset holds, read without holding its samples in memory."""
 
     rows: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # () for texts
     classes: list
+    input_kind: str = TENSOR
 
 
 class DataFile(Protocol):
@@ -111,6 +125,14 @@ def check_label_values(y: np.ndarray, what: str) -> np.ndarray:
     return y
 
 
+def parse_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels read as text: numbers where every one is a number (so that 1 and 1.0 are one class), else strings."""
+    try:
+        return labels.astype(np.float64)
+    except ValueError:
+        return labels
+
+
 def encode_labels(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, list]:
     """Class indices for y and the sorted class values, after checking they fit x."""
     if len(y) != len(x):
@@ -135,7 +157,7 @@ def check_split(classes: np.ndarray, counts: np.ndarray, what: str) -> None:
 
 
 def checked_summary(what: str, rows: int, input_shape: tuple[int, ...], classes: np.ndarray, counts: np.ndarray,
-                    max_classes: int) -> Summary:
+                    max_classes: int, input_kind: str = TENSOR) -> Summary:
     """The Summary of a file whose samples were counted and checked: its classes (with `counts` samples each)
     pass the checks that split_samples makes, and are no more than `max_classes`."""
     if len(classes) > max_classes:
@@ -143,7 +165,16 @@ def checked_summary(what: str, rows: int, input_shape: tuple[int, ...], classes:
     if int(counts.sum()) != rows:
         raise DataError(f"{what}: {rows} samples but {int(counts.sum())} labels")
     check_split(classes, counts, what)
-    return Summary(rows, tuple(input_shape), classes.tolist())
+    return Summary(rows, tuple(input_shape), classes.tolist(), input_kind)
+
+
+def counted_summary(what: str, rows: int, input_shape: tuple[int, ...], label_counts: dict[str, int],
+                    max_classes: int, input_kind: str = TENSOR) -> Summary:
+    """checked_summary of labels counted as they were read as text ("1" and "1.0" are one class)."""
+    labels = check_label_values(parse_labels(np.array(list(label_counts))), what)
+    values, merged = np.unique(labels, return_inverse=True)
+    counts = np.bincount(merged, weights=np.array(list(label_counts.values()), dtype=np.float64)).astype(np.int64)
+    return checked_summary(what, rows, input_shape, values, counts, max_classes, input_kind)
 
 
 def split_samples(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:

@@ -1,4 +1,5 @@
-"""A Dataset as normalised tensors for training: train, validation (carved from train) and test."""
+"""A Dataset as tensors for training: train, validation (carved from train) and test; numbers normalised, texts
+as token ids. Both encodings are fitted on the training split alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from al.data.dataset import DataError, Dataset
+from al.data.dataset import TEXT, DataError, Dataset
+from al.data.text import TextEncoding
 
 
 @dataclass
@@ -28,10 +30,14 @@ class Normalization:
         x = torch.as_tensor(x, dtype=torch.float32)
         return (x - torch.tensor(self.mean)) / torch.tensor(self.std)
 
+    def files(self) -> dict[str, str]:
+        """What a model directory holds of it besides config.json: nothing."""
+        return {}
+
 
 @dataclass
 class Splits:
-    """Normalised tensors: train, validation (carved from train) and test."""
+    """Tensors: train, validation (carved from train) and test, encoded by `encoding`."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -39,24 +45,35 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    normalization: Normalization
+    encoding: Normalization | TextEncoding  # fitted on train_x alone
 
 
-def prepare_splits(dataset: Dataset, val_fraction: float, seed: int) -> Splits:
-    n = len(dataset.train_x)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(n * val_fraction)
-    val_idx, train_idx = order[:n_val].numpy(), order[n_val:].numpy()
+def carve_validation(samples: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices into a dataset's training split: a share drawn at random by `seed`."""
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+    n_val = int(samples * val_fraction)
+    return order[n_val:].numpy(), order[:n_val].numpy()
+
+
+def prepare_splits(dataset: Dataset, val_fraction: float, seed: int, vocab_size: int | None = None,
+                   max_tokens: int | None = None) -> Splits:
+    """The tensors of `dataset`; a text dataset needs the vocabulary's size and the tokens a text keeps."""
+    train_idx, val_idx = carve_validation(len(dataset.train_x), val_fraction, seed)
     if len(train_idx) == 0:
         raise DataError(f"{dataset.name}: no training samples left after the validation split")
     train_x = dataset.train_x[train_idx]
-    norm = Normalization.fit(train_x)
+    if dataset.input_kind == TEXT:
+        if vocab_size is None or max_tokens is None:
+            raise ValueError("a text dataset needs vocab_size and max_tokens")
+        encoding = TextEncoding.fit(train_x, vocab_size, max_tokens)
+    else:
+        encoding = Normalization.fit(train_x)
     return Splits(
-        train_x=norm.apply(train_x),
+        train_x=encoding.apply(train_x),
         train_y=torch.as_tensor(dataset.train_y[train_idx]),
-        val_x=norm.apply(dataset.train_x[val_idx]),
+        val_x=encoding.apply(dataset.train_x[val_idx]),
         val_y=torch.as_tensor(dataset.train_y[val_idx]),
-        test_x=norm.apply(dataset.test_x),
+        test_x=encoding.apply(dataset.test_x),
         test_y=torch.as_tensor(dataset.test_y),
-        normalization=norm,
+        encoding=encoding,
     )

@@ -20,6 +20,8 @@ from al.data.dataset import (
     check_label_values,
     check_layout,
     checked_summary,
+    counted_summary,
+    parse_labels,
 )
 
 
@@ -131,7 +133,7 @@ class CsvFile(_Table):
         features = np.concatenate([f for f, _ in chunks])
         if chunks[0][1] is None:
             return features, None
-        return features, _csv_labels(np.concatenate([labels for _, labels in chunks]))
+        return features, parse_labels(np.concatenate([labels for _, labels in chunks]))
 
     def summary(self, max_bytes: int, max_classes: int) -> Summary:
         """`max_bytes` bounds what a compressed array may become; a CSV is read as stored, a chunk at a time."""
@@ -143,10 +145,7 @@ class CsvFile(_Table):
                 raw_counts[value] = raw_counts.get(value, 0) + int(count)
             if len(raw_counts) > max_classes:
                 break  # refused by checked_summary, before the rest is read
-        labels = check_label_values(_csv_labels(np.array(list(raw_counts))), self.path.name)
-        values, merged = np.unique(labels, return_inverse=True)  # "1" and "1.0" are one class
-        counts = np.bincount(merged, weights=np.array(list(raw_counts.values()), dtype=np.float64)).astype(np.int64)
-        return checked_summary(self.path.name, rows, shape, values, counts, max_classes)
+        return counted_summary(self.path.name, rows, shape, raw_counts, max_classes)
 
     def _chunks(self, label_required: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """(features as float32, labels as text or None), chunk_bytes of text at a time: numpy's C parser on
@@ -214,9 +213,3 @@ def _parses(line: str, columns: list[int]) -> bool:
     except ValueError:
         return False
 
-
-def _csv_labels(labels: np.ndarray) -> np.ndarray:
-    try:  # numeric labels stay numeric so that 1 and 1.0 are one class
-        return labels.astype(np.float64)
-    except ValueError:
-        return labels

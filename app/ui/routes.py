@@ -20,7 +20,7 @@ from jinja2 import Environment, FileSystemLoader
 from al import __version__
 from al.checkpoint import read_model_info
 from al.config import ARCHS, METHODS, PRESETS
-from al.data import BUILTIN_DATASETS
+from al.data import BUILTIN_DATASETS, TEXT
 from app.api.deps import Caller, Core, CoreDep, caller_of, public, reaches, scope_refused
 from app.api.routes.datasets import dataset_public
 from app.api.routes.jobs import job_public
@@ -132,6 +132,8 @@ def canvas_spec(core: Core, config: dict, row: ModelRow) -> dict | None:
     """A drawing canvas for image models: [1, H, W], or a square row of a digits/MNIST-like dataset.
     `max` is the raw value of a full pixel: 16 for digits, else 1 or 255 as the data's mean suggests."""
     shape = tuple(config["input_shape"])
+    if config.get("input_kind") == TEXT:
+        return None
     job = core.store.get_job(row.job_id, row.tenant)
     source = job.spec["dataset"] if job else config.get("dataset", "")
     upload = core.store.get_dataset(row.tenant, source)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 
-from al.data import BUILTIN_DATASETS, DataError, Summary, summarize
+from al.data import BUILTIN_DATASETS, TENSOR, TEXT, DataError, Summary, summarize
 from app.api.deps import AdminCaller, Core, CoreDep, OffsetQuery, TrainCaller, iso, remove_files
 from app.schemas import DatasetList, DatasetPublic
 from service.store import Conflict, DatasetRow, QuotaExceeded, new_id
@@ -21,10 +21,15 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 COPY_CHUNK = 1 << 20
 
 
+def dataset_kind(row: DatasetRow) -> str:
+    """What an upload's samples are: a text dataset's have no shape (Summary.input_shape ())."""
+    return TENSOR if row.shape else TEXT
+
+
 def dataset_public(row: DatasetRow) -> DatasetPublic:
     return DatasetPublic(
-        id=row.id, name=row.name, builtin=False, rows=row.rows, shape=row.shape, features=math.prod(row.shape),
-        classes=row.classes, size_bytes=row.size_bytes, created_at=iso(row.created_at),
+        id=row.id, name=row.name, builtin=False, input_kind=dataset_kind(row), rows=row.rows, shape=row.shape,
+        features=math.prod(row.shape), classes=row.classes, size_bytes=row.size_bytes, created_at=iso(row.created_at),
     )
 
 
@@ -66,12 +71,14 @@ def upload_dataset(
     caller: TrainCaller,
     core: CoreDep,
     file: Annotated[UploadFile, File(description=".npz with arrays x (samples) and y (labels), "
-                                     "or .csv with a `label` column")],
+                                     "or .csv with a `label` column (numbers), or .csv with a `text` column (a text "
+                                     "dataset: a string per row, UTF-8) and a label column")],
 ) -> DatasetPublic:
     original = PurePath(file.filename or "").name[:255]
     suffix = PurePath(original).suffix.lower()
     if suffix not in (".npz", ".csv"):
-        raise HTTPException(422, f"file {original!r}: upload a .npz (arrays x, y) or a .csv (label column)")
+        raise HTTPException(422, f"file {original!r}: upload a .npz (arrays x, y) or a .csv (label column; "
+                                  "a `text` column makes it a text dataset)")
     check_disk_quota(core, caller.tenant, file.size)
     settings = core.settings
     dataset_id = new_id("ds_")

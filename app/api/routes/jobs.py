@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from al.data import BUILTIN_DATASETS, DataError, summarize
 from app.api.deps import AdminCaller, Caller, Core, CoreDep, OffsetQuery, TrainCaller, iso, remove_files
+from app.api.routes.datasets import dataset_kind
 from app.schemas import JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
 from service.jobspec import JobCreate, check_fits, resolve
 from service.queue import enqueue
@@ -47,19 +48,20 @@ def get_job_or_404(core, caller: Caller, job_id: str) -> JobRow:
     return job
 
 
-def dataset_shape(core: Core, caller: Caller, dataset: str) -> tuple[tuple[int, ...], int]:
-    """A job's dataset: its sample shape and class count; 422 if the caller's tenant has no such dataset."""
+def dataset_shape(core: Core, caller: Caller, dataset: str) -> tuple[tuple[int, ...], int, str]:
+    """A job's dataset: its sample shape, class count and input kind; 422 if the caller's tenant has no such
+    dataset."""
     if dataset in BUILTIN_DATASETS:
         try:
             summary = summarize(dataset, core.settings.max_dataset_bytes, core.settings.max_classes)
         except DataError as e:  # its files are not installed on this host
             raise HTTPException(422, str(e)) from None
-        return summary.input_shape, len(summary.classes)
+        return summary.input_shape, len(summary.classes), summary.input_kind
     row = core.store.get_dataset(caller.tenant, dataset)
     if row is None:
         raise HTTPException(422, f"unknown dataset {dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
-    return tuple(row.shape), len(row.classes)
+    return tuple(row.shape), len(row.classes), dataset_kind(row)
 
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a training job",
@@ -74,10 +76,10 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255, description="a retried POST with the same key "
                                                   "returns the job the first one created")] = None,
 ) -> JobPublic:
-    input_shape, num_classes = dataset_shape(core, caller, spec.dataset)
+    input_shape, num_classes, input_kind = dataset_shape(core, caller, spec.dataset)
     try:  # the fields were checked by the schema; now across fields, and the network's fit to the data
         config = resolve(spec).config
-        check_fits(config, input_shape, num_classes, core.settings.max_parameters)
+        check_fits(config, input_shape, num_classes, core.settings.max_parameters, input_kind)
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None
     spec_dict = spec.model_dump(exclude_none=True)

@@ -42,6 +42,7 @@ def version_public(core: Core, row: ModelRow) -> ModelVersionPublic:
         return ModelVersionPublic(**fields, available=False, error=str(e))
     return ModelVersionPublic(
         **fields, available=True, input_shape=list(info.input_shape), features=math.prod(info.input_shape),
+        input_kind=info.input_kind,
         classes=info.config["classes"], depth=info.depth, method=info.config["method"],
         parameters=info.parameters, test_accuracy=(info.config.get("result") or {}).get("test_accuracy"),
     )
@@ -86,20 +87,36 @@ async def model_for(core: Core, caller: Caller, name: str,
                                      lambda: find_model(core, caller, name, version))
 
 
+def named_classes(model: LoadedModel) -> bool:
+    """Its classes have names (strings: a text model's, a CSV's with named labels), not only values."""
+    return any(isinstance(c, str) for c in model.classes)
+
+
+def answers(model: LoadedModel, classes: list) -> tuple[list, list[str] | None]:
+    """`predictions` and `labels` of predicted class values: indices and names where the classes have names,
+    else the values and no labels."""
+    if not named_classes(model):
+        return classes, None
+    index = {c: i for i, c in enumerate(model.classes)}
+    return [index[c] for c in classes], [str(c) for c in classes]
+
+
 async def run_predict(core: Core, caller: Caller, name: str, version: int | None,
                       body: PredictRequest) -> PredictResponse:
     row, model = await model_for(core, caller, name, version)
+    texts = isinstance(body.inputs[0], str)
     try:
-        x = np.asarray(body.inputs, dtype=np.float32)
+        x = body.inputs if texts else np.asarray(body.inputs, dtype=np.float32)
     except ValueError:  # ragged: numpy cannot make one array of the rows
         raise HTTPException(422, "inputs: every row must have the same shape") from None
     try:
         request = model.request(x, body.depth, body.exit_confidence)
-    except ValueError as e:  # wrong feature count, depth out of range
-        raise HTTPException(422, str(e)) from None
-    predictions, probabilities, depths = await core.models.batcher.submit(row, model, request)
-    return PredictResponse(predictions=predictions, probabilities=probabilities, depths=depths, model=row.name,
-                           version=row.version)
+    except ValueError as e:  # wrong feature count, texts to a number model and numbers to a text one, depth
+        raise HTTPException(422, f"inputs: {e}") from None
+    classes, probabilities, depths = await core.models.batcher.submit(row, model, request)
+    predictions, labels = answers(model, classes)
+    return PredictResponse(predictions=predictions, labels=labels, probabilities=probabilities, depths=depths,
+                           model=row.name, version=row.version)
 
 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Predict with the latest version",

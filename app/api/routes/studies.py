@@ -43,10 +43,10 @@ def create_study(body: StudyCreate, response: Response, caller: TrainCaller, cor
     """Each trial is a training job: the base with the trial's values at the space's paths. Workers run up to
     `parallel` trials at once; the best trial's model is registered under the study's name as it is found.
     The base and every value of the space are checked as a job's spec is (POST /v1/jobs), limits included."""
-    input_shape, num_classes = dataset_shape(core, caller, body.dataset)
+    input_shape, num_classes, input_kind = dataset_shape(core, caller, body.dataset)
 
     def trains(spec: dict) -> None:
-        check_fits(resolve(spec).config, input_shape, num_classes, core.settings.max_parameters)
+        check_fits(resolve(spec).config, input_shape, num_classes, core.settings.max_parameters, input_kind)
 
     spec = body.model_dump(exclude_none=True)
     try:

@@ -16,8 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from al import __version__
+from al.data import TEXT
+from al.data.text import as_texts
 from app.api.deps import Caller, Core, CoreDep, PredictCaller, VersionPath, public, require
-from app.api.routes.models import find_model, model_for
+from app.api.routes.models import answers, find_model, model_for, named_classes
 from app.schemas import (
     V2Error,
     V2InferInput,
@@ -64,11 +66,15 @@ def metadata(core: Core, caller: Caller, name: str, version: int | None) -> V2Mo
     row, model = find_model(core, caller, name, version)
     versions = ([str(r.version) for r in core.store.list_models(caller.tenant, name)] if version is None
                 else [str(version)])
-    class_type = "INT64" if all(isinstance(c, int) for c in model.classes) else "BYTES"
+    named = named_classes(model)
+    class_type = "INT64" if named or all(isinstance(c, int) for c in model.classes) else "BYTES"
+    text = model.input_kind == TEXT
     return V2ModelMetadata(
         name=name, versions=versions, platform=PLATFORM,
-        inputs=[V2TensorMetadata(name="input", datatype="FP32", shape=[-1, model.num_features])],
+        inputs=[V2TensorMetadata(name="input", datatype="BYTES" if text else "FP32",
+                                 shape=[-1] if text else [-1, model.num_features])],
         outputs=[V2TensorMetadata(name="predictions", datatype=class_type, shape=[-1]),
+                 *([V2TensorMetadata(name="labels", datatype="BYTES", shape=[-1])] if named else []),
                  V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(model.classes)]),
                  V2TensorMetadata(name="depths", datatype="INT64", shape=[-1])],
     )
@@ -106,10 +112,7 @@ def decode_infer(body: bytes, header_length: str | None) -> InferBody:
         if tensor.data is None:
             raise HTTPException(400, f"input {tensor.name!r}: no data; send `data`, or the values in binary after "
                                      "the JSON (Inference-Header-Content-Length)")
-        try:
-            x = np.asarray(tensor.data, dtype=np.float64)
-        except (ValueError, TypeError, OverflowError):  # OverflowError: an integer literal past float64
-            raise HTTPException(400, f"input {tensor.name!r}: data must be numbers, flat or nested row-major") from None
+        x = json_texts(tensor) if tensor.datatype == "BYTES" else json_numbers(tensor)
         check_size(tensor, x.size)
         return InferBody(request, x)
     if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
@@ -125,16 +128,51 @@ def decode_infer(body: bytes, header_length: str | None) -> InferBody:
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is None:
         return decode_infer(body[:offset], None) if offset == len(body) else binary_left_over(len(body) - offset)
-    dtype = np.dtype(BINARY_DTYPES[tensor.datatype])
+    dtype = np.dtype(BINARY_DTYPES.get(tensor.datatype, "u1"))  # BYTES: elements of their own lengths
     fits = isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= len(body) - offset
     if not fits or size % dtype.itemsize:
         raise HTTPException(400, f"input {tensor.name!r}: binary_data_size {size!r} does not fit the "
                                  f"{len(body) - offset} bytes left in {tensor.datatype} values")
     if offset + size != len(body):
         binary_left_over(len(body) - offset - size)
-    x = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+    if tensor.datatype == "BYTES":
+        x = binary_texts(tensor, memoryview(body)[offset:])
+    else:
+        x = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset)
     check_size(tensor, x.size)
     return InferBody(request, x)
+
+
+def json_numbers(tensor: V2InferInput) -> np.ndarray:
+    try:
+        return np.asarray(tensor.data, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):  # OverflowError: an integer literal past float64
+        raise HTTPException(400, f"input {tensor.name!r}: data must be numbers, flat or nested row-major") from None
+
+
+def json_texts(tensor: V2InferInput) -> np.ndarray:
+    """BYTES in JSON: one string per element, as the protocol sends UTF-8 text."""
+    wrong = next((item for item in tensor.data if not isinstance(item, str)), None)
+    if wrong is not None:
+        raise HTTPException(400, f"input {tensor.name!r}: BYTES data must be strings, got {str(wrong)[:40]!r}")
+    return as_texts(tensor.data)
+
+
+def binary_texts(tensor: V2InferInput, data: memoryview) -> np.ndarray:
+    """BYTES in Triton's binary form: each element a 4-byte little-endian length, then that many bytes (UTF-8)."""
+    texts, at = [], 0
+    while at < len(data):
+        length = int.from_bytes(data[at:at + 4], "little") if at + 4 <= len(data) else None
+        if length is None or at + 4 + length > len(data):
+            raise HTTPException(400, f"input {tensor.name!r}: BYTES element {len(texts)} runs past the "
+                                     f"{len(data)} bytes of binary data (each is a 4-byte little-endian length, "
+                                     "then that many bytes)")
+        try:
+            texts.append(str(data[at + 4:at + 4 + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise HTTPException(400, f"input {tensor.name!r}: BYTES element {len(texts)} is not UTF-8") from None
+        at += 4 + length
+    return as_texts(texts)
 
 
 def check_size(tensor: V2InferInput, size: int) -> None:
@@ -163,16 +201,20 @@ async def infer(core: Core, caller: Caller, name: str, version: int | None, deco
     exit_confidence = parameter(body, "exit_confidence", lambda v: isinstance(v, int | float) and 0 <= v <= 1,
                                 "a number between 0 and 1")  # NaN is not
     try:
-        request = model.request(x.reshape(tensor.shape[0], -1), depth, exit_confidence)
-    except ValueError as e:  # wrong feature count, NaN or infinity, depth out of range
+        request = model.request(x if tensor.datatype == "BYTES" else x.reshape(tensor.shape[0], -1), depth,
+                                exit_confidence)
+    except ValueError as e:  # wrong feature count, NaN or infinity, texts to a number model or numbers to a text
+        # model, depth out of range
         raise HTTPException(400, f"input {tensor.name!r}: {e}") from None
-    predictions, probabilities, depths = await core.models.batcher.submit(row, model, request)
+    classes, probabilities, depths = await core.models.batcher.submit(row, model, request)
+    predictions, labels = answers(model, classes)
     rows = len(predictions)
     outputs = {
         "predictions": V2Tensor(
             name="predictions", shape=[rows],
             datatype="INT64" if all(isinstance(p, int) for p in predictions) else "BYTES", data=predictions,
         ),
+        **({"labels": V2Tensor(name="labels", shape=[rows], datatype="BYTES", data=labels)} if labels else {}),
         "probabilities": V2Tensor(
             name="probabilities", shape=[rows, len(model.classes)], datatype="FP32",
             data=[p for row_probabilities in probabilities for p in row_probabilities],

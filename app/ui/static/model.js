@@ -1,6 +1,6 @@
 "use strict";
-// A model's try-it panel: draw a digit (image models) or type a row of raw values, then predict once per depth
-// to see where the shortcut paths agree with the full one.
+// A model's try-it panel: draw a digit (image models), type a row of raw values or (text models) a text, then
+// predict once per depth to see where the shortcut paths agree with the full one.
 (() => {
   const { el } = AL;
   const { name, versions } = AL.pageData();
@@ -11,15 +11,20 @@
   const ink = pad.getContext("2d", { willReadFrequently: true });
   const SUPERSAMPLE = 8;
   let version = null;
+  const isText = () => version.input_kind === "text";
 
   function clear() {
     ink.clearRect(0, 0, pad.width, pad.height);
-    show(new Array(version.features).fill(0));
+    if (isText()) inputs.value = "";
+    else show(new Array(version.features).fill(0));
   }
 
   function choose() {
     version = versions.find((v) => String(v.version) === select.value);
-    document.getElementById("features").textContent = version.features;
+    document.getElementById("input-help").textContent = isText()
+      ? `Input: a text (the model reads its first ${version.features} tokens; the rest is cut)`
+      : `Input: ${version.features} raw values, comma-separated`;
+    inputs.spellcheck = isText();
     document.getElementById("pad-box").hidden = !version.canvas;
     if (version.canvas) {
       preview.width = version.canvas.width;
@@ -114,11 +119,13 @@
   function probabilityTable(answers) {
     const table = document.getElementById("probabilities");
     const classes = version.classes.map(String);
-    const full = String(answers[answers.length - 1].predictions[0]);
+    // Where the classes have names, `predictions` holds indices and `labels` the names.
+    const predictedOf = (answer) => (answer.labels ? answer.labels[0] : String(answer.predictions[0]));
+    const full = predictedOf(answers[answers.length - 1]);
     table.tHead.replaceChildren(el("tr", {}, el("th", { text: "depth" }), el("th", { text: "prediction" }),
       el("th", { text: "agrees with full" }), ...classes.map((c) => el("th", { text: c }))));
     table.tBodies[0].replaceChildren(...answers.map((answer, i) => {
-      const predicted = String(answer.predictions[0]);
+      const predicted = predictedOf(answer);
       return el("tr", { "data-depth": i + 1 },
         el("td", { text: i + 1 === answers.length ? `${i + 1} (full)` : String(i + 1) }),
         el("td", { class: "prediction", text: predicted }),
@@ -133,8 +140,10 @@
 
   async function predict() {
     const error = document.getElementById("predict-error");
-    const row = inputs.value.split(/[\s,]+/).filter(Boolean).map(Number);
-    if (row.some(Number.isNaN)) return AL.showError(error, new Error("the input holds something that is not a number"));
+    const row = isText() ? inputs.value : inputs.value.split(/[\s,]+/).filter(Boolean).map(Number);
+    if (!isText() && row.some(Number.isNaN)) {
+      return AL.showError(error, new Error("the input holds something that is not a number"));
+    }
     const path = `/v1/models/${encodeURIComponent(name)}/versions/${version.version}/predict`;
     const depths = Array.from({ length: version.depth }, (_, i) => i + 1);
     try {

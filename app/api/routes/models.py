@@ -1,13 +1,15 @@
-"""The model registry (one version per succeeded job, names per tenant), native prediction, deletes."""
+"""The model registry (one version per succeeded job, names per tenant), native prediction, export, deletes."""
 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query, Response
 
 from al.checkpoint import LoadedModel, ModelError, read_model_info
+from al.export import FORMATS, export_in_child
 from app.api.deps import AdminCaller, Caller, Core, CoreDep, PredictCaller, VersionPath, iso, remove_files
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
 from service.store import ModelRow
@@ -134,3 +136,29 @@ async def predict_latest(name: str, body: PredictRequest, caller: PredictCaller,
 async def predict_version(name: str, version: VersionPath, body: PredictRequest, caller: PredictCaller,
                           core: CoreDep) -> PredictResponse:
     return await run_predict(core, caller, name, version, body)
+
+
+@router.get("/{name}/versions/{version}/export", response_class=Response,
+            summary="A version's inference path as a file for other runtimes (ONNX)",
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "the file, as an attachment"},
+                       404: {"description": "no such model or version"},
+                       422: {"description": "an unknown format, or a depth the model does not have"}})
+def export_version(name: str, version: VersionPath, caller: PredictCaller, core: CoreDep,
+                   format: Annotated[str, Query(description=f"the file's format: {', '.join(FORMATS)}")],
+                   depth: Annotated[int | None, Query(description="the path's depth k (default: the full one)")] = None
+                   ) -> Response:
+    """f_1..f_k -> b_k -> h_k..h_1 as ONNX with a dynamic batch axis: raw input in (a text model's token ids,
+    from its tokenizer.json), the probabilities predict answers out, the class names in its metadata
+    (al/export.py). Exported on request, in a child process, one at a time."""
+    row = core.models.registered(caller.tenant, name, version)
+    if row is None:
+        raise no_model(name, version)
+    try:
+        exported = export_in_child(core.settings.data_dir / row.path, format, depth)
+    except ModelError as e:  # its files were removed or damaged on disk
+        raise HTTPException(503, f"model {name!r} version {version} cannot be loaded: {e}") from None
+    except ValueError as e:  # the format or the depth
+        raise HTTPException(422, str(e)) from None
+    filename = f"{name}-{version}-depth{exported.depth}{exported.suffix}"  # names are [A-Za-z0-9._-]
+    return Response(exported.content, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})

@@ -1,8 +1,9 @@
 """Export (issue 23, part 4): a model's inference path at a depth as ONNX, from GET
 /v1/models/{name}/versions/{v}/export (the real app; each export in its own `al export` child process) and from
 `al export`, run by onnxruntime on real rows and compared with what the service's predict answers for them: digits
-at the full depth and a shallower one, and text models (LSTM, Transformer), tokenized by the caller with the
-tokenizer the file carries. Then the 4xx of a bad format, a bad depth, another tenant."""
+at the full depth and a shallower one over HTTP, an LSTM over HTTP and a Transformer from the command line, their
+texts tokenized as a caller does, with the tokenizer the file carries. Then the errors of a bad format, a bad
+depth, another tenant."""
 
 from __future__ import annotations
 
@@ -48,12 +49,11 @@ def model_dirs(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def client(tmp_path, monkeypatch, model_dirs):
-    """The app with the models registered under their names in the owner's tenant (default), as version 1;
-    the other key's tenant has none."""
+    """The app with "digits" and "lstm" registered in the owner's tenant (default), as version 1; the other key's
+    tenant has none."""
     client = registered_model_client(tmp_path, monkeypatch, model_dirs["digits"],
                                      AL_API_KEYS="owner-key:predict, other-key:predict:other")
-    for name in ("lstm", "transformer"):
-        register_model(client.app.state.core.settings, model_dirs[name], name=name)
+    register_model(client.app.state.core.settings, model_dirs["lstm"], name="lstm")
     yield client
     drop_queue({"AL_QUEUE": client.app.state.core.settings.queue})
 
@@ -98,30 +98,33 @@ def test_an_exported_digits_model_answers_what_predict_answers(client, depth):
     assert np.abs(probabilities - other_depth).max() > 1e-3  # the comparison can tell the depths apart
 
 
-@pytest.mark.parametrize("name", ["lstm", "transformer"])
-def test_a_text_model_exports_and_reads_token_ids_from_the_tokenizer_it_carries(client, name):
-    session = exported(client, name, None)  # the full depth: through the LSTM or Transformer layer
+def text_probabilities(session: onnxruntime.InferenceSession) -> np.ndarray:
+    """The file's answer for TEXTS, tokenized as a caller does: with the tokenizer in its metadata."""
     meta = metadata(session)
     assert (json.loads(meta["classes"]), meta["input_kind"], meta["input_shape"]) == (CLASSES, "text", "[24]")
     assert session.get_inputs()[0].shape == ["batch", 24] and session.get_inputs()[0].type == "tensor(int64)"
     tokenizer = Tokenizer.from_str(meta["tokenizer"])  # padded and cut to max_tokens, as the model's own
     ids = np.array([encoding.ids for encoding in tokenizer.encode_batch(TEXTS)], dtype=np.int64)
-    probabilities = session.run(None, {"input": ids})[0]
-    np.testing.assert_allclose(probabilities, predicted(client, name, TEXTS, None), rtol=0, atol=1e-5)
+    return session.run(None, {"input": ids})[0]
 
 
-def test_al_export_writes_the_file_and_refuses_what_does_not_fit(model_dirs, tmp_path, capsys):
-    out = tmp_path / "digits.onnx"
-    assert main(["export", "--model", str(model_dirs["digits"]), "--format", "onnx", "--depth", "1",
-                 "--out", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"out": str(out), "format": "onnx", "depth": 1,
+def test_an_exported_lstm_reads_token_ids_from_the_tokenizer_it_carries(client):
+    session = exported(client, "lstm", None)  # the full depth: through the LSTM layer
+    np.testing.assert_allclose(text_probabilities(session), predicted(client, "lstm", TEXTS, None), rtol=0,
+                               atol=1e-5)
+
+
+def test_al_export_writes_a_transformer_and_refuses_what_does_not_fit(model_dirs, tmp_path, capsys):
+    out = tmp_path / "transformer.onnx"
+    assert main(["export", "--model", str(model_dirs["transformer"]), "--format", "onnx", "--out", str(out),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(out), "format": "onnx", "depth": 2,
                                                    "bytes": out.stat().st_size}
-    assert {p.key: p.value for p in onnx.load(out).metadata_props}["depth"] == "1"
-    model = load_model(model_dirs["digits"])
-    expected = model.predict(model.request(ROWS, depth=1)).probabilities
-    session = onnxruntime.InferenceSession(str(out))
-    got = session.run(None, {"input": np.array(ROWS, dtype=np.float32).reshape(-1, 1, 8, 8)})[0]
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert {p.key: p.value for p in onnx.load(out).metadata_props}["depth"] == "2"
+    model = load_model(model_dirs["transformer"])  # the service predicts with this, on a version's directory
+    expected = model.predict(model.request(TEXTS)).probabilities
+    np.testing.assert_allclose(text_probabilities(onnxruntime.InferenceSession(str(out))), expected, rtol=0,
+                               atol=1e-5)
 
     refused = tmp_path / "refused.onnx"
     deep = ["export", "--model", str(model_dirs["digits"]), "--format", "onnx", "--depth", "3", "--out", str(refused)]

@@ -96,7 +96,8 @@ class ModelCache:
         # only to requests that waited for it
         if self._reading.get(key) is done:  # not forgotten meanwhile (forget_routes): what it read still holds
             del self._reading[key]
-            if not failed:
+            # A name without versions is not kept: requests for made-up names must not fill the memory.
+            if not failed and done.result().latest is not None:
                 self._routes[key] = (time.monotonic(), done.result())
 
     def forget_routes(self, tenant: str, name: str) -> None:

@@ -283,8 +283,9 @@ def model_ready(name: str, caller: PredictCaller, core: CoreDep) -> dict:
 @router.get("/models/{name}/versions/{version}/ready",
             summary="The model version (or every version of the alias) is loaded and can infer")
 def model_version_ready(name: str, version: VersionOrAlias, caller: PredictCaller, core: CoreDep) -> dict:
-    check_ready(core, caller, name, target_of(version))
-    return {"name": name, "version": version, "ready": True}
+    target = target_of(version)
+    check_ready(core, caller, name, target)
+    return {"name": name, "version": str(target), "ready": True}
 
 
 # The infer routes read their body themselves (infer_body), after the caller's scope is decided; OpenAPI

@@ -45,6 +45,7 @@ def version_public(core: Core, row: ModelRow) -> ModelVersionPublic:
         input_kind=info.input_kind,
         classes=info.config["classes"], depth=info.depth, method=info.config["method"],
         parameters=info.parameters, test_accuracy=(info.config.get("result") or {}).get("test_accuracy"),
+        init_from=info.config.get("init_from"), train_components=info.config["training"].get("train_components"),
     )
 
 
@@ -72,7 +73,8 @@ def get_model(name: str, caller: PredictCaller, core: CoreDep) -> ModelPublic:
 @router.delete("/{name}/versions/{version}", status_code=204, summary="Delete a model version and its files",
                responses={404: {"description": "no such model or version"}})
 def delete_model_version(name: str, version: VersionPath, caller: AdminCaller, core: CoreDep) -> None:
-    """No job reads a registered model, so nothing holds a version back (no 409); it stops answering at once."""
+    """Nothing holds a version back (no 409); it stops answering at once, and a queued job that fine-tunes it
+    fails when it starts, saying so."""
     row = core.store.delete_model(caller.tenant, name, version)
     if row is None:
         raise no_model(name, version)

@@ -136,6 +136,9 @@ def add_fine_tune(kinds, common) -> None:
     p.add_argument("--adapt-epochs", type=int, default=3, help="epochs of each adaptation (default 3)")
     p.add_argument("--adapt-rows", nargs="+", choices=("new", "all"), default=["new", "all"],
                    help="adapt with the rows of the other half of the classes (new), or with every row (all)")
+    p.add_argument("--adapt-components", nargs="+", default=["top", "1", "all"],
+                   help="the components each adaptation trains: top, all, or a list numbered from 1 (top: the last), "
+                   "e.g. 1,2 (default: top 1 all)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="learning rate of every run (default: the preset's)")
     p.add_argument("--seeds", type=int, default=1)

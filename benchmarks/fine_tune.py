@@ -3,9 +3,10 @@ all of its components (issue 23).
 
 The base model learns from the rows of the first half of the classes, with every class as an output (a fine-tuned
 model keeps its classes). It is then adapted with the rows of the other half (`new`) or with every row (`all`), for
-the same epochs: the top component only, or all components. Beside them, a model from fresh weights trains on the
-same rows for the same epochs. Each run reports its training time and its test accuracy on the whole test set, on
-the classes the base learnt and on the new ones.
+the same epochs, training some of its components (--adapt-components: the top one, the first, all, or a list such
+as 1,2). Beside them, a model from fresh weights trains on the same rows for the same epochs. Each run reports its
+training time and its test accuracy: on the whole test set, on the classes the base learnt, on the new ones, and
+at each depth.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from benchmarks.report import Destination, destination, mean_sd, publish
 from benchmarks.runs import case_model
 
 CHUNK = 4096
-ADAPTATIONS = ("top", "all", "fresh")  # what trains on the adaptation rows
+FRESH = "fresh"  # the reference: every component from fresh weights
 COLUMNS = ["run", "trains on", "components trained", "epochs", "train seconds", "test accuracy %",
-           "first-half classes %", "second-half classes %", "runs"]
+           "first-half classes %", "second-half classes %", "test accuracy % by depth", "runs"]
 
 
 def test_accuracies(model_dir: Path, data, half: int) -> dict:
@@ -40,6 +41,14 @@ def test_accuracies(model_dir: Path, data, half: int) -> dict:
     first = data.test_y < half
     return {"all": float(correct.mean()), "first": float(correct[first].mean()),
             "second": float(correct[~first].mean())}
+
+
+def components(chosen: str, depth: int) -> list[int] | None:
+    """The components an --adapt-components entry trains: "all" (None: every one), "top", or a list such as
+    1,top."""
+    if chosen == "all":
+        return None
+    return sorted({depth if k == "top" else int(k) for k in chosen.split(",")})
 
 
 def bench_fine_tune(args) -> None:
@@ -75,16 +84,15 @@ def bench_fine_tune(args) -> None:
             record(runs, "base", result, test_accuracies(base, data, half))
             base_config = json.loads((base / "config.json").read_text())
             for which in args.adapt_rows:
-                for adaptation in ADAPTATIONS:
+                for adaptation in [*args.adapt_components, FRESH]:
                     out = Path(tmp) / f"{which}-{adaptation}"
                     adapt = {**training, "epochs": args.adapt_epochs}
-                    if adaptation == "fresh":
+                    if adaptation == FRESH:
                         config = make_config(args.preset, model, adapt)
                     else:
                         config = from_spec({"preset": args.preset, "training": adapt,
                                             "init_from": {"directory": str(base)},
-                                            "train_components": [args.depth] if adaptation == "top" else None},
-                                           base_config)
+                                            "train_components": components(adaptation, args.depth)}, base_config)
                     result = train(subset(which), out, config)
                     record(runs, f"{which}/{adaptation}", result, test_accuracies(out, data, half))
                     # After every run, so that an interrupted benchmark still publishes what it measured.
@@ -93,31 +101,36 @@ def bench_fine_tune(args) -> None:
 
 def record(runs: dict[str, list[dict]], key: str, result: dict, accuracy: dict) -> None:
     runs.setdefault(key, []).append({"train_seconds": result["train_seconds"], "epochs": result["epochs"],
-                                     "accuracy": accuracy})
+                                     "accuracy": accuracy, "accuracy_by_depth": result["test_accuracy_by_depth"]})
     print(f"{key}: {result['train_seconds']:.1f} s, test accuracy {accuracy['all']:.4f} (first half "
           f"{accuracy['first']:.4f}, second half {accuracy['second']:.4f})", file=sys.stderr)
 
 
 def publish_fine_tune(where: Destination, name: str, args, data, half: int, runs: dict[str, list[dict]]) -> None:
     first, second = f"classes 0-{half - 1}", f"classes {half}-{data.num_classes - 1}"
-    described = {"base": (f"rows of {first}", "all (fresh weights)"),
-                 "top": (None, f"top only ({args.depth})"), "all": (None, "all, from the base"),
-                 "fresh": (None, "all (fresh weights)")}
     table = []
     for key, results in runs.items():
         which, _, adaptation = key.partition("/")
-        trains_on, trained = described[adaptation or "base"]
+        if not adaptation:  # the base
+            trains_on, trained = f"rows of {first}", "all (fresh weights)"
+        else:
+            trains_on = f"rows of {second}" if which == "new" else "every row"
+            chosen = None if adaptation == FRESH else components(adaptation, args.depth)
+            trained = ("all (fresh weights)" if adaptation == FRESH else "all, from the base" if chosen is None
+                       else f"{', '.join(map(str, chosen))} of {args.depth}")
         cells = {k: mean_sd([100 * r["accuracy"][k] for r in results]) for k in ("all", "first", "second")}
         seconds = mean_sd([r["train_seconds"] for r in results])
         table.append({
             "run": key,
-            "trains on": trains_on or (f"rows of {second}" if which == "new" else "every row"),
+            "trains on": trains_on,
             "components trained": trained,
             "epochs": results[0]["epochs"],
             "train seconds": f"{seconds[0]:.1f} +- {seconds[1]:.1f}",
             "test accuracy %": f"{cells['all'][0]:.2f} +- {cells['all'][1]:.2f}",
             "first-half classes %": f"{cells['first'][0]:.2f} +- {cells['first'][1]:.2f}",
             "second-half classes %": f"{cells['second'][0]:.2f} +- {cells['second'][1]:.2f}",
+            "test accuracy % by depth": " / ".join(f"{100 * fmean(depths):.1f}" for depths in
+                                                   zip(*(r["accuracy_by_depth"] for r in results))),
             "runs": len(results),
         })
     publish(
@@ -129,12 +142,14 @@ def publish_fine_tune(where: Destination, name: str, args, data, half: int, runs
         rows=table,
         notes=(
             f"The base trains on the rows of {first} ({int((data.train_y < half).sum())} training rows) with all "
-            f"{data.num_classes} classes as outputs; each adaptation starts from it (al train --init-from, "
-            "--train-components for top only) and trains on the rows named. `fresh` trains the same rows from fresh "
-            "weights for the same epochs. A frozen component costs a forward pass per mini-batch, no backward and no "
-            "optimizer step. Train seconds: the training loop (al.run.train's train_seconds), no data loading or "
+            f"{data.num_classes} classes as outputs; each adaptation starts from it (al train --init-from, with "
+            "--train-components the components named) and trains on the rows named. `fresh` trains the same rows "
+            "from fresh weights for the same epochs. A frozen component costs a forward pass per mini-batch, no "
+            "backward and no optimizer step. Train seconds: the training loop (al.run.train's train_seconds), no "
+            "data loading or "
             f"evaluation. Test accuracy on the whole test set ({len(data.test_y)} rows) and on its rows of each half "
-            f"of the classes, after the last epoch. Preset {args.preset}, batch {args.batch_size}; mean +- sample "
+            f"of the classes, after the last epoch; by depth k: the shortcut path f_1..f_k -> b_k -> h_k..h_1 on the "
+            f"whole test set (mean over seeds). Preset {args.preset}, batch {args.batch_size}; mean +- sample "
             f"standard deviation over seeds 0..runs-1. {verdict(runs)}"
         ),
         raw={"runs": runs, "settings": {k: v for k, v in vars(args).items() if k != "func"}},
@@ -142,14 +157,14 @@ def publish_fine_tune(where: Destination, name: str, args, data, half: int, runs
 
 
 def verdict(runs: dict[str, list[dict]]) -> str:
-    """Top only against all components, for each set of adaptation rows measured so far, in words."""
+    """Each partial adaptation against training all components, for each set of adaptation rows, in words."""
     said = []
-    for which in ("new", "all"):
-        top, every = runs.get(f"{which}/top"), runs.get(f"{which}/all")
-        if not top or not every:
+    for key, partial in runs.items():
+        which, _, adaptation = key.partition("/")
+        every = runs.get(f"{which}/all")
+        if adaptation in ("", "all", FRESH) or not every:
             continue
-        speed = fmean(r["train_seconds"] for r in every) / fmean(r["train_seconds"] for r in top)
-        gap = 100 * (fmean(r["accuracy"]["all"] for r in top) - fmean(r["accuracy"]["all"] for r in every))
-        said.append(f"adapting with {'the second half' if which == 'new' else 'every row'}, the top component alone "
-                    f"trained {speed:.1f}x as fast as all components, at {gap:+.2f} points of test accuracy")
+        speed = fmean(r["train_seconds"] for r in every) / fmean(r["train_seconds"] for r in partial)
+        gap = 100 * (fmean(r["accuracy"]["all"] for r in partial) - fmean(r["accuracy"]["all"] for r in every))
+        said.append(f"{key} trained {speed:.1f}x as fast as {which}/all, at {gap:+.2f} points of test accuracy")
     return ("Result: " + "; ".join(said) + ".") if said else ""

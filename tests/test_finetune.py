@@ -210,3 +210,23 @@ def test_a_fine_tuning_job_that_does_not_fit_its_version_is_refused_naming_the_m
         refused = client.post("/v1/jobs", json={k: v for k, v in spec.items() if v is not None})
         assert refused.status_code == 422 and problem in refused.text, (change, refused.text)
     assert client.get("/v1/jobs").json()["total"] == jobs  # none was made
+
+
+def test_a_worker_on_another_host_fetches_the_version_it_starts_from_into_the_jobs_folder(served, tmp_path,
+                                                                                          monkeypatch):
+    from service.artifacts import artifacts_for
+    from service.cache import trim_cache
+    from service.store import get_store
+
+    client, _, data = served
+    host = tmp_path / "host"  # a worker host's data directory: the API's artifact store is reached over HTTP
+    settings = use_env(monkeypatch, {"AL_DATA_DIR": str(host), "AL_ARTIFACTS_URL": str(client.base_url)})
+    store = get_store(f"sqlite:///{(data / 'al.db').resolve()}")
+    version = store.get_model("default", "digits", 1)
+    copy = artifacts_for(settings).model(version.path, "job_x")
+    assert copy == host / "cache" / "jobs" / "job_x" / "init_from"
+    names = sorted(p.name for p in (data / version.path).iterdir() if p.name != "checkpoint.pt")
+    assert sorted(p.name for p in copy.iterdir()) == names
+    assert all((copy / name).read_bytes() == (data / version.path / name).read_bytes() for name in names)
+    # The copy goes with the job's folder once no attempt runs the job.
+    assert "jobs/job_x" in trim_cache(store, host / "cache", 1 << 30, grace=0) and not copy.exists()

@@ -1,4 +1,5 @@
-"""The `al` command line: train, eval, predict, study; installed packages add more (serve, worker, bench)."""
+"""The `al` command line: train, eval, predict, export, study; installed packages add more (serve, worker,
+bench)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from al.config import ARCHS, INITS, LR_SCALINGS, METHODS, PIPELINES, PRESETS
+from al.export import FORMATS
 from al.trainer import Callback
 
 
@@ -135,6 +137,22 @@ def cmd_predict(args) -> None:
             print(f"{p}\t{max(probs):.4f}")
 
 
+def cmd_export(args) -> None:
+    import logging
+    import warnings
+
+    from al.checkpoint import write_atomic
+    from al.export import export_model
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on what it leaves out (torchvision's ops)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's notes on its own deprecated internals
+        exported = export_model(args.model, args.format, args.depth)
+    write_atomic(Path(args.out), exported.content)
+    _emit({"out": args.out, "format": args.format, "depth": exported.depth, "bytes": len(exported.content)},
+          args.json)
+
+
 def cmd_study(args) -> None:
     from al.study import parse_goal, run_local
 
@@ -154,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_eval(sub)
     add_predict(sub)
+    add_export(sub)
     add_study(sub)
     add_installed_commands(sub)
     return parser
@@ -238,6 +257,17 @@ def add_predict(sub) -> None:
                    help=EXIT_CONFIDENCE_HELP + "; --json gives the depth of each row")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the inference path at a depth as a file for other runtimes (ONNX: "
+                       "raw input in, probabilities out, the class names in its metadata; see docs/service.md)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--depth", type=int, default=None, help="the path f_1..f_K -> b_K -> h_K..h_1 (default: full)")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
 
 def add_study(sub) -> None:

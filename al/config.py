@@ -270,6 +270,8 @@ def from_spec(spec: dict, init_model: dict | None = None) -> RunConfig:
         training.update({PIPELINE_SECTION[k]: v for k, v in pipeline.items()})
     model = spec.get("model")
     if spec.get("init_from") is not None:
+        if init_model is None:  # a study's base, say: only a single run starts from a trained model
+            raise ValueError("init_from: only a single run (al train --init-from, a job) starts from a trained model")
         model = _starting_architecture(init_model, model, training)
     return make_config(spec.get("preset") or "default", model, training, spec.get("init_from"))
 

@@ -43,22 +43,25 @@ def sinusoids(positions: int, dim: int) -> torch.Tensor:
 
 
 class TokenEmbedding(nn.Module):
-    """f_1: token ids (N, max_tokens), padded after the tokens with PAD_ID, -> s_1. The columns after the
-    batch's longest text are dropped first: they hold padding only."""
+    """f_1: token ids (N, max_tokens), padded after the tokens with PAD_ID, -> s_1. With `crop`, the columns after
+    the batch's longest text are dropped first: they hold padding only, which enters nothing. (An exported graph,
+    whose shapes may not depend on the data, keeps them all, and answers the same.)"""
 
     def __init__(self, vocab_size: int, dim: int, max_tokens: int, positions: bool):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID)
         # Not a parameter and not saved: a function of the shape alone.
         self.register_buffer("positions", sinusoids(max_tokens, dim) if positions else None, persistent=False)
+        self.crop = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != PAD_ID
-        length = max(1, int(mask.sum(dim=1).max())) if len(ids) else 1
-        ids, mask = ids[:, :length], mask[:, :length]
+        if self.crop:
+            length = max(1, int(mask.sum(dim=1).max())) if len(ids) else 1
+            ids, mask = ids[:, :length], mask[:, :length]
         x = self.embedding(ids)
         if self.positions is not None:
-            x = x + self.positions[:length]
+            x = x + self.positions[: ids.shape[1]]
         return with_mask(mask, x)
 
 

@@ -31,7 +31,7 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 FORM_BYTES = 64 * 1024  # the dashboard's own forms (the key form): nothing larger goes to /ui
 # Requests a tenant may have in flight at once, by kind: (kind, method, path, the setting that caps it, the
 # Retry-After a refusal names). An event stream is in flight as long as it is open.
-MODEL = r"/models/[^/]+(/versions/[^/]+)?"
+MODEL = r"/models/[^/]+(/(versions|aliases)/[^/]+)?"
 CAPPED = (
     ("predict", "POST", re.compile(rf"/v1{MODEL}/predict|/v2{MODEL}/infer"), "max_concurrent_predicts", 1),
     ("upload", "POST", re.compile(r"/v1/datasets"), "max_concurrent_uploads", 10),

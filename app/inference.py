@@ -1,13 +1,16 @@
-"""Registered models, loaded once and kept (least recently used out) for inference."""
+"""Registered models, loaded once and kept (least recently used out) for inference; which version answers a
+request (a name's routes: its latest version and its aliases)."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -17,9 +20,30 @@ from app.batching import Batcher
 from service.settings import Settings
 from service.store import ModelRow, Store
 
-LATEST_TTL = 1.0  # seconds a name's latest version is remembered: a new version answers within this
+ROUTES_TTL = 1.0  # seconds a name's routes are remembered: a new version or a moved alias answers within this
+DEFAULT_ALIAS = "default"  # the alias that, when set, answers the requests that name no version
 # A model is known by its tenant, name and version: two tenants' "digits" are different models.
 ModelKey = tuple[str, str, int]
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where a model name's requests go: its latest version, and its aliases' versions with their shares."""
+
+    latest: int | None  # None: the name has no version
+    aliases: dict[str, dict[int, float]]  # the largest share first
+
+    def shares(self, alias: str | None) -> dict[int, float]:
+        """The versions that may answer a request for `alias` (None: one that names no version, which the alias
+        `default` answers, else the latest), with their shares; empty if there is no such alias."""
+        if alias is None and DEFAULT_ALIAS not in self.aliases:
+            return {} if self.latest is None else {self.latest: 1.0}
+        return self.aliases.get(alias or DEFAULT_ALIAS, {})
+
+
+def draw(shares: dict[int, float]) -> int:
+    """The version that answers one request: of a split, drawn by the shares."""
+    return random.choices(list(shares), list(shares.values()))[0] if len(shares) > 1 else next(iter(shares))
 
 
 class ModelCache:
@@ -35,64 +59,79 @@ class ModelCache:
     def __init__(self, settings: Settings, store: Store):
         self.data_dir, self.size, self.store = settings.data_dir, settings.model_cache_size, store
         self._models: OrderedDict[ModelKey, tuple[ModelRow, LoadedModel]] = OrderedDict()
-        self._latest: dict[tuple[str, str], tuple[float, ModelRow]] = {}
-        self._finding: dict[tuple[str, str, int | None], asyncio.Future] = {}
+        self._routes: dict[tuple[str, str], tuple[float, Routes]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Future] = {}
+        self._finding: dict[ModelKey, asyncio.Future] = {}
         self._lock = threading.Lock()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="al-inference",
                                       initializer=torch.set_num_threads, initargs=(settings.inference_threads,))
         self.batcher = Batcher(executor, settings.batch_max_size, settings.batch_wait_ms / 1000,
                                settings.batch_queue_rows)
 
-    def registered(self, tenant: str, name: str, version: int | None) -> ModelRow | None:
-        """The registry's row; the latest version of a name is looked up at most every LATEST_TTL seconds."""
-        if version is not None:
-            return self.store.get_model(tenant, name, version)
-        now = time.monotonic()
-        cached = self._latest.get((tenant, name))
-        if cached and now - cached[0] < LATEST_TTL:
-            return cached[1]
-        row = self.store.get_model(tenant, name)
-        if row is not None:
-            self._latest[(tenant, name)] = (now, row)
-        return row
+    def read_routes(self, tenant: str, name: str) -> Routes:
+        """A name's routes as the store has them now."""
+        latest = self.store.get_model(tenant, name)
+        return Routes(latest.version if latest else None,
+                      {a.alias: a.versions for a in self.store.list_aliases(tenant, name)})
+
+    async def routes(self, tenant: str, name: str) -> Routes:
+        """A name's routes: at hand, or read from the store in a worker thread, once for all the requests that
+        want them meanwhile. They are re-read every ROUTES_TTL seconds in the background: requests go on with
+        the ones known meanwhile."""
+        key = (tenant, name)
+        known = self._routes.get(key)
+        if known is None or time.monotonic() - known[0] >= ROUTES_TTL:
+            reading = self._reading.get(key) or self._read(key)
+            if known is None:
+                return await asyncio.shield(reading)  # a waiter that goes away leaves it to the others
+        return known[1]
+
+    def _read(self, key: tuple[str, str]) -> asyncio.Future:
+        reading = self._reading[key] = asyncio.ensure_future(run_in_threadpool(self.read_routes, *key))
+        reading.add_done_callback(lambda done: self._read_done(key, done))
+        return reading
+
+    def _read_done(self, key: tuple[str, str], done: asyncio.Future) -> None:
+        failed = done.cancelled() or done.exception() is not None  # retrieved: a failed background read matters
+        # only to requests that waited for it
+        if self._reading.get(key) is done:  # not forgotten meanwhile (forget_routes): what it read still holds
+            del self._reading[key]
+            # A name without versions is not kept: requests for made-up names must not fill the memory.
+            if not failed and done.result().latest is not None:
+                self._routes[key] = (time.monotonic(), done.result())
+
+    def forget_routes(self, tenant: str, name: str) -> None:
+        """A name's versions or aliases changed: the next request reads its routes again (this process at once;
+        the others within ROUTES_TTL). A read begun before the change keeps its answer to itself."""
+        self._routes.pop((tenant, name), None)
+        self._reading.pop((tenant, name), None)
 
     def forget(self, row: ModelRow) -> None:
         """A deleted version: out of the cache at once, so that it answers no request after its delete."""
         with self._lock:
             self._models.pop((row.tenant, row.name, row.version), None)
-            latest = self._latest.get((row.tenant, row.name))
-            if latest is not None and latest[1].version == row.version:
-                del self._latest[(row.tenant, row.name)]
+        self.forget_routes(row.tenant, row.name)
 
-    async def find(self, tenant: str, name: str, version: int | None,
+    async def find(self, tenant: str, name: str, version: int,
                    find_model: Callable[[], tuple[ModelRow, LoadedModel]]) -> tuple[ModelRow, LoadedModel]:
         """The row and the model: at hand, or from `find_model()` (store, disk) in a worker thread, called
-        once for all the requests that want the same name and version meanwhile. A name's latest version
-        is re-read every LATEST_TTL seconds in the background: requests go on with the one known meanwhile."""
+        once for all the requests that want the same version meanwhile."""
         found = self.at_hand(tenant, name, version)
-        stale = (version is None and found is not None
-                 and time.monotonic() - self._latest[(tenant, name)][0] >= LATEST_TTL)
-        if found is None or stale:
-            key = (tenant, name, version)
-            if key not in self._finding:
-                self._finding[key] = asyncio.ensure_future(run_in_threadpool(find_model))
-                self._finding[key].add_done_callback(lambda done: self._found(key, done))
-            if found is None:
-                return await asyncio.shield(self._finding[key])  # a waiter that goes away leaves it to the others
-        return found
+        if found is not None:
+            return found
+        key = (tenant, name, version)
+        if key not in self._finding:
+            self._finding[key] = asyncio.ensure_future(run_in_threadpool(find_model))
+            self._finding[key].add_done_callback(lambda done: self._found(key, done))
+        return await asyncio.shield(self._finding[key])  # a waiter that goes away leaves it to the others
 
-    def _found(self, key: tuple[str, str, int | None], done: asyncio.Future) -> None:
+    def _found(self, key: ModelKey, done: asyncio.Future) -> None:
         del self._finding[key]
         if not done.cancelled():
-            done.exception()  # retrieved: a failed background re-read matters only to requests that waited for it
+            done.exception()  # retrieved: it matters only to requests that waited for it
 
-    def at_hand(self, tenant: str, name: str, version: int | None) -> tuple[ModelRow, LoadedModel] | None:
+    def at_hand(self, tenant: str, name: str, version: int) -> tuple[ModelRow, LoadedModel] | None:
         """The row and the model when neither the store nor the disk is needed (so the event loop may ask)."""
-        if version is None:
-            latest = self._latest.get((tenant, name))
-            if latest is None:
-                return None
-            version = latest[1].version
         with self._lock:
             found = self._models.get((tenant, name, version))
             if found is not None:

@@ -215,9 +215,46 @@ class ModelVersionPublic(BaseModel):
                                                "others kept the weights of init_from); none: all")
 
 
+class AliasPublic(BaseModel):
+    name: str = Field(description="registered model name")
+    alias: str = Field(description="the alias: predict with POST /v1/models/{name}/aliases/{alias}/predict, or in "
+                       "place of a version in v2 paths; `default` answers the requests that name no version")
+    versions: dict[str, float] = Field(description="the versions it points to, each with its share of the "
+                                       "requests (1 for one version), the largest share first")
+    updated_at: str = Field(description="when it was last pointed, ISO 8601 UTC")
+
+
+MAX_SPLIT = 8  # versions in one alias
+
+
+class AliasSet(Strict):
+    """Where an alias points: one version, or a split of the requests between versions by share (a canary)."""
+
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="the version it points to")
+    versions: dict[Annotated[str, Field(pattern=r"^[1-9][0-9]{0,8}$")],
+                   Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, max_length=MAX_SPLIT,
+        description='a split: each version\'s share of the requests, e.g. {"3": 0.9, "4": 0.1}; shares above 0 '
+        "that sum to 1; the versions must take the same input and answer the same classes")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AliasSet:
+        if (self.version is None) == (self.versions is None):
+            raise ValueError('give "version" (one version) or "versions" (shares of the requests), one of the two')
+        total = sum((self.versions or {}).values())
+        if self.versions and abs(total - 1) > 1e-6:
+            raise ValueError(f"the shares in versions sum to {total:g}; they must sum to 1")
+        return self
+
+    def shares(self) -> dict[int, float]:
+        return {self.version: 1.0} if self.versions is None else {int(v): w for v, w in self.versions.items()}
+
+
 class ModelPublic(BaseModel):
     name: str = Field(description="registered model name")
-    latest: int = Field(description="the version predict uses when none is named")
+    latest: int = Field(description="the newest version; predict uses it when none is named and the alias "
+                        "`default` is not set")
+    aliases: list[AliasPublic] = Field(description="its aliases, by alias")
     versions: list[ModelVersionPublic] = Field(description="every version, oldest first")
 
 

@@ -5,7 +5,7 @@ created); the store keeps the RunConfig, and the worker trains with it as stored
 
 A job spec: `{"preset", "method", "model": {ModelConfig fields}, "training": {TrainConfig fields but the
 pipeline's}, "pipeline": {"mode", "devices", "stages", ..., "workers"}}`; a field left out takes the preset's
-value. A job that fine-tunes a registered version adds `"init_from": {"model", "version"}` and may add
+value. A job that fine-tunes a registered version adds `"init_from": {"model", "version" | "alias"}` and may add
 `"train_components"` (TrainConfig's field); it keeps that version's architecture and method.
 """
 
@@ -133,6 +133,14 @@ class JobCreate(JobSpec):
 
 
 @dataclass
+class StartingVersion:
+    """The registered version a fine-tuning job starts from, as the API found it for the job's init_from."""
+
+    lineage: dict  # the new version's init_from: {"model", "version"}, and the "alias" that named it, if one did
+    config: dict  # its config.json
+
+
+@dataclass
 class Resolved:
     """A checked job spec: what it trains, and on how many workers."""
 
@@ -140,10 +148,10 @@ class Resolved:
     workers: int  # one per stage of a `processes` pipeline over several workers; 1 otherwise
 
 
-def resolve(spec: ModelAndTraining | dict, init_model: dict | None = None) -> Resolved:
+def resolve(spec: ModelAndTraining | dict, start: StartingVersion | None = None) -> Resolved:
     """The job spec checked field by field (the schema) and across fields (the library); ValueError names the
-    problem. Pass the validated model when FastAPI has made it already; a spec with `init_from` (its version
-    named, the alias resolved) needs that version's config.json as `init_model`."""
+    problem. Pass the validated model when FastAPI has made it already; a spec with `init_from` needs the version
+    it names as `start`."""
     if isinstance(spec, dict):
         try:
             spec = JobSpec.model_validate(spec)
@@ -151,8 +159,10 @@ def resolve(spec: ModelAndTraining | dict, init_model: dict | None = None) -> Re
             raise ValueError("; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
                                        for error in e.errors()[:3])) from None
     values = spec.model_dump(exclude_none=True)
-    if "init_from" in values and "method" not in spec.model_fields_set:
-        values.pop("method")  # the default is the model's own method, not the schema's
+    if "init_from" in values:
+        values["init_from"] = start.lineage
+        if "method" not in spec.model_fields_set:
+            values.pop("method")  # the default is the version's own method, not the schema's
     pipeline = values.get("pipeline") or {}
     workers = pipeline.pop("workers", None)
     if workers is not None and pipeline.get("mode") != "processes":
@@ -160,7 +170,7 @@ def resolve(spec: ModelAndTraining | dict, init_model: dict | None = None) -> Re
     if workers is not None and pipeline.get("devices") and len(pipeline["devices"]) != workers:
         raise ValueError(f"pipeline.devices names {len(pipeline['devices'])} devices for {workers} workers: "
                          "one per worker")
-    return Resolved(from_spec(values, init_model), workers or 1)
+    return Resolved(from_spec(values, start and start.config), workers or 1)
 
 
 def check_fits(config: RunConfig, input_shape: tuple[int, ...], num_classes: int, max_parameters: int,

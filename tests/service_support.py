@@ -195,15 +195,15 @@ def registered_model_client(tmp_path, monkeypatch, model_dir: Path, **extra: str
     return client
 
 
-def register_model(settings, model_dir: Path, tenant: str = "default") -> str:
-    """The model in `model_dir` as the next version of the tenant's "digits", registered as a finished job
+def register_model(settings, model_dir: Path, tenant: str = "default", name: str = "digits") -> str:
+    """The model in `model_dir` as the next version of the tenant's `name`, registered as a finished job
     would: through the store's lease and finish. Its job's id."""
     from al.config import make_config
     from service.store import get_store
 
     store = get_store(settings.store_url)
     config = make_config(training={"epochs": 1}).to_dict()
-    job, _ = store.create_job(tenant, "digits", {"dataset": "digits"}, config, None, None)
+    job, _ = store.create_job(tenant, name, {"dataset": "digits"}, config, None, None)
     claim = store.take_lease(job.id, "test", 60)
     target = settings.jobs_dir / job.id
     target.mkdir(parents=True)

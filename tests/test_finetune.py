@@ -160,7 +160,8 @@ def served(tmp_path_factory, bases):
 
 def test_a_job_fine_tunes_a_registered_version_into_a_new_version_with_its_lineage(served):
     client, process, data = served
-    spec = {"dataset": "digits", "name": "digits", "init_from": {"model": "digits", "version": 1},
+    assert client.put("/v1/models/digits/aliases/default", json={"version": 1}).status_code == 200
+    spec = {"dataset": "digits", "name": "digits", "init_from": {"model": "digits", "alias": "default"},
             "train_components": [2], "training": {"epochs": 1, "batch_size": 64}}
     job = client.post("/v1/jobs", json=spec)
     assert job.status_code == 202, job.text
@@ -171,7 +172,7 @@ def test_a_job_fine_tunes_a_registered_version_into_a_new_version_with_its_linea
     assert finished["model"] == {"name": "digits", "version": 2}
     versions = client.get("/v1/models/digits").json()["versions"]
     assert [(v["version"], v["init_from"], v["train_components"]) for v in versions] == [
-        (1, None, None), (2, {"model": "digits", "version": 1}, [2])]
+        (1, None, None), (2, {"model": "digits", "version": 1, "alias": "default"}, [2])]
     # The registered files: component 1 bit for bit the first version's, component 2 trained.
     files = {v: load_file(str(data / path / "model.safetensors")) for v, path in
              ((1, f"jobs/{versions[0]['job_id']}"), (2, "models/default/digits/2"))}
@@ -179,6 +180,10 @@ def test_a_job_fine_tunes_a_registered_version_into_a_new_version_with_its_linea
     assert all(not torch.equal(t, files[2][n]) for n, t in by_component(files[1], 2).items() if n.endswith("weight"))
     predicted = client.post("/v1/models/digits/versions/2/predict", json={"inputs": [load_digits().data[0].tolist()]})
     assert predicted.status_code == 200 and predicted.json()["version"] == 2
+    # An alias that splits its requests names no one version to start from.
+    assert client.put("/v1/models/digits/aliases/canary", json={"versions": {"1": 0.5, "2": 0.5}}).status_code == 200
+    split = client.post("/v1/jobs", json={**spec, "init_from": {"model": "digits", "alias": "canary"}})
+    assert split.status_code == 422 and "splits its requests between versions" in split.text, split.text
 
 
 def test_a_fine_tuning_job_that_does_not_fit_its_version_is_refused_naming_the_mismatch(served):
@@ -200,7 +205,7 @@ def test_a_fine_tuning_job_that_does_not_fit_its_version_is_refused_naming_the_m
         ({"train_components": [0]}, "greater than or equal to 1"),
         ({"init_from": {"model": "digits", "version": 9}}, "init_from: no model 'digits' version 9"),
         ({"init_from": {"model": "other", "version": 1}}, "init_from: no model 'other' version 1"),
-        ({"init_from": {"model": "digits", "alias": "default"}}, "aliases are not available"),
+        ({"init_from": {"model": "digits", "alias": "nope"}}, "init_from: model 'digits' has no alias 'nope'"),
         ({"init_from": {"model": "digits"}}, "names the model's version or an alias"),
         ({"model": {"widths": [8]}}, "keeps its architecture: leave out model widths"),
         ({"method": "bp"}, "was trained with al"),

@@ -255,6 +255,6 @@ def test_concurrent_requests_for_an_unloaded_model_load_it_once(make_app, monkey
 def test_a_new_version_answers_soon_after_it_is_registered(client, model_dir):
     assert client.post(NATIVE, json={"inputs": digits_rows(1)}).json()["version"] == 1
     register_model(client.app.state.core.settings, model_dir)
-    # Until the name's latest version is re-read (every LATEST_TTL seconds, in the background), v1 answers.
+    # Until the name's latest version is re-read (every ROUTES_TTL seconds, in the background), v1 answers.
     wait_for(lambda: client.post(NATIVE, json={"inputs": digits_rows(1)}).json()["version"] == 2,
-             inference.LATEST_TTL + 2, "version 2 to answer")
+             inference.ROUTES_TTL + 2, "version 2 to answer")

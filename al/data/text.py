@@ -119,6 +119,13 @@ def read_lines(path: Path) -> np.ndarray:
     return as_texts(texts)
 
 
+def with_a_token(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (N, max_tokens) as the tokenizer makes them, with UNK_ID first in a text that has no token (an
+    empty or blank one): every text has a token to read. Also part of an exported graph (al/export.py)."""
+    first = ids[:, :1]
+    return torch.cat([torch.where(first == PAD_ID, UNK_ID, first), ids[:, 1:]], dim=1)
+
+
 class TextEncoding:
     """Texts -> token ids of shape (N, max_tokens), with the tokenizer of a model (see the module docstring)."""
 
@@ -157,8 +164,7 @@ class TextEncoding:
         """Token ids (N, max_tokens), padding after the tokens; a text without a token reads as one UNK."""
         encoded = self.tokenizer.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in encoded], dtype=torch.long).reshape(len(encoded), self.max_tokens)
-        ids[ids[:, 0] == PAD_ID, 0] = UNK_ID
-        return ids
+        return with_a_token(ids)
 
     def files(self) -> dict[str, str]:
         """What a model directory holds of it: name -> text."""

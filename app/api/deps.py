@@ -16,6 +16,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.inference import ModelCache
+from service.jobspec import NAME_PATTERN
 from service.settings import ApiKey, Settings
 from service.store import Store
 from service.studies import Studies
@@ -60,7 +61,10 @@ async def get_core(request: Request) -> Core:  # async: no thread-pool hop for a
 
 CoreDep = Annotated[Core, Depends(get_core)]
 # Bounded so that no number a client sends overflows the database's 64-bit integers (a 500).
-VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="the model version")]
+MAX_VERSION = 2**31 - 1
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="the model version")]
+# An alias is named as a model is; one that is a number is refused when it is set (v2 paths read it as a version).
+AliasPath = Annotated[str, Path(pattern=NAME_PATTERN, description="an alias of the model")]
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 
 # The key is read from the headers before the body (app/edge.py); this declares it in OpenAPI.

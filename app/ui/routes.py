@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 from typing import Annotated, get_args
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -27,8 +27,9 @@ from app.api.routes.jobs import job_public
 from app.api.routes.models import version_public
 from app.api.routes.studies import study_public
 from app.edge import csrf_matches, csrf_token
+from app.inference import DEFAULT_ALIAS
 from service.jobspec import JobCreate, PipelineSpec
-from service.store import ModelRow
+from service.store import Alias, ModelRow
 
 HERE = Path(__file__).parent
 # Every page carries its session's CSRF token: the key form posts it, the scripts send it (X-CSRF-Token).
@@ -149,8 +150,12 @@ def canvas_spec(core: Core, config: dict, row: ModelRow) -> dict | None:
     return {"height": height, "width": width, "max": 16 if "digits" in name else (1 if mean < 1 else 255)}
 
 
-def version_view(core: Core, row: ModelRow) -> dict:
+def version_view(core: Core, row: ModelRow, aliases: list[Alias]) -> dict:
+    """A version as the pages show it: what the API says of it, the aliases that point to it (a split's with the
+    version's share), and what the try-it panel needs."""
     public = version_public(core, row).model_dump()
+    public["aliases"] = [a.alias if len(a.versions) == 1 else f"{a.alias} {a.versions[row.version]:.0%}"
+                         for a in aliases if a.name == row.name and row.version in a.versions]
     if not public["available"]:
         return public
     config = read_model_info(core.settings.data_dir / row.path).config
@@ -159,9 +164,28 @@ def version_view(core: Core, row: ModelRow) -> dict:
             "arch": arch.get("arch"), "widths": arch.get("widths"), "canvas": canvas_spec(core, config, row)}
 
 
+def try_choices(name: str, versions: list[dict], aliases: list[Alias]) -> list[dict]:
+    """What the try-it panel predicts with: the aliases, then the versions, newest first; chosen at first, what
+    answers requests that name no version (the alias `default`, else the latest version). An alias shows the
+    version with the largest share (a split's versions take the same input) and goes as deep as all of them."""
+    depths = {v["version"]: v.get("depth") for v in versions}
+    base = f"/v1/models/{quote(name, safe='')}"
+    choices = [{"label": f"alias {a.alias}: " + ", ".join(f"v{v} {share:.0%}" if len(a.versions) > 1 else f"v{v}"
+                                                          for v, share in a.versions.items()),
+                "path": f"{base}/aliases/{quote(a.alias, safe='')}/predict", "version": next(iter(a.versions)),
+                "depth": min((depths[v] for v in a.versions if depths.get(v)), default=None),
+                "chosen": a.alias == DEFAULT_ALIAS} for a in aliases]
+    latest = not any(choice["chosen"] for choice in choices)
+    choices += [{"label": f"version {v['version']}", "path": f"{base}/versions/{v['version']}/predict",
+                 "version": v["version"], "depth": v.get("depth"), "chosen": latest and i == 0}
+                for i, v in enumerate(reversed(versions))]
+    return choices
+
+
 @router.get("/models")
 def models_page(request: Request, caller: PredictPage, core: CoreDep) -> HTMLResponse:
-    versions = [version_view(core, row) for row in core.store.list_models(caller.tenant)]
+    aliases = core.store.list_aliases(caller.tenant)
+    versions = [version_view(core, row, aliases) for row in core.store.list_models(caller.tenant)]
     return page(request, "models.html", active="models", versions=versions)
 
 
@@ -170,9 +194,11 @@ def model_page(request: Request, caller: PredictPage, core: CoreDep, name: str) 
     rows = core.store.list_models(caller.tenant, name)
     if not rows:
         return page(request, "missing.html", 404, active="models", message=f"There is no model {name!r}.")
-    versions = [version_view(core, row) for row in rows]
-    return page(request, "model.html", active="models", name=name, versions=versions,
-                data={"name": name, "versions": versions})
+    aliases = core.store.list_aliases(caller.tenant, name)
+    versions = [version_view(core, row, aliases) for row in rows]
+    choices = try_choices(name, versions, aliases)
+    return page(request, "model.html", active="models", name=name, versions=versions, choices=choices,
+                data={"name": name, "versions": versions, "choices": choices})
 
 
 @router.get("/studies")

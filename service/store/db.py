@@ -27,6 +27,11 @@ class Conflict(Exception):
     """The request contradicts the store's state (a dataset in use, a job not finished); the message says how."""
 
 
+class Missing(LookupError):
+    """The request names something the store does not hold (a version an alias is to point to); the message
+    says what."""
+
+
 class QuotaExceeded(Exception):
     """A tenant's quota would be exceeded: it uses `used` of `limit` already (what the unit is, the caller knows)."""
 

@@ -1,15 +1,25 @@
-"""The model registry: one version per registered job's model, names per tenant."""
+"""The model registry: one version per registered job's model, names per tenant; and the names' aliases."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.store.db import Database, lock
-from service.store.rows import JobRow, ModelNameRow, ModelRow
+from service.store.db import Conflict, Database, Missing, lock
+from service.store.rows import JobRow, ModelAliasRow, ModelNameRow, ModelRow
+
+
+class Alias(NamedTuple):
+    """An alias of a model name: the versions it points to, each with its share of the alias's requests."""
+
+    name: str
+    alias: str
+    versions: dict[int, float]  # the largest share first
+    updated_at: float
 
 
 class Models(Database):
@@ -40,12 +50,58 @@ class Models(Database):
             return s.scalars(query.limit(1)).first()
 
     def delete_model(self, tenant: str, name: str, version: int) -> ModelRow | None:
-        """Unregister a model version (the caller removes its directory); None if the tenant has no such one."""
+        """Unregister a model version (the caller removes its directory); None if the tenant has no such one.
+        Conflict while an alias points to it."""
         with self.writing() as s, s.begin():
+            lock(s, f"model/{tenant}/{name}")  # an alias being pointed to it meanwhile waits (set_alias)
             row = s.get(ModelRow, (tenant, name, version))
-            if row is not None:
-                s.delete(row)
+            if row is None:
+                return None
+            aliases = list(s.scalars(select(ModelAliasRow.alias).where(
+                ModelAliasRow.tenant == tenant, ModelAliasRow.name == name, ModelAliasRow.version == version
+            ).order_by(ModelAliasRow.alias)))
+            if aliases:
+                raise Conflict(f"model {name!r} version {version} is in use by alias{'es' * (len(aliases) > 1)} "
+                               f"{', '.join(map(repr, aliases))}; point it elsewhere or delete it first "
+                               f"(PUT or DELETE /v1/models/{name}/aliases/{aliases[0]})")
+            s.delete(row)
         return row
+
+    def set_alias(self, tenant: str, name: str, alias: str, versions: dict[int, float]) -> Alias:
+        """Point `alias` of `name` at `versions` (each with its share of the requests), in place of what it
+        pointed to. Missing, and nothing changes, if the name has no such version."""
+        with self.writing() as s, s.begin():
+            lock(s, f"model/{tenant}/{name}")  # a delete of one of the versions meanwhile waits (delete_model)
+            registered = set(s.scalars(select(ModelRow.version).where(
+                ModelRow.tenant == tenant, ModelRow.name == name, ModelRow.version.in_(list(versions)))))
+            missing = sorted(set(versions) - registered)
+            if missing:
+                raise Missing(f"model {name!r} has no version {', '.join(map(str, missing))}")
+            s.execute(delete(ModelAliasRow).where(ModelAliasRow.tenant == tenant, ModelAliasRow.name == name,
+                                                  ModelAliasRow.alias == alias))
+            now = time.time()
+            s.add_all([ModelAliasRow(tenant=tenant, name=name, alias=alias, version=version, weight=weight,
+                                     updated_at=now) for version, weight in versions.items()])
+        return Alias(name, alias, dict(sorted(versions.items(), key=lambda item: (-item[1], item[0]))), now)
+
+    def delete_alias(self, tenant: str, name: str, alias: str) -> bool:
+        """Remove an alias; False if the tenant's name has no such alias."""
+        with self.writing() as s, s.begin():
+            return bool(s.execute(delete(ModelAliasRow).where(
+                ModelAliasRow.tenant == tenant, ModelAliasRow.name == name, ModelAliasRow.alias == alias)).rowcount)
+
+    def list_aliases(self, tenant: str, name: str | None = None) -> list[Alias]:
+        """The tenant's aliases (of one name, or of all), by name and alias."""
+        query = select(ModelAliasRow).where(ModelAliasRow.tenant == tenant).order_by(
+            ModelAliasRow.name, ModelAliasRow.alias, ModelAliasRow.weight.desc(), ModelAliasRow.version)
+        if name is not None:
+            query = query.where(ModelAliasRow.name == name)
+        aliases: dict[tuple[str, str], Alias] = {}
+        with self.session() as s:
+            for row in s.scalars(query):
+                aliases.setdefault((row.name, row.alias), Alias(row.name, row.alias, {}, row.updated_at)).versions[
+                    row.version] = row.weight
+        return list(aliases.values())
 
 
 def next_version(s: Session, tenant: str, name: str) -> int:

@@ -109,6 +109,19 @@ class ModelNameRow(Base):
     last_version: Mapped[int] = mapped_column(Integer)
 
 
+class ModelAliasRow(Base):
+    """One version an alias of a model name points to, with its share of the alias's requests: one row for a
+    plain alias, one per version for a split (a canary). Every version named is registered (store/models.py)."""
+
+    __tablename__ = "model_aliases"
+    tenant: Mapped[str] = tenant_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    weight: Mapped[float] = mapped_column(Float)  # the alias's weights sum to 1
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class StudyRow(Base):
     __tablename__ = "al_studies"  # Optuna's own tables include `studies`
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

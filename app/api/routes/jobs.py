@@ -17,7 +17,7 @@ from al.data import BUILTIN_DATASETS, DataError, Summary, summarize
 from app.api.deps import AdminCaller, Caller, Core, CoreDep, OffsetQuery, TrainCaller, iso, remove_files
 from app.api.routes.datasets import dataset_kind
 from app.schemas import JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
-from service.jobspec import InitFrom, JobCreate, check_fits, resolve
+from service.jobspec import InitFrom, JobCreate, StartingVersion, check_fits, resolve
 from service.queue import enqueue
 from service.store import TERMINAL, Conflict, JobRow, QuotaExceeded
 
@@ -64,21 +64,29 @@ def dataset_summary(core: Core, caller: Caller, dataset: str) -> Summary:
     return Summary(row.rows, tuple(row.shape), row.classes, dataset_kind(row))
 
 
-def starting_version(core: Core, caller: Caller, init: InitFrom) -> dict:
-    """The config.json of the registered version a fine-tuning job starts from; 422 if the caller's tenant has
-    no such version."""
+def starting_version(core: Core, caller: Caller, init: InitFrom) -> StartingVersion:
+    """The registered version of the caller's tenant that a fine-tuning job starts from: the one it names, or the
+    one its alias points to; 422 if there is none."""
+    version, lineage = init.version, {"model": init.model, "version": init.version}
     if init.alias is not None:
-        raise HTTPException(422, f"init_from.alias: aliases are not available on this service; name the version "
-                                 f"of model {init.model!r} (GET /v1/models/{init.model} lists them)")
-    row = core.store.get_model(caller.tenant, init.model, init.version)
+        alias = next((a for a in core.store.list_aliases(caller.tenant, init.model) if a.alias == init.alias), None)
+        if alias is None:
+            raise HTTPException(422, f"init_from: model {init.model!r} has no alias {init.alias!r}; GET "
+                                     f"/v1/models/{init.model} lists its aliases")
+        if len(alias.versions) > 1:
+            raise HTTPException(422, f"init_from: alias {init.alias!r} of model {init.model!r} splits its requests "
+                                     f"between versions {', '.join(map(str, alias.versions))}; name the version "
+                                     "to start from")
+        version = next(iter(alias.versions))
+        lineage = {"model": init.model, "version": version, "alias": init.alias}
+    row = core.store.get_model(caller.tenant, init.model, version)
     if row is None:
-        raise HTTPException(422, f"init_from: no model {init.model!r} version {init.version}; GET /v1/models lists "
-                                 "the registered ones")
+        raise HTTPException(422, f"init_from: no model {init.model!r} version {version}; GET /v1/models lists the "
+                                 "registered ones")
     try:
-        return read_model_info(core.settings.data_dir / row.path).config
+        return StartingVersion(lineage, read_model_info(core.settings.data_dir / row.path).config)
     except ModelError as e:  # its files were removed or damaged on disk
-        raise HTTPException(422, f"init_from: model {init.model!r} version {init.version} cannot be used: "
-                                 f"{e}") from None
+        raise HTTPException(422, f"init_from: model {init.model!r} version {version} cannot be used: {e}") from None
 
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a training job",
@@ -95,17 +103,17 @@ def create_job(
                                                   "returns the job the first one created")] = None,
 ) -> JobPublic:
     data = dataset_summary(core, caller, spec.dataset)
-    init_model = starting_version(core, caller, spec.init_from) if spec.init_from else None
+    start = starting_version(core, caller, spec.init_from) if spec.init_from else None
     try:  # the fields were checked by the schema; now across fields, and the network's fit to the data
-        config = resolve(spec, init_model).config
+        config = resolve(spec, start).config
         check_fits(config, data.input_shape, len(data.classes), core.settings.max_parameters, data.input_kind)
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None
-    if init_model is not None:
+    if start is not None:
         try:
-            check_same_data(init_model, data.input_kind, data.input_shape, data.classes)
+            check_same_data(start.config, data.input_kind, data.input_shape, data.classes)
         except ValueError as e:
-            raise HTTPException(422, f"init_from: model {spec.init_from.model!r} version {spec.init_from.version} "
+            raise HTTPException(422, f"init_from: model {spec.init_from.model!r} version {start.lineage['version']} "
                                      f"does not fit dataset {spec.dataset!r}: {e}") from None
     spec_dict = spec.model_dump(exclude_none=True)
     request_hash = hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()

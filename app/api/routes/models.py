@@ -1,16 +1,30 @@
-"""The model registry (one version per succeeded job, names per tenant), native prediction, deletes."""
+"""The model registry (one version per succeeded job, names per tenant), its aliases, native prediction, export,
+deletes."""
 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query, Response
 
 from al.checkpoint import LoadedModel, ModelError, read_model_info
-from app.api.deps import AdminCaller, Caller, Core, CoreDep, PredictCaller, VersionPath, iso, remove_files
-from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
-from service.store import ModelRow
+from al.export import FORMATS, export_in_child
+from app.api.deps import (
+    AdminCaller,
+    AliasPath,
+    Caller,
+    Core,
+    CoreDep,
+    PredictCaller,
+    VersionPath,
+    iso,
+    remove_files,
+)
+from app.inference import Routes, draw
+from app.schemas import AliasPublic, AliasSet, ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
+from service.store import Alias, Conflict, Missing, ModelRow
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -20,16 +34,40 @@ def no_model(name: str, version: int | None = None) -> HTTPException:
     return HTTPException(404, f"no {which}; GET /v1/models lists the registered ones")
 
 
-def find_model(core: Core, caller: Caller, name: str,
-               version: int | None = None) -> tuple[ModelRow, LoadedModel]:
-    """The caller's registered model (latest version unless one is named), loaded; 404 if there is none."""
-    row = core.models.registered(caller.tenant, name, version)
+def no_alias(name: str, alias: str) -> HTTPException:
+    return HTTPException(404, f"model {name!r} has no alias {alias!r}; GET /v1/models/{name} lists its aliases")
+
+
+def find_model(core: Core, caller: Caller, name: str, version: int) -> tuple[ModelRow, LoadedModel]:
+    """The caller's registered model version, loaded; 404 if there is none."""
+    row = core.store.get_model(caller.tenant, name, version)
     if row is None:
         raise no_model(name, version)
     try:
         return row, core.models.get(row)
     except ModelError as e:  # its files were removed or damaged on disk
         raise HTTPException(503, f"model {name!r} version {row.version} cannot be loaded: {e}") from None
+
+
+def shares_of(name: str, routes: Routes, alias: str | None) -> dict[int, float]:
+    """The versions that may answer a request for `alias` of `name` (None: one that names no version), with
+    their shares; 404 if there are none."""
+    shares = routes.shares(alias)
+    if not shares:
+        raise no_model(name) if routes.latest is None else no_alias(name, alias)
+    return shares
+
+
+async def model_for(core: Core, caller: Caller, name: str,
+                    target: int | str | None) -> tuple[ModelRow, LoadedModel]:
+    """The model that answers this request for `target`: a version; an alias (a split's version drawn by its
+    shares); or neither, then the alias `default`, else the latest version. Resolved to a version here, before
+    the model cache and the batcher, which know versions only; the event loop is not blocked (ModelCache)."""
+    if isinstance(target, int):
+        version = target
+    else:
+        version = draw(shares_of(name, await core.models.routes(caller.tenant, name), target))
+    return await core.models.find(caller.tenant, name, version, lambda: find_model(core, caller, name, version))
 
 
 def version_public(core: Core, row: ModelRow) -> ModelVersionPublic:
@@ -49,44 +87,100 @@ def version_public(core: Core, row: ModelRow) -> ModelVersionPublic:
     )
 
 
-def model_public(core: Core, rows: list[ModelRow]) -> ModelPublic:
+def alias_public(alias: Alias) -> AliasPublic:
+    return AliasPublic(name=alias.name, alias=alias.alias, updated_at=iso(alias.updated_at),
+                       versions={str(version): share for version, share in alias.versions.items()})
+
+
+def model_public(core: Core, rows: list[ModelRow], aliases: list[Alias]) -> ModelPublic:
     return ModelPublic(name=rows[0].name, latest=max(r.version for r in rows),
-                       versions=[version_public(core, r) for r in rows])
+                       aliases=[alias_public(a) for a in aliases], versions=[version_public(core, r) for r in rows])
 
 
-@router.get("", response_model=list[ModelPublic], summary="Registered models and their versions")
+@router.get("", response_model=list[ModelPublic], summary="Registered models, their aliases and versions")
 def list_models(caller: PredictCaller, core: CoreDep) -> list[ModelPublic]:
     by_name: dict[str, list[ModelRow]] = {}
     for row in core.store.list_models(caller.tenant):
         by_name.setdefault(row.name, []).append(row)
-    return [model_public(core, rows) for rows in by_name.values()]
+    aliases: dict[str, list[Alias]] = {}
+    for alias in core.store.list_aliases(caller.tenant):
+        aliases.setdefault(alias.name, []).append(alias)
+    return [model_public(core, rows, aliases.get(name, [])) for name, rows in by_name.items()]
 
 
-@router.get("/{name}", response_model=ModelPublic, summary="One model's versions")
+@router.get("/{name}", response_model=ModelPublic, summary="One model's aliases and versions")
 def get_model(name: str, caller: PredictCaller, core: CoreDep) -> ModelPublic:
     rows = core.store.list_models(caller.tenant, name)
     if not rows:
         raise no_model(name)
-    return model_public(core, rows)
+    return model_public(core, rows, core.store.list_aliases(caller.tenant, name))
 
 
 @router.delete("/{name}/versions/{version}", status_code=204, summary="Delete a model version and its files",
-               responses={404: {"description": "no such model or version"}})
+               responses={404: {"description": "no such model or version"},
+                          409: {"description": "an alias points to it"}})
 def delete_model_version(name: str, version: VersionPath, caller: AdminCaller, core: CoreDep) -> None:
-    """Nothing holds a version back (no 409); it stops answering at once, and a queued job that fine-tunes it
+    """Only an alias holds a version back (409); it stops answering at once, and a queued job that fine-tunes it
     fails when it starts, saying so."""
-    row = core.store.delete_model(caller.tenant, name, version)
+    try:
+        row = core.store.delete_model(caller.tenant, name, version)
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
     if row is None:
         raise no_model(name, version)
     core.models.forget(row)
     remove_files(core.settings, core.settings.data_dir / row.path)
 
 
-async def model_for(core: Core, caller: Caller, name: str,
-                    version: int | None) -> tuple[ModelRow, LoadedModel]:
-    """find_model without blocking the event loop (ModelCache.find)."""
-    return await core.models.find(caller.tenant, name, version,
-                                     lambda: find_model(core, caller, name, version))
+def check_split(core: Core, name: str, rows: list[ModelRow]) -> None:
+    """A split's versions take the same input and answer the same classes, so that a client gets alike answers
+    whichever version is drawn; 422 naming the first difference."""
+    seen: tuple[int, dict] | None = None
+    for row in rows:
+        try:
+            info = read_model_info(core.settings.data_dir / row.path)
+        except ModelError as e:
+            raise HTTPException(422, f"versions: model {name!r} version {row.version} cannot be loaded: {e}") from None
+        fits = {"input_kind": info.input_kind, "input_shape": list(info.input_shape),
+                "classes": info.config["classes"]}
+        if seen is None:
+            seen = (row.version, fits)
+        differ = next((what for what in fits if fits[what] != seen[1][what]), None)
+        if differ is not None:
+            raise HTTPException(422, f"versions: model {name!r} versions {seen[0]} and {row.version} differ in "
+                                     f"{differ} ({str(seen[1][differ])[:80]} and {str(fits[differ])[:80]}); the "
+                                     "versions of a split must take the same input and answer the same classes")
+
+
+@router.put("/{name}/aliases/{alias}", response_model=AliasPublic,
+            summary="Point an alias at a version, or split it between versions by share",
+            responses={404: {"description": "no such model"},
+                       422: {"description": "a version it names does not exist, the shares do not sum to 1, the "
+                             "versions of a split differ in input or classes, or the alias is a number"}})
+def set_alias(name: str, alias: AliasPath, body: AliasSet, caller: AdminCaller, core: CoreDep) -> AliasPublic:
+    """The alias `default` answers the requests that name no version (native and v2); moving it back is a
+    rollback. A version an alias points to cannot be deleted."""
+    if alias.isdigit():
+        raise HTTPException(422, f"alias {alias!r} is a number, which v2 paths read as a version; give it a letter")
+    rows = {row.version: row for row in core.store.list_models(caller.tenant, name)}
+    if not rows:
+        raise no_model(name)
+    shares = body.shares()
+    check_split(core, name, [rows[version] for version in shares if version in rows])
+    try:
+        alias_set = core.store.set_alias(caller.tenant, name, alias, shares)
+    except Missing as e:  # not registered, or deleted since
+        raise HTTPException(422, f"versions: {e}; GET /v1/models/{name} lists its versions") from None
+    core.models.forget_routes(caller.tenant, name)
+    return alias_public(alias_set)
+
+
+@router.delete("/{name}/aliases/{alias}", status_code=204, summary="Delete an alias",
+               responses={404: {"description": "no such model or alias"}})
+def delete_alias(name: str, alias: AliasPath, caller: AdminCaller, core: CoreDep) -> None:
+    if not core.store.delete_alias(caller.tenant, name, alias):
+        raise no_model(name) if core.store.get_model(caller.tenant, name) is None else no_alias(name, alias)
+    core.models.forget_routes(caller.tenant, name)
 
 
 def named_classes(model: LoadedModel) -> bool:
@@ -103,9 +197,9 @@ def answers(model: LoadedModel, classes: list) -> tuple[list, list[str] | None]:
     return [index[c] for c in classes], [str(c) for c in classes]
 
 
-async def run_predict(core: Core, caller: Caller, name: str, version: int | None,
+async def run_predict(core: Core, caller: Caller, name: str, target: int | str | None,
                       body: PredictRequest) -> PredictResponse:
-    row, model = await model_for(core, caller, name, version)
+    row, model = await model_for(core, caller, name, target)
     texts = isinstance(body.inputs[0], str)
     try:
         x = body.inputs if texts else np.asarray(body.inputs, dtype=np.float32)
@@ -121,18 +215,55 @@ async def run_predict(core: Core, caller: Caller, name: str, version: int | None
                            model=row.name, version=row.version)
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, summary="Predict with the latest version",
-             responses={404: {"description": "no such model"}, 422: {"description": "inputs do not fit the model"}})
+PREDICT_ERRORS = {404: {"description": "no such model, version or alias"},
+                  422: {"description": "inputs do not fit the model"}}
+
+
+@router.post("/{name}/predict", response_model=PredictResponse, responses=PREDICT_ERRORS,
+             summary="Predict with the alias `default`, else the latest version")
 async def predict_latest(name: str, body: PredictRequest, caller: PredictCaller,
                          core: CoreDep) -> PredictResponse:
     """The AL inference path: encoders f_1..f_k, the bridge b_k, decoders h_k..h_1 (k = `depth`, default all);
-    with `exit_confidence`, each row stops at the first k whose top probability reaches it."""
+    with `exit_confidence`, each row stops at the first k whose top probability reaches it. `version` in the
+    answer says which version answered."""
     return await run_predict(core, caller, name, None, body)
 
 
 @router.post("/{name}/versions/{version}/predict", response_model=PredictResponse, summary="Predict with a version",
-             responses={404: {"description": "no such model or version"},
-                        422: {"description": "inputs do not fit the model"}})
+             responses=PREDICT_ERRORS)
 async def predict_version(name: str, version: VersionPath, body: PredictRequest, caller: PredictCaller,
                           core: CoreDep) -> PredictResponse:
     return await run_predict(core, caller, name, version, body)
+
+
+@router.get("/{name}/versions/{version}/export", response_class=Response,
+            summary="A version's inference path as a file for other runtimes (ONNX)",
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "the file, as an attachment"},
+                       404: {"description": "no such model or version"},
+                       422: {"description": "an unknown format, or a depth the model does not have"}})
+def export_version(name: str, version: VersionPath, caller: PredictCaller, core: CoreDep,
+                   format: Annotated[str, Query(description=f"the file's format: {', '.join(FORMATS)}")],
+                   depth: Annotated[int | None, Query(description="the path's depth k (default: the full one)")] = None
+                   ) -> Response:
+    """f_1..f_k -> b_k -> h_k..h_1 as ONNX with a dynamic batch axis: raw input in (a text model's token ids,
+    from its tokenizer.json), the probabilities predict answers out, the class names in its metadata
+    (al/export.py). Exported on request, in a child process, one at a time."""
+    row = core.store.get_model(caller.tenant, name, version)
+    if row is None:
+        raise no_model(name, version)
+    try:
+        exported = export_in_child(core.settings.data_dir / row.path, format, depth)
+    except ModelError as e:  # its files were removed or damaged on disk
+        raise HTTPException(503, f"model {name!r} version {version} cannot be loaded: {e}") from None
+    except ValueError as e:  # the format or the depth
+        raise HTTPException(422, str(e)) from None
+    filename = f"{name}-{version}-depth{exported.depth}{exported.suffix}"  # names are [A-Za-z0-9._-]
+    return Response(exported.content, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.post("/{name}/aliases/{alias}/predict", response_model=PredictResponse, responses=PREDICT_ERRORS,
+             summary="Predict with the version an alias points to (a split's: drawn by share, per request)")
+async def predict_alias(name: str, alias: AliasPath, body: PredictRequest, caller: PredictCaller,
+                        core: CoreDep) -> PredictResponse:
+    return await run_predict(core, caller, name, alias, body)

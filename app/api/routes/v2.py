@@ -10,7 +10,7 @@ import math
 from typing import Annotated, NamedTuple
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from al import __version__
 from al.data import TEXT
 from al.data.text import as_texts
-from app.api.deps import Caller, Core, CoreDep, PredictCaller, VersionPath, public, require
-from app.api.routes.models import answers, find_model, model_for, named_classes
+from app.api.deps import MAX_VERSION, Caller, Core, CoreDep, PredictCaller, public, require
+from app.api.routes.models import answers, find_model, model_for, named_classes, shares_of
 from app.schemas import (
     V2Error,
     V2InferInput,
@@ -30,6 +30,7 @@ from app.schemas import (
     V2Tensor,
     V2TensorMetadata,
 )
+from service.jobspec import NAME_PATTERN
 
 PLATFORM = "pytorch_associated_learning"
 # Triton's binary tensor data extension: little-endian values, back to back, in the order of the inputs.
@@ -62,10 +63,30 @@ def server_metadata() -> V2ServerMetadata:
     return V2ServerMetadata(name="associated-learning", version=__version__, extensions=[])
 
 
-def metadata(core: Core, caller: Caller, name: str, version: int | None) -> V2ModelMetadata:
-    row, model = find_model(core, caller, name, version)
-    versions = ([str(r.version) for r in core.store.list_models(caller.tenant, name)] if version is None
-                else [str(version)])
+def target_of(version: str) -> int | str:
+    """A path's version: a number is a version (400 outside the versions' range, as a bad path is), anything
+    else an alias."""
+    if not version.isdigit():
+        return version
+    if not 1 <= int(version) <= MAX_VERSION:
+        raise HTTPException(400, f"version {version}: a version is a number from 1 to {MAX_VERSION}")
+    return int(version)
+
+
+def shares_now(core: Core, caller: Caller, name: str, target: int | str | None) -> dict[int, float]:
+    """The versions that may answer a request for `target`, as the store has them now; 404 if none."""
+    if isinstance(target, int):
+        return {target: 1.0}
+    return shares_of(name, core.models.read_routes(caller.tenant, name), target)
+
+
+def metadata(core: Core, caller: Caller, name: str, target: int | str | None) -> V2ModelMetadata:
+    """A version's metadata; an alias's lists the versions it points to, and describes the one with the largest
+    share (a split's versions take the same input and answer the same classes)."""
+    shares = shares_now(core, caller, name, target)
+    row, model = find_model(core, caller, name, next(iter(shares)))
+    versions = [str(r.version) for r in core.store.list_models(caller.tenant, name)] if target is None else [
+        str(version) for version in shares]
     named = named_classes(model)
     class_type = "INT64" if named or all(isinstance(c, int) for c in model.classes) else "BYTES"
     text = model.input_kind == TEXT
@@ -194,8 +215,9 @@ def parameter(body: V2InferRequest, name: str, valid, what: str):
     return value
 
 
-async def infer(core: Core, caller: Caller, name: str, version: int | None, decoded: InferBody) -> V2InferResponse:
-    row, model = await model_for(core, caller, name, version)
+async def infer(core: Core, caller: Caller, name: str, target: int | str | None,
+                decoded: InferBody) -> V2InferResponse:
+    row, model = await model_for(core, caller, name, target)
     body, tensor, x = decoded.request, decoded.request.inputs[0], decoded.x
     depth = parameter(body, "depth", lambda v: isinstance(v, int), "an integer")
     exit_confidence = parameter(body, "exit_confidence", lambda v: isinstance(v, int | float) and 0 <= v <= 1,
@@ -229,27 +251,41 @@ async def infer(core: Core, caller: Caller, name: str, version: int | None, deco
                            outputs=[outputs[w] for w in wanted])
 
 
-@router.get("/models/{name}", response_model=V2ModelMetadata, summary="Model metadata (latest version)")
+# In place of a version number, a path may name an alias of the model.
+VersionOrAlias = Annotated[str, Path(pattern=NAME_PATTERN, description="a version of the model, or an alias")]
+
+
+@router.get("/models/{name}", response_model=V2ModelMetadata,
+            summary="Model metadata (of what answers unversioned requests: the alias `default`, else the latest)")
 def model_metadata(name: str, caller: PredictCaller, core: CoreDep) -> V2ModelMetadata:
     return metadata(core, caller, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, summary="Model version metadata")
-def model_version_metadata(name: str, version: VersionPath, caller: PredictCaller,
+@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata,
+            summary="Model version (or alias) metadata")
+def model_version_metadata(name: str, version: VersionOrAlias, caller: PredictCaller,
                            core: CoreDep) -> V2ModelMetadata:
-    return metadata(core, caller, name, version)
+    return metadata(core, caller, name, target_of(version))
+
+
+def check_ready(core: Core, caller: Caller, name: str, target: int | str | None) -> None:
+    """Every version that may answer a request for `target` loads; else 404 or 503 (find_model)."""
+    for version in shares_now(core, caller, name, target):
+        find_model(core, caller, name, version)
 
 
 @router.get("/models/{name}/ready", summary="The model is loaded and can infer")
 def model_ready(name: str, caller: PredictCaller, core: CoreDep) -> dict:
-    find_model(core, caller, name)
+    check_ready(core, caller, name, None)
     return {"name": name, "ready": True}
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="The model version is loaded and can infer")
-def model_version_ready(name: str, version: VersionPath, caller: PredictCaller, core: CoreDep) -> dict:
-    find_model(core, caller, name, version)
-    return {"name": name, "version": str(version), "ready": True}
+@router.get("/models/{name}/versions/{version}/ready",
+            summary="The model version (or every version of the alias) is loaded and can infer")
+def model_version_ready(name: str, version: VersionOrAlias, caller: PredictCaller, core: CoreDep) -> dict:
+    target = target_of(version)
+    check_ready(core, caller, name, target)
+    return {"name": name, "version": str(target), "ready": True}
 
 
 # The infer routes read their body themselves (infer_body), after the caller's scope is decided; OpenAPI
@@ -270,13 +306,14 @@ def describe_infer_body(schema: dict) -> None:
 
 # Unset optional fields (id, parameters) are left out rather than sent as null, as the protocol shows them.
 @router.post("/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True,
-             summary="Infer with the latest version", openapi_extra=INFER_BODY)
+             summary="Infer with the alias `default`, else the latest version", openapi_extra=INFER_BODY)
 async def model_infer(name: str, caller: PredictCaller, core: CoreDep, body: InferBodyDep) -> V2InferResponse:
     return await infer(core, caller, name, None, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
-             response_model_exclude_none=True, summary="Infer with a version", openapi_extra=INFER_BODY)
-async def model_version_infer(name: str, version: VersionPath, caller: PredictCaller, core: CoreDep,
+             response_model_exclude_none=True, summary="Infer with a version, or an alias (a split's version is "
+             "drawn by share, per request; `model_version` says which answered)", openapi_extra=INFER_BODY)
+async def model_version_infer(name: str, version: VersionOrAlias, caller: PredictCaller, core: CoreDep,
                               body: InferBodyDep) -> V2InferResponse:
-    return await infer(core, caller, name, version, body)
+    return await infer(core, caller, name, target_of(version), body)

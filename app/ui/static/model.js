@@ -1,16 +1,18 @@
 "use strict";
 // A model's try-it panel: draw a digit (image models), type a row of raw values or (text models) a text, then
-// predict once per depth to see where the shortcut paths agree with the full one.
+// predict once per depth to see where the shortcut paths agree with the full one. It predicts with an alias (a
+// split's version drawn per request, so each row says which version answered) or a version.
 (() => {
   const { el } = AL;
-  const { name, versions } = AL.pageData();
+  const { versions, choices } = AL.pageData();
   const select = document.getElementById("version");
   const inputs = document.getElementById("inputs");
   const pad = document.getElementById("pad");
   const preview = document.getElementById("preview");
   const ink = pad.getContext("2d", { willReadFrequently: true });
   const SUPERSAMPLE = 8;
-  let version = null;
+  let choice = null;
+  let version = null;  // the chosen version, or the alias's version with the largest share (a split's take one input)
   const isText = () => version.input_kind === "text";
 
   function clear() {
@@ -20,7 +22,8 @@
   }
 
   function choose() {
-    version = versions.find((v) => String(v.version) === select.value);
+    choice = choices[Number(select.value)];
+    version = versions.find((v) => v.version === choice.version);
     document.getElementById("input-help").textContent = isText()
       ? `Input: a text (the model reads its first ${version.features} tokens; the rest is cut)`
       : `Input: ${version.features} raw values, comma-separated`;
@@ -122,12 +125,14 @@
     // Where the classes have names, `predictions` holds indices and `labels` the names.
     const predictedOf = (answer) => (answer.labels ? answer.labels[0] : String(answer.predictions[0]));
     const full = predictedOf(answers[answers.length - 1]);
-    table.tHead.replaceChildren(el("tr", {}, el("th", { text: "depth" }), el("th", { text: "prediction" }),
-      el("th", { text: "agrees with full" }), ...classes.map((c) => el("th", { text: c }))));
+    table.tHead.replaceChildren(el("tr", {}, el("th", { text: "depth" }), el("th", { text: "version" }),
+      el("th", { text: "prediction" }), el("th", { text: "agrees with full" }),
+      ...classes.map((c) => el("th", { text: c }))));
     table.tBodies[0].replaceChildren(...answers.map((answer, i) => {
       const predicted = predictedOf(answer);
       return el("tr", { "data-depth": i + 1 },
         el("td", { text: i + 1 === answers.length ? `${i + 1} (full)` : String(i + 1) }),
+        el("td", { class: "answered-by", text: String(answer.version) }),
         el("td", { class: "prediction", text: predicted }),
         el("td", { text: predicted === full ? "yes" : "no" }),
         ...answer.probabilities[0].map((p, j) => el("td", {
@@ -144,10 +149,10 @@
     if (!isText() && row.some(Number.isNaN)) {
       return AL.showError(error, new Error("the input holds something that is not a number"));
     }
-    const path = `/v1/models/${encodeURIComponent(name)}/versions/${version.version}/predict`;
-    const depths = Array.from({ length: version.depth }, (_, i) => i + 1);
+    const depths = Array.from({ length: choice.depth }, (_, i) => i + 1);
     try {
-      probabilityTable(await Promise.all(depths.map((depth) => AL.api("POST", path, { inputs: [row], depth }))));
+      const ask = (depth) => AL.api("POST", choice.path, { inputs: [row], depth });
+      probabilityTable(await Promise.all(depths.map(ask)));
       AL.showError(error, null);
     } catch (e) {
       AL.showError(error, e);

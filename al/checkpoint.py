@@ -75,6 +75,7 @@ def model_config_json(
     encoding: Normalization | TextEncoding,
     dataset: str,
     dataset_fingerprint: str,
+    init_from: dict | None = None,
 ) -> dict:
     from al import __version__
 
@@ -85,6 +86,7 @@ def model_config_json(
         "preset": preset,
         "dataset": dataset,
         "dataset_fingerprint": dataset_fingerprint,
+        "init_from": init_from,  # lineage: the trained model this one started from (RunConfig.init_from)
         "input_kind": TEXT if text else TENSOR,
         "input_shape": list(input_shape),
         "classes": list(classes),
@@ -93,6 +95,28 @@ def model_config_json(
         "model": dataclasses.asdict(model_cfg),
         "training": dataclasses.asdict(train_cfg),
     }
+
+
+def check_same_data(model_config: dict, input_kind: str, input_shape: tuple[int, ...], classes: list) -> None:
+    """A dataset that a run starting from a trained model (its config.json) can train on: the inputs that the model
+    reads, and its classes (as many, the same values or names, in its order); ValueError names what differs."""
+    kind = model_config.get("input_kind", TENSOR)
+    words = {TEXT: "texts", TENSOR: "numbers"}
+    if input_kind != kind:
+        raise ValueError(f"the dataset holds {words[input_kind]}, the model reads {words[kind]}")
+    if kind == TENSOR and list(input_shape) != list(model_config["input_shape"]):
+        raise ValueError(f"the dataset's samples have shape {list(input_shape)}, the model reads shape "
+                         f"{list(model_config['input_shape'])}")
+    own = list(model_config["classes"])
+    if len(classes) != len(own):
+        raise ValueError(f"the dataset has {len(classes)} classes ({_listed(classes)}), the model {len(own)} "
+                         f"({_listed(own)}): a run that starts from it keeps its classes")
+    if list(classes) != own:
+        raise ValueError(f"the dataset's classes ({_listed(classes)}) are not the model's ({_listed(own)})")
+
+
+def _listed(values: list, most: int = 10) -> str:
+    return ", ".join(map(repr, values[:most])) + (", ..." if len(values) > most else "")
 
 
 def save_model(directory: str | os.PathLike, net: ALNet, config: dict, history: list[dict],

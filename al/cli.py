@@ -50,11 +50,11 @@ EXIT_CONFIDENCE_HELP = ("early exit: a sample stops at the first depth (up to --
                         "reaches X (0..1)")
 
 
-def _widths(text: str) -> list[int]:
+def _integers(text: str) -> list[int]:
     try:
         return [int(w) for w in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -66,7 +66,8 @@ def _emit(result: dict, as_json: bool) -> None:
 
 
 def cmd_train(args) -> None:
-    from al.config import make_config
+    from al.checkpoint import read_model_info
+    from al.config import from_spec
     from al.run import train
 
     model = {
@@ -104,8 +105,13 @@ def cmd_train(args) -> None:
         "queue_depth": args.queue_depth,
         "stage_threads": args.stage_threads,
     }
+    spec = {"preset": args.preset, "model": model, "training": training, "train_components": args.train_components}
+    init_model = None
+    if args.init_from is not None:
+        init_model = read_model_info(args.init_from).config
+        spec["init_from"] = {"directory": str(Path(args.init_from).resolve())}  # the new model's lineage
     callbacks = [] if args.quiet else [ProgressBar()]
-    result = train(args.dataset, args.out, make_config(args.preset, model, training), callbacks, resume=args.resume)
+    result = train(args.dataset, args.out, from_spec(spec, init_model), callbacks, resume=args.resume)
     if result["status"] != "stage worker":  # a torchrun rank > 0 trains a stage and writes no model
         result = {**result, "model": str(args.out)}
     _emit(result, args.json)
@@ -177,14 +183,14 @@ def add_train(sub) -> None:
     p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist, kmnist, or a .npz/.csv file "
                    "(a CSV with a text column holds texts, for --arch lstm or transformer)")
     p.add_argument("--arch", choices=ARCHS, default=None)
-    p.add_argument("--widths", type=_widths, default=None, help="encoder widths/channels, e.g. 512,512 (lstm: hidden "
+    p.add_argument("--widths", type=_integers, default=None, help="encoder widths/channels, e.g. 512,512 (lstm: hidden "
                    "units per direction of each layer; transformer: feed-forward width of each layer)")
     p.add_argument("--target-width", type=int, default=None, help="n, the width of t_i")
     p.add_argument("--bridge-pool", type=int, default=None, help="conv maps: pool to PxP before the bridge")
     p.add_argument("--h1-loss", choices=("mse", "ce"), default=None)
     p.add_argument("--bridge-convs", type=int, choices=(0, 1, 2), default=None,
                    help="conv maps: conv layers in each bridge before the pooling")
-    p.add_argument("--target-widths", type=_widths, default=None, help="the width of each t_i, e.g. 64,128")
+    p.add_argument("--target-widths", type=_integers, default=None, help="the width of each t_i, e.g. 64,128")
     p.add_argument("--init", choices=INITS, default=None, help="initial weights (default he_normal, as R1)")
     p.add_argument("--embedding-dim", type=int, default=None, help="lstm, transformer: width of the token embeddings")
     p.add_argument("--heads", type=int, default=None, help="transformer: attention heads of each layer")
@@ -215,6 +221,12 @@ def add_train(sub) -> None:
     p.add_argument("--stages", default=None, help="components per stage, e.g. 0-1,2-3 (default: balanced by time)")
     p.add_argument("--queue-depth", type=int, default=None, help="mini-batches waiting between stages (default 2)")
     p.add_argument("--stage-threads", type=int, default=None, help="CPU threads per stage (default: cores shared)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the trained model in DIR: its weights, architecture, method and input encoding, "
+                   "on a dataset of the same input shape and classes (training settings come from this command)")
+    p.add_argument("--train-components", type=_integers, default=None, metavar="K,...",
+                   help="with --init-from: train only these components, numbered from 1 (e.g. 3,4); the others stay "
+                   "frozen (default: all train)")
     p.add_argument("--out", default="model", help="model directory (default: ./model)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

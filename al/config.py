@@ -162,6 +162,11 @@ class TrainConfig:
     stage_threads: int | None = setting(None, "CPU threads per stage (default: the cores shared out)", ge=1, le=256)
     stage_timeout: float = setting(300.0, "seconds a stage waits for a message before the run fails", gt=0,
                                    le=86400)
+    # Fine-tuning (issue 23): a run that starts from a trained model (RunConfig.init_from) may train some components.
+    train_components: list[int] | None = setting(
+        None, "AL, starting from a trained model (init_from): the components that train, numbered from 1 as depths "
+        "are (component k holds f_k, b_k, g_k, h_k); the others stay frozen and cost a forward pass each "
+        "(default: all train)", ge=1, le=MAX_COMPONENTS, items=(1, MAX_COMPONENTS))
 
 
 # Where a run computes, not what it computes: a run may resume with other values of these.
@@ -192,11 +197,15 @@ PRESETS: dict[str, Preset] = {
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs besides its data: the preset it started from, the network, the training."""
+    """Everything a training run needs besides its data: the preset it started from, the network, the training,
+    and the trained model it starts from, if any."""
 
     preset: str
     model: ModelConfig
     training: TrainConfig
+    # The trained model whose weights the run starts from, as the new model's config.json names it (its lineage):
+    # {"directory": ...} (al train --init-from) or {"model": name, "version": v} (a service job). None: fresh weights.
+    init_from: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,19 +219,21 @@ class RunConfig:
             preset = values["preset"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a stored run configuration ({type(e).__name__}: {e})") from None
-        validate(model, training)
-        return cls(preset, model, training)
+        init_from = values.get("init_from")  # stored before fine-tuning came: none
+        validate(model, training, init_from)
+        return cls(preset, model, training, init_from)
 
 
-def make_config(preset: str = "default", model: dict | None = None, training: dict | None = None) -> RunConfig:
+def make_config(preset: str = "default", model: dict | None = None, training: dict | None = None,
+                init_from: dict | None = None) -> RunConfig:
     """The preset's values, then the caller's (None values are ignored); ValueError names what is wrong."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     model_cfg = _make(ModelConfig, {**chosen.model, **_given(model)}).resolved()
     train_cfg = _make(TrainConfig, {**chosen.train, **_given(training)})
-    validate(model_cfg, train_cfg)
-    return RunConfig(preset, model_cfg, train_cfg)
+    validate(model_cfg, train_cfg, init_from)
+    return RunConfig(preset, model_cfg, train_cfg, init_from)
 
 
 # A job spec's `pipeline` section: its `mode` is TrainConfig.pipeline, the rest are TrainConfig's fields by name.
@@ -230,12 +241,16 @@ PIPELINE_SECTION = {"mode": "pipeline", "devices": "devices", "stages": "stages"
                     "stage_threads": "stage_threads", "stage_timeout": "stage_timeout"}
 
 
-def from_spec(spec: dict) -> RunConfig:
-    """The RunConfig of a job spec `{"preset", "method", "model": {...}, "training": {...}, "pipeline": {...}}`
-    (every part optional): the one reading of that shape, for the command line, studies and the service."""
+def from_spec(spec: dict, init_model: dict | None = None) -> RunConfig:
+    """The RunConfig of a job spec `{"preset", "method", "model": {...}, "training": {...}, "pipeline": {...},
+    "init_from": {...}, "train_components": [...]}` (every part optional): the one reading of that shape, for the
+    command line, studies and the service. A spec with `init_from` (the lineage of a trained model) needs that
+    model's config.json as `init_model`: the run keeps its architecture and method."""
     training = dict(spec.get("training") or {})
     if spec.get("method"):
         training["method"] = spec["method"]
+    if spec.get("train_components") is not None:
+        training["train_components"] = spec["train_components"]
     pipeline = {k: v for k, v in (spec.get("pipeline") or {}).items() if v is not None}
     unknown = sorted(set(pipeline) - set(PIPELINE_SECTION))
     if unknown:
@@ -253,7 +268,28 @@ def from_spec(spec: dict) -> RunConfig:
             training["device"] = devices[0]
     else:
         training.update({PIPELINE_SECTION[k]: v for k, v in pipeline.items()})
-    return make_config(spec.get("preset") or "default", spec.get("model"), training)
+    model = spec.get("model")
+    if spec.get("init_from") is not None:
+        if init_model is None:  # a study's base, say: only a single run starts from a trained model
+            raise ValueError("init_from: only a single run (al train --init-from, a job) starts from a trained model")
+        model = _starting_architecture(init_model, model, training)
+    return make_config(spec.get("preset") or "default", model, training, spec.get("init_from"))
+
+
+def _starting_architecture(init_model: dict, model: dict | None, training: dict) -> dict:
+    """The architecture of a run that starts from a trained model (its config.json `init_model`): the model's own,
+    and its method (set in `training`); ValueError if the spec asks for others."""
+    given = sorted(_given(model))
+    if given:
+        raise ValueError(f"a run that starts from a trained model (init_from) keeps its architecture: leave out "
+                         f"model {', '.join(given)}")
+    method = init_model["method"]
+    if training.get("method") is None:
+        training["method"] = method
+    if training["method"] != method:
+        raise ValueError(f"method: the model it starts from (init_from) was trained with {method}, and a run that "
+                         f"starts from it trains with {method} too")
+    return init_model["model"]
 
 
 def _given(values: dict | None) -> dict:
@@ -297,7 +333,7 @@ def _check_value(name: str, value, limits: Limits) -> None:
         raise ValueError(f"{name} {value!r} is not of the form {limits.pattern}")
 
 
-def validate(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+def validate(model_cfg: ModelConfig, train_cfg: TrainConfig, init_from: dict | None = None) -> None:
     """Each field's limits, then what holds across fields."""
     check_limits(model_cfg)
     check_limits(train_cfg)
@@ -311,6 +347,22 @@ def validate(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
                          f"({model_cfg.embedding_dim})")
     if train_cfg.pipeline != "sequential" and train_cfg.method != "al":
         raise ValueError("pipelining is for AL only: BP's backward pass locks every layer until the loss is known")
+    if train_cfg.train_components is not None:
+        check_train_components(train_cfg.train_components, component_count(model_cfg), train_cfg.method, init_from)
+
+
+def check_train_components(components: list[int], depth: int, method: str, init_from: dict | None) -> None:
+    if init_from is None:
+        raise ValueError("train_components freezes the other components of a trained model: name the model to "
+                         "start from (init_from)")
+    if method != "al":
+        raise ValueError("train_components is for AL: BP trains the whole network from one loss")
+    outside = sorted({k for k in components if k > depth})
+    if outside:
+        raise ValueError(f"train_components {outside} out of range: the model has {depth} components, numbered "
+                         f"1 to {depth}")
+    if len(set(components)) != len(components):
+        raise ValueError(f"train_components {components} names a component twice")
 
 
 def component_count(model_cfg: ModelConfig) -> int:

@@ -54,11 +54,13 @@ def adam(params, lr: float) -> torch.optim.Adam:
 
 
 class ComponentTrainer:
-    """One component with its two optimizers: f/b learn from A_i, g/h from R_i."""
+    """One component with its two optimizers: f/b learn from A_i, g/h from R_i. A frozen component (not in
+    train_components) only passes each mini-batch on."""
 
     def __init__(self, component: Component, index: int, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self.component = component
         self.first = index == 0
+        self.frozen = train_cfg.train_components is not None and index + 1 not in train_cfg.train_components
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
         lr = scaled_lr(train_cfg)
         encoder, bridge = [*component.encoder.parameters()], [*component.bridge.parameters()]
@@ -81,6 +83,8 @@ class ComponentTrainer:
         """Train on one mini-batch at `lr_factors` (f/b, g/h: see `lr_factors`); returns (sg(s_i), sg(t_i), A_i,
         R_i) for the next component."""
         cfg = self.train_cfg
+        if self.frozen:
+            return self.forward(s_prev, t_prev, labels)
         for optimizer, bases, factor in ((self.encoder_optimizer, self.encoder_lrs, lr_factors[0]),
                                          (self.target_optimizer, self.target_lrs, lr_factors[1])):
             for group, base in zip(optimizer.param_groups, bases):
@@ -95,6 +99,17 @@ class ComponentTrainer:
         self.encoder_optimizer.step()
         self.target_optimizer.step()
         return s.detach(), t.detach(), associated.detach(), autoencoder.detach()
+
+    @torch.no_grad()
+    def forward(self, s_prev, t_prev, labels):
+        """A frozen component's step: its local forward pass as at inference (batch norm reads its running
+        statistics and leaves them as they are), for s_i, t_i and its losses; no backward, no optimizer step."""
+        self.component.eval()
+        try:
+            return self.component.local_losses(s_prev, t_prev, labels, self.first, self.model_cfg.h1_loss,
+                                               self.train_cfg.detach_target)
+        finally:
+            self.component.train()
 
 
 def train_components(trainers: list[ComponentTrainer], s, t, labels, lr_factors: tuple[float, float]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,12 +13,14 @@ import torch
 from al.checkpoint import (
     CONFIG,
     TRAINING_STATE,
+    LoadedModel,
+    check_same_data,
     load_model,
     model_config_json,
     read_metrics,
     save_model,
 )
-from al.config import PLACEMENT, TEXT_ARCHS, RunConfig
+from al.config import PLACEMENT, TEXT_ARCHS, ModelConfig, RunConfig
 from al.data import TENSOR, TEXT, TEXT_COLUMN, DataError, Dataset, load_dataset, prepare_splits
 from al.model import build_network
 from al.pipeline import ProcessesRunner, pipeline_runner
@@ -52,6 +55,8 @@ def run_changes(saved: dict, config: dict) -> list[str]:
     changed = ["method"] if saved["method"] != config["method"] else []
     if saved.get("dataset_fingerprint") != config["dataset_fingerprint"]:
         changed.append("the dataset")
+    if saved.get("init_from") != config["init_from"]:
+        changed.append("init_from")
     changed += [f"model.{key}" for key in config["model"] if saved["model"].get(key) != config["model"][key]]
     changed += [f"training.{key}" for key in config["training"]
                 if key not in PLACEMENT and saved["training"].get(key) != config["training"][key]]
@@ -66,19 +71,25 @@ def train(
     resume: bool = False,
     may_save: Callable[[], bool] = lambda: True,
     saved: Callable[[], None] = lambda: None,
+    init_dir: str | Path | None = None,
 ) -> dict:
     """Train a model of `config` (al.config.make_config or from_spec) into `out_dir`; with `resume`, continue
     from its checkpoint if there is one. Each save first asks `may_save()` (a worker whose lease was lost must
-    not overwrite its successor's checkpoint), and then calls `saved()`."""
+    not overwrite its successor's checkpoint), and then calls `saved()`. A config with `init_from` starts from
+    that trained model's weights and input encoding: the model in `init_dir` (default: the directory that
+    init_from names, as `al train --init-from` gives it)."""
     model_cfg, train_cfg = config.model, config.training
     data = load_for(model_cfg.arch, dataset, model_cfg.text_column)
+    start = starting_model(config, init_dir, data)
     out = Path(out_dir)
     torch.manual_seed(train_cfg.seed)
-    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed, model_cfg.vocab_size, model_cfg.max_tokens)
+    splits = prepare_splits(data, train_cfg.val_fraction, train_cfg.seed, model_cfg.vocab_size, model_cfg.max_tokens,
+                            start.encoding if start else None)
     input_shape = tuple(splits.train_x.shape[1:])  # a text model's: token ids
-    net = build_network(model_cfg, input_shape, data.num_classes, train_cfg.method)
+    net = start.net if start else build_network(model_cfg, input_shape, data.num_classes, train_cfg.method)
     config_json = model_config_json(
         model_cfg, train_cfg, config.preset, input_shape, data.classes, splits.encoding, data.name, data.fingerprint(),
+        config.init_from,
     )
     runner = pipeline_runner(train_cfg)
     callbacks = [*callbacks, SaveEachEpoch(out, config_json, may_save, saved, splits.encoding.files())]
@@ -96,6 +107,25 @@ def train(
     if isinstance(runner, ProcessesRunner) and runner.is_worker:
         return runner.serve(trainer.work)  # a torchrun rank > 0 trains its stage; rank 0 does all else
     return trainer.fit()
+
+
+def starting_model(config: RunConfig, directory: str | Path | None, data: Dataset) -> LoadedModel | None:
+    """The trained model that config.init_from names, loaded from `directory` (default: the directory init_from
+    names), if the run keeps its architecture and method and `data` fits it; ValueError names what does not."""
+    if config.init_from is None:
+        return None
+    directory = directory or config.init_from.get("directory")
+    if directory is None:
+        raise ValueError(f"init_from {config.init_from} names a registered model: train() needs its directory")
+    model = load_model(directory)
+    theirs = dataclasses.asdict(ModelConfig(**model.config["model"]))
+    differ = [f"model.{k}" for k, v in dataclasses.asdict(config.model).items() if theirs[k] != v]
+    differ += ["method"] if model.config["method"] != config.training.method else []
+    if differ:
+        raise ValueError(f"init_from: the model in {directory} differs from this run in {', '.join(differ)}; a run "
+                         "that starts from a trained model keeps its architecture and method")
+    check_same_data(model.config, data.input_kind, data.input_shape, data.classes)
+    return model
 
 
 def load_for(arch: str, dataset: str | Dataset, text_column: str) -> Dataset:

@@ -208,6 +208,12 @@ class ModelVersionPublic(BaseModel):
     parameters: int | None = Field(None, description="trainable and buffer values in its weights")
     test_accuracy: float | None = Field(None, description="accuracy on the dataset's test split after the last "
                                         "epoch")
+    init_from: dict | None = Field(None, description="its lineage: the version it was fine-tuned from "
+                                   "({\"model\", \"version\"}, and the \"alias\" the job named it by, if any; a "
+                                   "model trained with al train --init-from: {\"directory\"}), none if it was "
+                                   "trained from fresh weights")
+    train_components: list[int] | None = Field(None, description="fine-tuned: the components that trained (the "
+                                               "others kept the weights of init_from); none: all")
 
 
 class AliasPublic(BaseModel):

@@ -17,13 +17,14 @@ def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks; results go to --results-dir and --report")
     p.set_defaults(func=run_benchmark)
     kinds = p.add_subparsers(dest="bench", required=True)
-    for add_parser in (add_accuracy, add_time_to_accuracy, add_early_exit, add_serve, add_pipeline, add_hosts):
+    for add_parser in (add_accuracy, add_time_to_accuracy, add_early_exit, add_serve, add_pipeline, add_hosts,
+                       add_fine_tune):
         add_parser(kinds, common)
 
 
 def run_benchmark(args) -> None:
     """The benchmark that `al bench KIND` names."""
-    from benchmarks import accuracy, early_exit, pipeline, pipeline_hosts, serve, time_to_accuracy
+    from benchmarks import accuracy, early_exit, fine_tune, pipeline, pipeline_hosts, serve, time_to_accuracy
 
     benchmark = {
         "accuracy": accuracy.bench_accuracy,
@@ -32,6 +33,7 @@ def run_benchmark(args) -> None:
         "serve": serve.bench_serve,
         "pipeline": pipeline.bench_pipeline,
         "hosts": pipeline_hosts.bench_hosts,
+        "fine-tune": fine_tune.bench_fine_tune,
     }[args.bench]
     benchmark(args)
 
@@ -118,6 +120,30 @@ def add_hosts(kinds, common) -> None:
                          "machine (needs root)")
     add_case_arguments(p)
     p.add_argument("--hosts", type=int, default=2, help="hosts, one stage each (default 2)")
+
+
+def add_fine_tune(kinds, common) -> None:
+    p = kinds.add_parser("fine-tune", parents=[common],
+                         help="a model trained on half the classes' rows, adapted with the other half (or every "
+                         "row) by training its top component only against all: time and accuracy")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--samples", type=int, default=None, help="the first N training rows (default: all)")
+    p.add_argument("--arch", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--depth", type=int, default=3, help="components (default 3)")
+    p.add_argument("--mlp-width", type=int, default=512)
+    p.add_argument("--preset", default="lean")
+    p.add_argument("--base-epochs", type=int, default=5, help="epochs of the base model (default 5)")
+    p.add_argument("--adapt-epochs", type=int, default=3, help="epochs of each adaptation (default 3)")
+    p.add_argument("--adapt-rows", nargs="+", choices=("new", "all"), default=["new", "all"],
+                   help="adapt with the rows of the other half of the classes (new), or with every row (all)")
+    p.add_argument("--adapt-components", nargs="+", default=["top", "1", "all"],
+                   help="the components each adaptation trains: top, all, or a list numbered from 1 (top: the last), "
+                   "e.g. 1,2 (default: top 1 all)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every run (default: the preset's)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
 
 
 def add_case_arguments(p) -> None:

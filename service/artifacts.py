@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from al.checkpoint import MODEL_FILES, TRAINING_STATE, replace_atomically
+from al.checkpoint import MODEL_FILES, OPTIONAL_MODEL_FILES, TRAINING_STATE, replace_atomically
 from service.settings import Settings
 
 # Top folders of the keys, and the characters of a key's parts: what the API's routes accept, nothing
@@ -82,6 +82,9 @@ def job_key(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{name}"
 
 
+STARTING_MODEL = "init_from"  # the folder, in a job's folder on a worker host, of the version it fine-tunes
+
+
 class LocalArtifacts:
     """This host's data directory is the store: every method finds the file where it already is."""
 
@@ -93,6 +96,10 @@ class LocalArtifacts:
 
     def dataset(self, key: str, sha256: str | None) -> Path:
         """An uploaded dataset's file on this host."""
+        return self.path(key)
+
+    def model(self, key: str, job_id: str) -> Path:
+        """A registered version's files on this host, for job `job_id`, which starts from them."""
         return self.path(key)
 
     def pull_job(self, job_id: str) -> None:
@@ -137,6 +144,16 @@ class HttpArtifacts(LocalArtifacts):
         else:
             self._fetch(key, cached, sha256)
         return cached
+
+    def model(self, key: str, job_id: str) -> Path:
+        # A copy in the job's folder, which goes with it (service/cache.py); a version's files never change.
+        copy = self.path(job_key(job_id, STARTING_MODEL))
+        for name in MODEL_FILES:
+            self._fetch(f"{key}/{name}", copy / name)
+        for name in OPTIONAL_MODEL_FILES:
+            if not self._fetch(f"{key}/{name}", copy / name, missing_ok=True):
+                (copy / name).unlink(missing_ok=True)
+        return copy
 
     def pull_job(self, job_id: str) -> None:
         # Files an earlier attempt left on this host may be older than the store's: the store's replace them,

@@ -5,7 +5,8 @@ created); the store keeps the RunConfig, and the worker trains with it as stored
 
 A job spec: `{"preset", "method", "model": {ModelConfig fields}, "training": {TrainConfig fields but the
 pipeline's}, "pipeline": {"mode", "devices", "stages", ..., "workers"}}`; a field left out takes the preset's
-value.
+value. A job that fine-tunes a registered version adds `"init_from": {"model", "version" | "alias"}` and may add
+`"train_components"` (TrainConfig's field); it keeps that version's architecture and method.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from al.config import (
     METHODS,
@@ -31,9 +32,11 @@ from al.config import (
 )
 from al.data import TENSOR, TEXT
 from al.model import count_parameters
+from service.artifacts import MAX_VERSION
 
-# TrainConfig fields that a job spec holds elsewhere: the method at its top, the placement under `pipeline`.
-NOT_IN_TRAINING = {"method", *PIPELINE_SECTION.values()} - {"device"}
+# TrainConfig fields that a job spec holds elsewhere: the method and the components to fine-tune at its top, the
+# placement under `pipeline`.
+NOT_IN_TRAINING = {"method", "train_components", *PIPELINE_SECTION.values()} - {"device"}
 MAX_WORKERS = 32
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a job's model name
 DATASET_DESCRIPTION = "a built-in name (digits, mnist, ...) or an uploaded dataset's id"
@@ -96,14 +99,45 @@ class JobSpec(ModelAndTraining):
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec, description="where the components run")
 
 
+class InitFrom(Strict):
+    """A registered version of the caller's tenant: by its number, or by an alias that points at one."""
+
+    model: str = Field(pattern=NAME_PATTERN, description="the registered model's name")
+    version: int | None = Field(None, ge=1, le=MAX_VERSION, description="its version")
+    alias: str | None = Field(None, pattern=NAME_PATTERN, description="an alias of the model (e.g. default), in "
+                              "place of the version")
+
+    @model_validator(mode="after")
+    def _version_or_alias(self) -> InitFrom:
+        if (self.version is None) == (self.alias is None):
+            raise ValueError("init_from names the model's version or an alias: one of the two")
+        return self
+
+
+TRAIN_COMPONENTS = limits_of(TrainConfig)["train_components"]
+
+
 class JobCreate(JobSpec):
     """A training job (POST /v1/jobs): what it trains on, the name its model is registered under, and its
-    job spec."""
+    job spec; a fine-tuning job, the registered version it starts from."""
 
     dataset: str = Field(min_length=1, max_length=64, description=DATASET_DESCRIPTION)
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="model name to register on success (default: the job id)"
     )
+    init_from: InitFrom | None = Field(None, description=(
+        "fine-tuning: start from this registered version's weights, with its architecture, method and input "
+        "normalisation, on a dataset of the same input shape and classes; the new version's metadata names it"))
+    train_components: _pydantic_type(value_type(TrainConfig, "train_components"), TRAIN_COMPONENTS) | None = Field(
+        None, description=TRAIN_COMPONENTS.doc)
+
+
+@dataclass
+class StartingVersion:
+    """The registered version a fine-tuning job starts from, as the API found it for the job's init_from."""
+
+    lineage: dict  # the new version's init_from: {"model", "version"}, and the "alias" that named it, if one did
+    config: dict  # its config.json
 
 
 @dataclass
@@ -114,9 +148,10 @@ class Resolved:
     workers: int  # one per stage of a `processes` pipeline over several workers; 1 otherwise
 
 
-def resolve(spec: ModelAndTraining | dict) -> Resolved:
+def resolve(spec: ModelAndTraining | dict, start: StartingVersion | None = None) -> Resolved:
     """The job spec checked field by field (the schema) and across fields (the library); ValueError names the
-    problem. Pass the validated model when FastAPI has made it already."""
+    problem. Pass the validated model when FastAPI has made it already; a spec with `init_from` needs the version
+    it names as `start`."""
     if isinstance(spec, dict):
         try:
             spec = JobSpec.model_validate(spec)
@@ -124,6 +159,10 @@ def resolve(spec: ModelAndTraining | dict) -> Resolved:
             raise ValueError("; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
                                        for error in e.errors()[:3])) from None
     values = spec.model_dump(exclude_none=True)
+    if "init_from" in values:
+        values["init_from"] = start.lineage
+        if "method" not in spec.model_fields_set:
+            values.pop("method")  # the default is the version's own method, not the schema's
     pipeline = values.get("pipeline") or {}
     workers = pipeline.pop("workers", None)
     if workers is not None and pipeline.get("mode") != "processes":
@@ -131,7 +170,7 @@ def resolve(spec: ModelAndTraining | dict) -> Resolved:
     if workers is not None and pipeline.get("devices") and len(pipeline["devices"]) != workers:
         raise ValueError(f"pipeline.devices names {len(pipeline['devices'])} devices for {workers} workers: "
                          "one per worker")
-    return Resolved(from_spec(values), workers or 1)
+    return Resolved(from_spec(values, start and start.config), workers or 1)
 
 
 def check_fits(config: RunConfig, input_shape: tuple[int, ...], num_classes: int, max_parameters: int,

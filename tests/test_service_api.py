@@ -14,7 +14,7 @@ from service_support import TINY_MODEL, digits_rows, drop_queue, registered_mode
 
 from al.config import ModelConfig, TrainConfig, make_config
 from al.run import train
-from service.jobspec import PipelineSpec, TrainingSpec
+from service.jobspec import JobCreate, PipelineSpec, TrainingSpec
 
 UPLOAD_LIMIT = 1_500_000
 REQUEST_LIMIT = 200_000
@@ -312,7 +312,7 @@ def test_every_library_setting_is_reachable_from_a_job_spec():
     from service.jobspec import ModelSpec
 
     assert set(ModelSpec.model_fields) == {f.name for f in dataclasses.fields(ModelConfig)}
-    reachable = set(TrainingSpec.model_fields) | {"method", "pipeline"} | set(PipelineSpec.model_fields) - {"mode"}
+    reachable = set(TrainingSpec.model_fields) | set(JobCreate.model_fields) | set(PipelineSpec.model_fields) - {"mode"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= reachable
 
 

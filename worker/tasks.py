@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from celery import Celery
@@ -135,6 +136,19 @@ def dataset_source(store: Store, artifacts: LocalArtifacts, tenant: str, dataset
     return str(artifacts.dataset(row.path, row.sha256))
 
 
+def starting_model_dir(store: Store, artifacts: LocalArtifacts, job: JobRow, config: RunConfig) -> Path | None:
+    """The files, on this host, of the registered version a fine-tuning job starts from (its config's init_from,
+    checked when the job was submitted)."""
+    if config.init_from is None:
+        return None
+    name, version = config.init_from["model"], config.init_from["version"]
+    row = store.get_model(job.tenant, name, version)
+    if row is None:
+        raise ValueError(f"init_from: model {name!r} version {version} no longer exists (deleted after the job was "
+                         "submitted)")
+    return artifacts.model(row.path, job.id)
+
+
 def allow_child_processes() -> None:
     """Let the `processes` pipeline mode start its stage processes from a Celery pool process.
 
@@ -210,12 +224,13 @@ def attempt(store: Retrying, settings: Settings, job: JobRow, owner: str,
         config = stored_config(job)
         pruning = trial_pruning(settings, study) if study else None
         source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
+        init_dir = starting_model_dir(store, artifacts, job, config)
         artifacts.pull_job(job.id)  # the latest checkpoint, from any host
         if pipeline_workers(job.spec) > 1:
             start_stages(store, settings, job, owner, send_stage)
         result = train(source, artifacts.path(f"jobs/{job.id}"), config, [reporter, *([pruning] if pruning else [])],
                        resume=True, may_save=lambda: store.holds_lease(job.id, owner),
-                       saved=lambda: artifacts.push_job(job.id, owner))
+                       saved=lambda: artifacts.push_job(job.id, owner), init_dir=init_dir)
     except SoftTimeLimitExceeded:
         return Outcome("failed", error=f"time limit of {settings.job_soft_time_limit} s exceeded")
     except StaleAttempt as e:  # another attempt holds the job now, and it reports
@@ -295,7 +310,8 @@ def run_stage(store: Store, settings: Settings, job_id: str, rank: int, attempt:
     with tempfile.TemporaryDirectory(dir=scratch) as out:
         try:
             source = dataset_source(store, artifacts, job.tenant, job.spec["dataset"])
-            train(source, out, stored_config(job))
+            config = stored_config(job)  # a fine-tuning job's stages get their weights from stage 0, checked alike
+            train(source, out, config, init_dir=starting_model_dir(store, artifacts, job, config))
         except Exception as e:  # stage 0 reports the attempt's failure; this worker stays up for the next job
             log.warning("job %s: stage %d of attempt %d stopped: %s", job_id, rank, attempt, e)
             return

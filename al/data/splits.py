@@ -1,5 +1,6 @@
 """A Dataset as tensors for training: train, validation (carved from train) and test; numbers normalised, texts
-as token ids. Both encodings are fitted on the training split alone."""
+as token ids. Both encodings are fitted on the training split alone (or kept from the trained model a run starts
+from)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    encoding: Normalization | TextEncoding  # fitted on train_x alone
+    encoding: Normalization | TextEncoding  # fitted on train_x alone, or the starting model's
 
 
 def carve_validation(samples: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,17 +57,18 @@ def carve_validation(samples: int, val_fraction: float, seed: int) -> tuple[np.n
 
 
 def prepare_splits(dataset: Dataset, val_fraction: float, seed: int, vocab_size: int | None = None,
-                   max_tokens: int | None = None) -> Splits:
-    """The tensors of `dataset`; a text dataset needs the vocabulary's size and the tokens a text keeps."""
+                   max_tokens: int | None = None, encoding: Normalization | TextEncoding | None = None) -> Splits:
+    """The tensors of `dataset`, encoded by `encoding` (that of a trained model a run starts from) or by one
+    fitted here; a text dataset fitted here needs the vocabulary's size and the tokens a text keeps."""
     train_idx, val_idx = carve_validation(len(dataset.train_x), val_fraction, seed)
     if len(train_idx) == 0:
         raise DataError(f"{dataset.name}: no training samples left after the validation split")
     train_x = dataset.train_x[train_idx]
-    if dataset.input_kind == TEXT:
+    if encoding is None and dataset.input_kind == TEXT:
         if vocab_size is None or max_tokens is None:
             raise ValueError("a text dataset needs vocab_size and max_tokens")
         encoding = TextEncoding.fit(train_x, vocab_size, max_tokens)
-    else:
+    elif encoding is None:
         encoding = Normalization.fit(train_x)
     return Splits(
         train_x=encoding.apply(train_x),

@@ -12,11 +12,12 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
-from al.data import BUILTIN_DATASETS, DataError, summarize
+from al.checkpoint import ModelError, check_same_data, read_model_info
+from al.data import BUILTIN_DATASETS, DataError, Summary, summarize
 from app.api.deps import AdminCaller, Caller, Core, CoreDep, OffsetQuery, TrainCaller, iso, remove_files
 from app.api.routes.datasets import dataset_kind
 from app.schemas import JobList, JobMetrics, JobPublic, JobStatus, ModelRef, Progress
-from service.jobspec import JobCreate, check_fits, resolve
+from service.jobspec import InitFrom, JobCreate, StartingVersion, check_fits, resolve
 from service.queue import enqueue
 from service.store import TERMINAL, Conflict, JobRow, QuotaExceeded
 
@@ -48,25 +49,50 @@ def get_job_or_404(core, caller: Caller, job_id: str) -> JobRow:
     return job
 
 
-def dataset_shape(core: Core, caller: Caller, dataset: str) -> tuple[tuple[int, ...], int, str]:
-    """A job's dataset: its sample shape, class count and input kind; 422 if the caller's tenant has no such
+def dataset_summary(core: Core, caller: Caller, dataset: str) -> Summary:
+    """A job's dataset: its sample shape, classes and input kind; 422 if the caller's tenant has no such
     dataset."""
     if dataset in BUILTIN_DATASETS:
         try:
-            summary = summarize(dataset, core.settings.max_dataset_bytes, core.settings.max_classes)
+            return summarize(dataset, core.settings.max_dataset_bytes, core.settings.max_classes)
         except DataError as e:  # its files are not installed on this host
             raise HTTPException(422, str(e)) from None
-        return summary.input_shape, len(summary.classes), summary.input_kind
     row = core.store.get_dataset(caller.tenant, dataset)
     if row is None:
         raise HTTPException(422, f"unknown dataset {dataset!r}: upload it with POST /v1/datasets "
                                  f"or use a built-in one ({', '.join(BUILTIN_DATASETS)})")
-    return tuple(row.shape), len(row.classes), dataset_kind(row)
+    return Summary(row.rows, tuple(row.shape), row.classes, dataset_kind(row))
+
+
+def starting_version(core: Core, caller: Caller, init: InitFrom) -> StartingVersion:
+    """The registered version of the caller's tenant that a fine-tuning job starts from: the one it names, or the
+    one its alias points to; 422 if there is none."""
+    version, lineage = init.version, {"model": init.model, "version": init.version}
+    if init.alias is not None:
+        alias = next((a for a in core.store.list_aliases(caller.tenant, init.model) if a.alias == init.alias), None)
+        if alias is None:
+            raise HTTPException(422, f"init_from: model {init.model!r} has no alias {init.alias!r}; GET "
+                                     f"/v1/models/{init.model} lists its aliases")
+        if len(alias.versions) > 1:
+            raise HTTPException(422, f"init_from: alias {init.alias!r} of model {init.model!r} splits its requests "
+                                     f"between versions {', '.join(map(str, alias.versions))}; name the version "
+                                     "to start from")
+        version = next(iter(alias.versions))
+        lineage = {"model": init.model, "version": version, "alias": init.alias}
+    row = core.store.get_model(caller.tenant, init.model, version)
+    if row is None:
+        raise HTTPException(422, f"init_from: no model {init.model!r} version {version}; GET /v1/models lists the "
+                                 "registered ones")
+    try:
+        return StartingVersion(lineage, read_model_info(core.settings.data_dir / row.path).config)
+    except ModelError as e:  # its files were removed or damaged on disk
+        raise HTTPException(422, f"init_from: model {init.model!r} version {version} cannot be used: {e}") from None
 
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a training job",
              responses={409: {"description": "the Idempotency-Key was used for a different spec"},
-                        422: {"description": "the spec is invalid or names an unknown dataset"},
+                        422: {"description": "the spec is invalid, names an unknown dataset or version to start "
+                                             "from, or the dataset does not fit that version"},
                         429: {"description": "the tenant has AL_MAX_QUEUED_JOBS queued jobs; see Retry-After"}})
 def create_job(
     spec: JobCreate,
@@ -76,12 +102,19 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255, description="a retried POST with the same key "
                                                   "returns the job the first one created")] = None,
 ) -> JobPublic:
-    input_shape, num_classes, input_kind = dataset_shape(core, caller, spec.dataset)
+    data = dataset_summary(core, caller, spec.dataset)
+    start = starting_version(core, caller, spec.init_from) if spec.init_from else None
     try:  # the fields were checked by the schema; now across fields, and the network's fit to the data
-        config = resolve(spec).config
-        check_fits(config, input_shape, num_classes, core.settings.max_parameters, input_kind)
+        config = resolve(spec, start).config
+        check_fits(config, data.input_shape, len(data.classes), core.settings.max_parameters, data.input_kind)
     except ValueError as e:
         raise HTTPException(422, f"invalid job spec: {e}") from None
+    if start is not None:
+        try:
+            check_same_data(start.config, data.input_kind, data.input_shape, data.classes)
+        except ValueError as e:
+            raise HTTPException(422, f"init_from: model {spec.init_from.model!r} version {start.lineage['version']} "
+                                     f"does not fit dataset {spec.dataset!r}: {e}") from None
     spec_dict = spec.model_dump(exclude_none=True)
     request_hash = hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()
     try:

@@ -83,6 +83,7 @@ def version_public(core: Core, row: ModelRow) -> ModelVersionPublic:
         input_kind=info.input_kind,
         classes=info.config["classes"], depth=info.depth, method=info.config["method"],
         parameters=info.parameters, test_accuracy=(info.config.get("result") or {}).get("test_accuracy"),
+        init_from=info.config.get("init_from"), train_components=info.config["training"].get("train_components"),
     )
 
 
@@ -119,7 +120,8 @@ def get_model(name: str, caller: PredictCaller, core: CoreDep) -> ModelPublic:
                responses={404: {"description": "no such model or version"},
                           409: {"description": "an alias points to it"}})
 def delete_model_version(name: str, version: VersionPath, caller: AdminCaller, core: CoreDep) -> None:
-    """No job reads a registered model, so only an alias holds a version back; it stops answering at once."""
+    """Only an alias holds a version back (409); it stops answering at once, and a queued job that fine-tunes it
+    fails when it starts, saying so."""
     try:
         row = core.store.delete_model(caller.tenant, name, version)
     except Conflict as e:

@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 
 from al.study import SpaceError, parse_goal, parse_space
 from app.api.deps import CoreDep, OffsetQuery, TrainCaller, iso
-from app.api.routes.jobs import RETRY_AFTER_SECONDS, dataset_shape
+from app.api.routes.jobs import RETRY_AFTER_SECONDS, dataset_summary
 from app.schemas import StudyCreate, StudyList, StudyPublic
 from service.jobspec import check_fits, resolve
 from service.store import STUDY_TERMINAL, QuotaExceeded, StudyRow
@@ -43,10 +43,11 @@ def create_study(body: StudyCreate, response: Response, caller: TrainCaller, cor
     """Each trial is a training job: the base with the trial's values at the space's paths. Workers run up to
     `parallel` trials at once; the best trial's model is registered under the study's name as it is found.
     The base and every value of the space are checked as a job's spec is (POST /v1/jobs), limits included."""
-    input_shape, num_classes, input_kind = dataset_shape(core, caller, body.dataset)
+    data = dataset_summary(core, caller, body.dataset)
 
     def trains(spec: dict) -> None:
-        check_fits(resolve(spec).config, input_shape, num_classes, core.settings.max_parameters, input_kind)
+        check_fits(resolve(spec).config, data.input_shape, len(data.classes), core.settings.max_parameters,
+                   data.input_kind)
 
     spec = body.model_dump(exclude_none=True)
     try:

@@ -158,18 +158,18 @@ class HttpArtifacts(LocalArtifacts):
     def pull_job(self, job_id: str) -> None:
         # Files an earlier attempt left on this host may be older than the store's: the store's replace them,
         # and one the store lacks goes.
-        for name in (*MODEL_FILES, TRAINING_STATE):
+        for name in (*MODEL_FILES, *OPTIONAL_MODEL_FILES, TRAINING_STATE):
             local = self.path(job_key(job_id, name))
             if not self._fetch(job_key(job_id, name), local, missing_ok=True):
                 local.unlink(missing_ok=True)
 
     def push_job(self, job_id: str, lease: str) -> None:
-        for name in (*MODEL_FILES, TRAINING_STATE):  # the checkpoint last: it names what resumes
-            self._push(job_key(job_id, name), {LEASE_HEADER: lease})
+        for name in (*MODEL_FILES, *self._present(job_key(job_id, ""), OPTIONAL_MODEL_FILES), TRAINING_STATE):
+            self._push(job_key(job_id, name), {LEASE_HEADER: lease})  # the checkpoint last: it names what resumes
 
     def push_model(self, key: str) -> None:
         try:
-            for name in MODEL_FILES:
+            for name in (*MODEL_FILES, *self._present(f"{key}/", OPTIONAL_MODEL_FILES)):
                 self._push(f"{key}/{name}")
         finally:  # the store's copy is the registered version; this host never reads one
             shutil.rmtree(self.path(key), ignore_errors=True)
@@ -197,6 +197,10 @@ class HttpArtifacts(LocalArtifacts):
             return False
         except httpx.HTTPError as e:
             raise ArtifactError(f"cannot fetch artifact {key} from {self.url}: {e}") from None
+
+    def _present(self, prefix: str, names: tuple[str, ...]) -> list[str]:
+        """Those of `names` that this host holds under `prefix` (a text model's tokenizer, for one)."""
+        return [name for name in names if self.path(prefix + name).is_file()]
 
     def _push(self, key: str, headers: dict[str, str] | None = None) -> None:
         try:

@@ -181,6 +181,40 @@ def test_artifact_keys_are_checked_whole_and_a_stale_attempt_cannot_overwrite_th
     assert store.finish(job.id, second, "cancelled")  # it holds no worker slot for the tests below
 
 
+def test_a_text_models_tokenizer_travels_with_its_job_and_its_version(served, monkeypatch):
+    """A worker on another host stores a text model's tokenizer.json with the job's other files and the version's,
+    and a later attempt on a third host gets it back: without it the version could not read a text."""
+    from al.checkpoint import MODEL_FILES, TOKENIZER, TRAINING_STATE
+
+    def host(name: str):
+        return artifacts_for(use_env(monkeypatch, {**served.env, "AL_DATA_DIR": str(served.root / name),
+                                                   "AL_API_KEY": "wrk", "AL_ARTIFACTS_URL": served.url,
+                                                   "DATABASE_URL": served.store.url}))
+
+    job, _ = served.store.create_job("t1", "texts", {"dataset": "digits"}, make_config().to_dict(), None, None)
+    lease = served.store.take_lease(job.id, "attempt-1", 60).owner
+    files = {name: name.encode() for name in (*MODEL_FILES, TOKENIZER, TRAINING_STATE)}
+    b = host("host-b")
+    for name, content in files.items():
+        path = b.path(f"jobs/{job.id}/{name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    b.push_job(job.id, lease)
+    api = served.root / "api"
+    assert (api / "jobs" / job.id / TOKENIZER).read_bytes() == files[TOKENIZER]
+    c = host("host-c")
+    c.pull_job(job.id)
+    assert all(c.path(f"jobs/{job.id}/{name}").read_bytes() == content for name, content in files.items())
+
+    version = b.path("models/t1/texts/1")
+    version.mkdir(parents=True)
+    for name in (*MODEL_FILES, TOKENIZER):
+        (version / name).write_bytes(files[name])
+    b.push_model("models/t1/texts/1")
+    assert (api / "models" / "t1" / "texts" / "1" / TOKENIZER).read_bytes() == files[TOKENIZER]
+    assert served.store.finish(job.id, lease, "cancelled")  # it holds no worker slot for the tests below
+
+
 # --- finding 11: event streams end cleanly when what they follow is deleted -------------------------------------
 
 

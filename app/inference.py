@@ -17,7 +17,9 @@ from app.batching import Batcher
 from service.settings import Settings
 from service.store import ModelRow, Store
 
-LATEST_TTL = 1.0  # seconds a name's latest version is remembered: a new version answers within this
+# Seconds the registry's word on a row is taken without asking again: a name's new latest version answers within
+# this, and so does the removal of a version deleted through another API process (each has its own cache).
+LATEST_TTL = 1.0
 # A model is known by its tenant, name and version: two tenants' "digits" are different models.
 ModelKey = tuple[str, str, int]
 
@@ -35,7 +37,8 @@ class ModelCache:
     def __init__(self, settings: Settings, store: Store):
         self.data_dir, self.size, self.store = settings.data_dir, settings.model_cache_size, store
         self._models: OrderedDict[ModelKey, tuple[ModelRow, LoadedModel]] = OrderedDict()
-        self._latest: dict[tuple[str, str], tuple[float, ModelRow]] = {}
+        # What the registry said, and when, for a name and version (None: the name's latest version).
+        self._rows: dict[tuple[str, str, int | None], tuple[float, ModelRow]] = {}
         self._finding: dict[tuple[str, str, int | None], asyncio.Future] = {}
         self._lock = threading.Lock()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="al-inference",
@@ -44,34 +47,35 @@ class ModelCache:
                                settings.batch_queue_rows)
 
     def registered(self, tenant: str, name: str, version: int | None) -> ModelRow | None:
-        """The registry's row; the latest version of a name is looked up at most every LATEST_TTL seconds."""
-        if version is not None:
-            return self.store.get_model(tenant, name, version)
-        now = time.monotonic()
-        cached = self._latest.get((tenant, name))
-        if cached and now - cached[0] < LATEST_TTL:
-            return cached[1]
-        row = self.store.get_model(tenant, name)
-        if row is not None:
-            self._latest[(tenant, name)] = (now, row)
+        """The registry's row (version None: the latest), read from the store and remembered for `find`; a row
+        the store no longer has (deleted, maybe through another API process) is forgotten."""
+        row = self.store.get_model(tenant, name, version)
+        if row is None:
+            self._rows.pop((tenant, name, version), None)
+        else:
+            self._rows[(tenant, name, version)] = (time.monotonic(), row)
         return row
 
     def forget(self, row: ModelRow) -> None:
-        """A deleted version: out of the cache at once, so that it answers no request after its delete."""
+        """A version deleted through this process: out of the cache at once, so that it answers no request after
+        its delete. (Another API process learns it within LATEST_TTL, when it asks the registry again.)"""
         with self._lock:
             self._models.pop((row.tenant, row.name, row.version), None)
-            latest = self._latest.get((row.tenant, row.name))
-            if latest is not None and latest[1].version == row.version:
-                del self._latest[(row.tenant, row.name)]
+        for version in (row.version, None):
+            key = (row.tenant, row.name, version)
+            known = self._rows.get(key)
+            if known is not None and known[1].version == row.version:
+                self._rows.pop(key, None)
 
     async def find(self, tenant: str, name: str, version: int | None,
                    find_model: Callable[[], tuple[ModelRow, LoadedModel]]) -> tuple[ModelRow, LoadedModel]:
         """The row and the model: at hand, or from `find_model()` (store, disk) in a worker thread, called
-        once for all the requests that want the same name and version meanwhile. A name's latest version
-        is re-read every LATEST_TTL seconds in the background: requests go on with the one known meanwhile."""
-        found = self.at_hand(tenant, name, version)
-        stale = (version is None and found is not None
-                 and time.monotonic() - self._latest[(tenant, name)][0] >= LATEST_TTL)
+        once for all the requests that want the same name and version meanwhile. The registry is asked again
+        every LATEST_TTL seconds in the background (a new latest version, a version deleted elsewhere):
+        requests go on with the one known meanwhile."""
+        known = self._rows.get((tenant, name, version))  # read once: a worker thread may drop it (registered)
+        found = self.loaded(tenant, name, known[1].version) if known else None
+        stale = found is not None and time.monotonic() - known[0] >= LATEST_TTL
         if found is None or stale:
             key = (tenant, name, version)
             if key not in self._finding:
@@ -86,17 +90,13 @@ class ModelCache:
         if not done.cancelled():
             done.exception()  # retrieved: a failed background re-read matters only to requests that waited for it
 
-    def at_hand(self, tenant: str, name: str, version: int | None) -> tuple[ModelRow, LoadedModel] | None:
-        """The row and the model when neither the store nor the disk is needed (so the event loop may ask)."""
-        if version is None:
-            latest = self._latest.get((tenant, name))
-            if latest is None:
-                return None
-            version = latest[1].version
+    def loaded(self, tenant: str, name: str, version: int) -> tuple[ModelRow, LoadedModel] | None:
+        """The row and the model if it is loaded (no store, no disk: the event loop may ask)."""
+        key = (tenant, name, version)
         with self._lock:
-            found = self._models.get((tenant, name, version))
+            found = self._models.get(key)
             if found is not None:
-                self._models.move_to_end((tenant, name, version))
+                self._models.move_to_end(key)
             return found
 
     def get(self, row: ModelRow) -> LoadedModel:

@@ -1,22 +1,34 @@
-"""`al serve`: the HTTP API in this process and, unless told not to, a training worker beside it."""
+"""`al serve`: the HTTP API in AL_WEB_WORKERS processes and, unless told not to, a training worker beside them.
+
+With one API process it runs in this process. With several, uvicorn's supervisor (this process) binds the port
+and starts them (spawned: each imports and builds the app itself, `api_process`); the kernel hands each new
+connection to one of them, and the supervisor restarts one that dies. Each has its own event loop, loaded models,
+batcher and inference thread. What they must share they get from the environment this process sets before they
+start (`shared_environment`); the store's tables and the worker are made once, here.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from functools import partial
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from al.processes import die_with_parent
-from app.main import create_app
-from service.settings import Settings
+from app.main import create_app, prepare
+from service.settings import Settings, get_settings
 
 # The dashboard once took a key as `?key=`; it reads none from an address now, but old links still carry one,
 # and uvicorn's access log shows query strings.
@@ -34,36 +46,63 @@ class HideKeyParameter(logging.Filter):
 
 
 def serve(settings: Settings, host: str, port: int, no_worker: bool) -> None:
-    # Requests arrive spaced out: a second intra-op thread has gone to sleep by the next one and,
-    # on a busy CPU, waking it costs more than it saves (64 rows: 44 ms with 2 threads, 6 ms with 1).
-    torch.set_num_threads(settings.inference_threads)
-    app = create_app(settings)  # creates the data directory and the store's tables before the worker starts
-    # Everything imported so far (torch, FastAPI, SQLAlchemy, Celery: most of the heap) lives as long as the
-    # process. Kept out of the collector's sight, a full collection under load took a few ms instead of about
-    # 130 ms, which every request in flight waited out (measured at 32 concurrent clients).
-    gc.freeze()
+    prepare(settings)  # the data directory and the store's tables, before the worker and the API processes start
+    metrics_dir = shared_environment(settings)
     worker = None
     if settings.embedded_worker and not no_worker:
         worker = subprocess.Popen([sys.executable, "-m", "al.cli", "worker"],
                                   preexec_fn=partial(die_with_parent, os.getpid()))
     broker = "Redis" if settings.redis_url else f"embedded ({settings.broker_dir})"
     docs = "API docs at /docs" if settings.docs_enabled else "API docs off (AL_DOCS)"
-    print(f"al serve: http://{host}:{port} ({docs}); data in {settings.data_dir.resolve()}; "
-          f"broker {broker}; worker {'started' if worker else 'not started'}", flush=True)
+    print(f"al serve: http://{host}:{port} ({docs}); {settings.web_workers} API process(es) (AL_WEB_WORKERS); "
+          f"data in {settings.data_dir.resolve()}; broker {broker}; worker {'started' if worker else 'not started'}",
+          flush=True)
     # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would end this
     # process on the spot, and its worker with it (die_with_parent) before the worker could hand back
-    # its job. A handler that does nothing lets the `finally` below stop the worker in order.
+    # its job. A handler that does nothing lets the `finally` below stop the worker in order. (With several
+    # API processes the supervisor handles SIGTERM itself: it stops them, then returns here.)
     signal.signal(signal.SIGTERM, lambda *_: None)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers
-    logging.getLogger("uvicorn.access").addFilter(HideKeyParameter())
-    server = uvicorn.Server(config)
     try:
-        server.run()
+        # Exits with status 3 when the server cannot start (e.g. the port is taken). The supervisor replaces an
+        # API process that does not answer its ping in time; a new one answers only once it has imported torch
+        # (al.cli, its __main__, does): over 5 s, uvicorn's default, on a busy 2-core machine.
+        uvicorn.run("app.serve:api_process", factory=True, host=host, port=port, workers=settings.web_workers,
+                    log_level="info", access_log=settings.access_log, timeout_worker_healthcheck=60)
     finally:
         if worker is not None:
             stop_worker(worker)
-    if not server.started:  # as uvicorn.run: e.g. the port is taken
-        sys.exit(3)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def shared_environment(settings: Settings) -> str | None:
+    """What every API process must share, set in the environment they inherit: the secret that signs the
+    dashboard's session cookie (a browser's next request may reach another process), and with several processes
+    a fresh directory for their metrics (prometheus-client's multiprocess mode), which is returned."""
+    os.environ.setdefault("AL_SESSION_SECRET", secrets.token_urlsafe(32))
+    if settings.web_workers == 1:
+        return None
+    metrics_dir = tempfile.mkdtemp(prefix="al-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    return metrics_dir
+
+
+def api_process() -> FastAPI:
+    """The app of one API process, settings from the environment (uvicorn's factory)."""
+    supervisor = multiprocessing.parent_process()
+    if supervisor is not None:  # one of several: it must not outlive a SIGKILLed `al serve`, holding the port
+        die_with_parent(supervisor.pid)
+    settings = get_settings()
+    # Requests arrive spaced out: a second intra-op thread has gone to sleep by the next one and,
+    # on a busy CPU, waking it costs more than it saves (64 rows: 44 ms with 2 threads, 6 ms with 1).
+    torch.set_num_threads(settings.inference_threads)
+    app = create_app(settings)
+    logging.getLogger("uvicorn.access").addFilter(HideKeyParameter())  # after uvicorn has set up its loggers
+    # Everything imported so far (torch, FastAPI, SQLAlchemy, Celery: most of the heap) lives as long as the
+    # process. Kept out of the collector's sight, a full collection under load took a few ms instead of about
+    # 130 ms, which every request in flight waited out (measured at 32 concurrent clients).
+    gc.freeze()
+    return app
 
 
 def stop_worker(worker: subprocess.Popen, grace: float = 30.0) -> None:

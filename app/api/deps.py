@@ -13,7 +13,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Path, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from app.inference import ModelCache
 from service.settings import ApiKey, Settings
@@ -63,7 +63,8 @@ CoreDep = Annotated[Core, Depends(get_core)]
 VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="the model version")]
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 
-# The key is read from the headers before the body (app/edge.py); this declares it in OpenAPI.
+# The key is read from the headers before the body (app/edge.py), so no route has a dependency that reads it
+# (each one is a step on every request); OpenAPI shows this scheme on the paths that need a key (app/main.py).
 bearer = HTTPBearer(auto_error=False, description="a key of AL_API_KEYS (when it is set)")
 
 # What each scope may do. predict < train < admin; a worker key is for what workers on other hosts
@@ -115,12 +116,11 @@ def require(scope: str):
     """The dependency that decides who may call a route: a key whose scope reaches `scope`. Every route
     has one such decision (or `public`); tests/test_security.py finds a route without one."""
 
-    async def caller(request: Request, core: CoreDep,
-                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    async def caller(request: Request) -> Caller:  # its only parameter: a dependency of its own costs a step
         who = caller_of(request)
         if who is None:
             raise unauthorized()
-        if core.settings.keys and not reaches(who, scope):  # without keys, everyone may do everything
+        if request.app.state.core.settings.keys and not reaches(who, scope):  # no keys: anyone may do anything
             raise HTTPException(403, scope_refused(who, scope))
         return who
 

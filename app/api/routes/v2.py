@@ -253,19 +253,14 @@ def model_version_ready(name: str, version: VersionPath, caller: PredictCaller, 
 
 
 # The infer routes read their body themselves (infer_body), after the caller's scope is decided; OpenAPI
-# shows the JSON form (describe_infer_body), and the binary form is Triton's extension of it.
+# shows the JSON form (V2InferRequest is in its components: app/main.py), and the binary form is Triton's
+# extension of it.
 INFER_BODY = {"requestBody": {"required": True, "description": "JSON; or Triton's binary tensor data extension: "
                               "that JSON (input parameters.binary_data_size, no data) in the first "
                               "Inference-Header-Content-Length bytes, then the values, little-endian",
                               "content": {"application/json": {"schema": {
                                   "$ref": "#/components/schemas/V2InferRequest"}}}}}
 InferBodyDep = Annotated[InferBody, Depends(infer_body)]
-
-
-def describe_infer_body(schema: dict) -> None:
-    """Puts V2InferRequest and what it refers to into the OpenAPI document's components."""
-    request = V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema["components"]["schemas"].update(request.pop("$defs", {}), V2InferRequest=request)
 
 
 # Unset optional fields (id, parameters) are left out rather than sent as null, as the protocol shows them.

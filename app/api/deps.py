@@ -14,6 +14,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPBearer
+from starlette.requests import ClientDisconnect
 
 from app.inference import ModelCache
 from service.settings import ApiKey, Settings
@@ -136,6 +137,15 @@ public.scope = None
 PredictCaller = Annotated[Caller, Depends(require("predict"))]
 TrainCaller = Annotated[Caller, Depends(require("train"))]
 AdminCaller = Annotated[Caller, Depends(require("admin"))]
+
+
+async def body_of(request: Request) -> bytes:
+    """The body of a route that reads its own (after its caller's scope is decided); a client that goes away
+    before sending all of it gets the 400 FastAPI gives when it reads a body, not a server error."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before the request body was all sent") from None
 
 
 def remove_files(settings: Settings, path: FilePath) -> None:

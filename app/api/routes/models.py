@@ -11,7 +11,17 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from al.checkpoint import LoadedModel, ModelError, read_model_info
-from app.api.deps import AdminCaller, Caller, Core, CoreDep, PredictCaller, VersionPath, iso, remove_files
+from app.api.deps import (
+    AdminCaller,
+    Caller,
+    Core,
+    CoreDep,
+    PredictCaller,
+    VersionPath,
+    body_of,
+    iso,
+    remove_files,
+)
 from app.schemas import ModelPublic, ModelVersionPublic, PredictRequest, PredictResponse
 from service.store import ModelRow
 
@@ -109,7 +119,7 @@ async def predict_body(request: Request) -> PredictRequest:
     decided (the dependency before it). 64 rows: 0.4 ms, against 1.6 ms for FastAPI's json.loads and then the
     check of the Python lists; one row costs about the same either way."""
     try:
-        return PredictRequest.model_validate_json(await request.body())
+        return PredictRequest.model_validate_json(await body_of(request))
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from al import __version__
 from al.data import TEXT
 from al.data.text import as_texts
-from app.api.deps import Caller, Core, CoreDep, PredictCaller, VersionPath, public, require
+from app.api.deps import Caller, Core, CoreDep, PredictCaller, VersionPath, body_of, public, require
 from app.api.routes.models import answers, find_model, model_for, named_classes
 from app.schemas import (
     V2Error,
@@ -91,7 +91,7 @@ async def infer_body(request: Request) -> InferBody:
     """The body, read only once the route's key check has passed (the dependency after it) and within the body
     limit (app/edge.py), then decoded in a worker thread: JSON, or Triton's binary tensor data extension (a JSON
     header of Inference-Header-Content-Length bytes, then the input's raw values)."""
-    body = await request.body()
+    body = await body_of(request)
     return await run_in_threadpool(decode_infer, body, request.headers.get("inference-header-content-length"))
 
 

@@ -62,6 +62,7 @@ class ModelCache:
         self._routes: dict[tuple[str, str], tuple[float, Routes]] = {}
         self._reading: dict[tuple[str, str], asyncio.Future] = {}
         self._finding: dict[ModelKey, asyncio.Future] = {}
+        self._confirmed: dict[ModelKey, float] = {}  # when the store last said that a loaded version exists
         self._lock = threading.Lock()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="al-inference",
                                       initializer=torch.set_num_threads, initargs=(settings.inference_threads,))
@@ -106,24 +107,30 @@ class ModelCache:
         self._routes.pop((tenant, name), None)
         self._reading.pop((tenant, name), None)
 
-    def forget(self, row: ModelRow) -> None:
-        """A deleted version: out of the cache at once, so that it answers no request after its delete."""
+    def forget(self, tenant: str, name: str, version: int) -> None:
+        """A deleted version (through this process, or found gone from the store): out of the cache at once, so
+        that it answers no request after that."""
         with self._lock:
-            self._models.pop((row.tenant, row.name, row.version), None)
-        self.forget_routes(row.tenant, row.name)
+            self._models.pop((tenant, name, version), None)
+            self._confirmed.pop((tenant, name, version), None)
+        self.forget_routes(tenant, name)
 
     async def find(self, tenant: str, name: str, version: int,
                    find_model: Callable[[], tuple[ModelRow, LoadedModel]]) -> tuple[ModelRow, LoadedModel]:
         """The row and the model: at hand, or from `find_model()` (store, disk) in a worker thread, called
-        once for all the requests that want the same version meanwhile."""
-        found = self.at_hand(tenant, name, version)
-        if found is not None:
-            return found
+        once for all the requests that want the same version meanwhile. A version at hand is asked for again
+        every ROUTES_TTL seconds in the background, so that one deleted through another API process stops
+        answering here within that (`drop`); requests go on with the one at hand meanwhile."""
         key = (tenant, name, version)
-        if key not in self._finding:
-            self._finding[key] = asyncio.ensure_future(run_in_threadpool(find_model))
-            self._finding[key].add_done_callback(lambda done: self._found(key, done))
-        return await asyncio.shield(self._finding[key])  # a waiter that goes away leaves it to the others
+        found = self.at_hand(tenant, name, version)
+        stale = found is not None and time.monotonic() - self._confirmed.get(key, 0.0) >= ROUTES_TTL
+        if found is None or stale:
+            if key not in self._finding:
+                self._finding[key] = asyncio.ensure_future(run_in_threadpool(find_model))
+                self._finding[key].add_done_callback(lambda done: self._found(key, done))
+            if found is None:
+                return await asyncio.shield(self._finding[key])  # a waiter that goes away leaves it to the others
+        return found
 
     def _found(self, key: ModelKey, done: asyncio.Future) -> None:
         del self._finding[key]
@@ -141,6 +148,7 @@ class ModelCache:
     def get(self, row: ModelRow) -> LoadedModel:
         key = (row.tenant, row.name, row.version)
         with self._lock:
+            self._confirmed[key] = time.monotonic()  # the caller has just read the row from the store
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key][1]

@@ -3,6 +3,7 @@ errors that name the problem."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -10,31 +11,40 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from al import __version__
-from app.api.deps import Core, Keyring, require
+from app.api.deps import Core, Keyring, bearer, require
 from app.api.routes import artifacts, datasets, jobs, models, studies, v2
 from app.batching import QueueFull
-from app.edge import add_edge, error_response
+from app.edge import add_edge, error_response, needs_key
 from app.inference import ModelCache
+from app.schemas import PredictRequest, V2InferRequest
 from app.ui.routes import mount_ui
 from service.queue import make_celery
 from service.settings import Settings, get_settings
-from service.store import OUTAGE, get_store
+from service.store import OUTAGE, Store, get_store
 from service.studies import Studies
 
 
 class Metrics:
-    """Request counts and latencies per route template, and jobs by status read from the store at scrape time."""
+    """Request counts and latencies per route template, and jobs by status read from the store at scrape time.
+
+    With PROMETHEUS_MULTIPROC_DIR set (`al serve` with several API processes: app/serve.py), prometheus-client's
+    multiprocess mode: each process writes its counts to files there, and a scrape, whichever process answers
+    it, sums them over every process. Jobs by status are read from the store once per scrape, never summed."""
 
     def __init__(self, store):
-        self.registry = CollectorRegistry()
-        self.requests = Counter("al_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
+        self.registry = CollectorRegistry()  # what /metrics shows
+        multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        own = None if multiprocess else self.registry  # multiprocess: the values are in the files, read from there
+        self.requests = Counter("al_http_requests", "HTTP requests", ["method", "route", "status"], registry=own)
         self.latency = Histogram("al_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
-                                 registry=self.registry,
+                                 registry=own,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        if multiprocess:
+            MultiProcessCollector(self.registry)
         self.store = store
         self.registry.register(self)
 
@@ -79,11 +89,17 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def prepare(settings: Settings) -> Store:
+    """The data directory and the store with its tables: made once by `al serve` before its worker and API
+    processes start, and found made by each of them."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.datasets_dir.mkdir(exist_ok=True)
-    store = get_store(settings.store_url)
+    return get_store(settings.store_url)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    store = prepare(settings)
     model_cache = ModelCache(settings, store)
     keyring = Keyring.of(settings)
     core = Core(settings, keyring, store, make_celery(settings), model_cache, Studies(settings))
@@ -94,18 +110,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Train Associated Learning models as background jobs and serve their predictions "
         "(native and Open Inference Protocol v2). See docs/service.md.",
+        # No OpenTelemetry (metrics are Prometheus's): asking on every request for a tracer cost ~5 % of a predict.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         # AL_DOCS; closed in production unless asked for: the schema tells a stranger every route there is.
         **({} if settings.docs_enabled else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
     )
     app.state.core = core
     # Each route decides who may call it (app/api/deps.py: require, public), next to its own code.
+    # Routers are tried in this order for every request (their prefixes do not overlap): prediction's first.
+    app.include_router(models.router)
+    app.include_router(v2.health)
+    app.include_router(v2.router)
     app.include_router(artifacts.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
-    app.include_router(models.router)
     app.include_router(studies.router)
-    app.include_router(v2.health)
-    app.include_router(v2.router)
     if settings.ui:
         mount_ui(app)  # the dashboard at /ui
 
@@ -142,7 +161,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def describe_errors_as_sent(app: FastAPI) -> None:
     """OpenAPI as the handlers above answer: a 422 is `{"detail": "<message>"}` (not FastAPI's list of
-    errors), and a v2 request that fails validation is a 400 `{"error": ...}`, never a 422."""
+    errors), and a v2 request that fails validation is a 400 `{"error": ...}`, never a 422; and the bearer key
+    on every path that needs one (app/edge.py decides it from the path)."""
     generate = app.openapi
 
     def openapi() -> dict:
@@ -153,11 +173,17 @@ def describe_errors_as_sent(app: FastAPI) -> None:
                 "properties": {"detail": {"type": "string", "description": "what is wrong, field by field"}},
             }
             schema["components"]["schemas"].pop("ValidationError", None)
-            v2.describe_infer_body(schema)
+            for body in (PredictRequest, V2InferRequest):  # read by their routes themselves: not in it yet
+                described = body.model_json_schema(ref_template="#/components/schemas/{model}")
+                schema["components"]["schemas"].update(described.pop("$defs", {}), **{body.__name__: described})
+            schema["components"]["securitySchemes"] = {
+                bearer.scheme_name: bearer.model.model_dump(mode="json", by_alias=True, exclude_none=True)}
             for path, operations in schema["paths"].items():
-                if path.startswith("/v2"):
-                    for operation in operations.values():
+                for operation in operations.values():
+                    if path.startswith("/v2"):
                         operation["responses"].pop("422", None)
+                    if needs_key(path):
+                        operation["security"] = [{bearer.scheme_name: []}]
         return app.openapi_schema
 
     app.openapi = openapi

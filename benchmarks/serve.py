@@ -1,11 +1,11 @@
-"""`al bench serve`: latency and throughput of POST /v1/models/{name}/predict on loopback, with dynamic
-batching off and on, next to the bare in-process forward of the same model, and the time from
-POST /v1/jobs to `running`.
+"""`al bench serve`: latency and throughput of POST /v1/models/{name}/predict on loopback, with one and two
+API processes (AL_WEB_WORKERS) and dynamic batching off and on, next to the bare in-process forward of the
+same model, and the time from POST /v1/jobs to `running`.
 
 It starts a real `al serve` (API + worker) on a free port with a throw-away data directory, trains
-the model through the service itself, and starts a second one (API only) on the same data directory
-with the other batching setting. Each case is measured on both servers back to back, so load from
-elsewhere on the machine hits both alike, with keep-alive HTTP clients (coroutines). Every loop is
+the model through the service itself, and starts three more (API only) on the same data directory,
+one for each other setting. Each case is measured on every server back to back, so load from
+elsewhere on the machine hits them alike, with keep-alive HTTP clients (coroutines). Every loop is
 bounded by --requests / --jobs.
 """
 
@@ -27,11 +27,13 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from pydantic import TypeAdapter
 
 from benchmarks.report import destination, publish
 
 ROW_COUNTS = (1, 64)
 CLIENT_COUNTS = (1, 8, 32)
+WEB_WORKERS = (1, 2)  # API processes
 BATCHING = {"off": {"AL_BATCH_MAX_SIZE": "1"}, "on": {}}  # on: the settings' defaults
 MODEL = "bench"
 # After each job the worker replaces its pool process (max_tasks_per_child=1): on a busy 2-core
@@ -47,8 +49,8 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS") and not k.startswith("AL_BATCH_")}
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS")
+               and not k.startswith("AL_BATCH_") and k != "AL_WEB_WORKERS"}
         env["AL_DATA_DIR"] = str(data_dir)
         env["AL_INFERENCE_THREADS"] = str(inference_threads)
         env["AL_QUEUE"] = f"al.bench.{os.getpid()}"  # never a message of another service sharing the Redis
@@ -191,7 +193,7 @@ def bare_forward(model_dir: Path, rows: list[list[float]], iterations: int, thre
     return {"p50_ms": p50, "p99_ms": p99}
 
 
-def measure_cases(servers: dict[str, Server], model_dir: Path, args) -> list[dict]:
+def measure_cases(servers: dict[tuple[int, str], Server], model_dir: Path, args) -> list[dict]:
     """Each rows x clients case on every server, back to back, next to the bare forward of those rows."""
     from sklearn.datasets import load_digits
 
@@ -200,12 +202,13 @@ def measure_cases(servers: dict[str, Server], model_dir: Path, args) -> list[dic
         rows = samples[:n_rows]
         bare = bare_forward(model_dir, rows, args.requests, args.inference_threads)
         for clients in CLIENT_COUNTS:
-            for batching, server in servers.items():
+            for (web_workers, batching), server in servers.items():
                 served = predict_latency(server, rows, clients, args.requests)
-                cases.append({"rows": n_rows, "clients": clients, "batching": batching, "bare": bare, **served})
-                print(f"{n_rows} rows, {clients} clients, batching {batching}: p50 {served['p50_ms']:.2f} ms, "
-                      f"p99 {served['p99_ms']:.2f} ms, {served['requests_per_second']:.0f} req/s "
-                      f"(bare p50 {bare['p50_ms']:.3f} ms)", file=sys.stderr)
+                cases.append({"rows": n_rows, "clients": clients, "web_workers": web_workers, "batching": batching,
+                              "bare": bare, **served})
+                print(f"{n_rows} rows, {clients} clients, {web_workers} API process(es), batching {batching}: "
+                      f"p50 {served['p50_ms']:.2f} ms, p99 {served['p99_ms']:.2f} ms, "
+                      f"{served['requests_per_second']:.0f} req/s (bare p50 {bare['p50_ms']:.3f} ms)", file=sys.stderr)
     return cases
 
 
@@ -217,28 +220,37 @@ def bench_serve(args) -> None:
     publish(
         destination(args),
         name="serve-redis" if args.redis_url else "serve",
-        title=f"Service ({broker} broker): predict latency and throughput over HTTP with dynamic batching off and "
-              "on, next to the bare forward, and submit-to-running",
-        columns=["measure", "batching", "clients", "p50 ms", "p99 ms", "requests/s", "x off",
+        title=f"Service ({broker} broker): predict latency and throughput over HTTP with 1 and 2 API processes and "
+              "dynamic batching off and on, next to the bare forward, and submit-to-running",
+        columns=["measure", "API processes", "batching", "clients", "p50 ms", "p99 ms", "requests/s", "x off",
                  "bare forward p50 / p99 ms", "p50 overhead ms"],
         rows=[*predict_rows(cases), submit_row(observed, recorded, broker)],
-        notes=notes(args.inference_threads, load_at_start),
+        notes=notes(args.inference_threads, load_at_start, access_log()),
         raw={"cases": cases, "submit_to_running_seconds": observed, "submit_to_running_recorded_seconds": recorded,
              "broker": broker, "requests_per_case": args.requests, "load_average_at_start": load_at_start,
-             "inference_threads": args.inference_threads, "batching": BATCHING},
+             "inference_threads": args.inference_threads, "batching": BATCHING, "web_workers": WEB_WORKERS,
+             "access_log": access_log()},
     )
 
 
+def access_log() -> bool:
+    """The servers' access log: AL_ACCESS_LOG as this process has it (they inherit it), read as the settings do."""
+    return TypeAdapter(bool).validate_python(os.environ.get("AL_ACCESS_LOG", "1"))
+
+
 def measure_servers(args) -> tuple[dict, list[dict]]:
-    """Two servers on a throw-away data directory, one per batching setting: submit-to-running, then the cases."""
-    servers: dict[str, Server] = {}
+    """A server per API processes x batching setting on a throw-away data directory: submit-to-running, then the
+    cases."""
+    servers: dict[tuple[int, str], Server] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         try:
-            for batching, extra in BATCHING.items():  # the first one's worker trains the model; one is enough
-                worker = {"AL_EMBEDDED_WORKER": "0"} if servers else {}
-                servers[batching] = Server(data_dir, args.redis_url, args.inference_threads, batching,
-                                           {**extra, **worker})
+            for web_workers in WEB_WORKERS:
+                for batching, extra in BATCHING.items():  # the first one's worker trains the model; one is enough
+                    worker = {"AL_EMBEDDED_WORKER": "0"} if servers else {}
+                    servers[web_workers, batching] = Server(
+                        data_dir, args.redis_url, args.inference_threads, f"{web_workers}-{batching}",
+                        {**extra, **worker, "AL_WEB_WORKERS": str(web_workers)})
             submitted = submit_to_running(next(iter(servers.values())), args.jobs, args.epochs)
             cases = measure_cases(servers, data_dir / "jobs" / submitted["job"]["id"], args)
         finally:
@@ -248,15 +260,17 @@ def measure_servers(args) -> tuple[dict, list[dict]]:
 
 
 def predict_rows(cases: list[dict]) -> list[dict]:
-    unbatched = {(c["rows"], c["clients"]): c["requests_per_second"] for c in cases if c["batching"] == "off"}
+    unbatched = {(c["rows"], c["clients"], c["web_workers"]): c["requests_per_second"]
+                 for c in cases if c["batching"] == "off"}
     return [{
         "measure": f"POST predict, {c['rows']} row{'s' if c['rows'] > 1 else ''}",
+        "API processes": c["web_workers"],
         "batching": c["batching"],
         "clients": c["clients"],
         "p50 ms": f"{c['p50_ms']:.2f}",
         "p99 ms": f"{c['p99_ms']:.2f}",
         "requests/s": f"{c['requests_per_second']:.0f}",
-        "x off": f"{c['requests_per_second'] / unbatched[c['rows'], c['clients']]:.2f}",
+        "x off": f"{c['requests_per_second'] / unbatched[c['rows'], c['clients'], c['web_workers']]:.2f}",
         "bare forward p50 / p99 ms": f"{c['bare']['p50_ms']:.3f} / {c['bare']['p99_ms']:.3f}",
         "p50 overhead ms": f"{c['p50_ms'] - c['bare']['p50_ms']:.2f}",
     } for c in cases]
@@ -272,21 +286,25 @@ def submit_row(observed: list[float], recorded: list[float], broker: str) -> dic
     }
 
 
-def notes(inference_threads: int, load_at_start: float) -> str:
+def notes(inference_threads: int, load_at_start: float, access_log: bool) -> str:
     return (
-        "Loopback, `al serve` (uvicorn, one event loop, inference on one thread of its own) and the clients "
-        "(coroutines in one thread, keep-alive HTTP/1.1, each sending its next request when the last is answered) "
-        "on the same machine, so at 8 and 32 clients they share its cores. Batching off: AL_BATCH_MAX_SIZE=1, "
-        "every request its own forward; on: the defaults (docs/service.md), concurrent requests share one "
-        "forward. Two servers on one data directory, each case measured on both back to back; x off: "
-        "requests/s over the same case with batching off. Model: the digits MLP of the default preset, "
-        "trained by the service itself. Bare forward: `LoadedModel.request` and `predict` in-process on the "
+        "Loopback, `al serve` and the clients (coroutines in one thread, keep-alive HTTP/1.1, each sending its next "
+        "request when the last is answered) on the same machine, so at 8 and 32 clients they share its cores. "
+        "API processes: AL_WEB_WORKERS, each with its own event loop, loaded model, batcher and inference thread "
+        "(one thread: AL_INFERENCE_THREADS), the clients' connections spread over them by the kernel. Batching off: "
+        "AL_BATCH_MAX_SIZE=1, every request its own forward; on: the defaults (docs/service.md), concurrent requests "
+        "to one process share one forward. Four servers on one data directory, each case measured on all four back "
+        "to back; x off: requests/s over the same case with the same API processes and batching off. Access log "
+        f"{'on (the default)' if access_log else 'off (AL_ACCESS_LOG=0)'}. Model: the digits MLP of the default "
+        "preset, trained by the service itself. Bare forward: `LoadedModel.request` and `predict` in-process on the "
         "same rows (check, normalise, forward, softmax, to lists), the work the server does per request, back "
-        f"to back; both with {inference_threads} torch thread(s) (AL_INFERENCE_THREADS). Submit-to-running: "
+        f"to back; both with {inference_threads} torch thread(s). Submit-to-running: "
         "client-observed time from POST /v1/jobs until GET shows `running` (10 ms polling), and the server's "
         "started_at - created_at, after one unmeasured job that waits out the worker's start-up, each "
         f"{IDLE_WAIT:.0f} s after the previous job ended. "
         "Targets: p50 overhead <= 2 ms for one row at 1 client, submit-to-running <= 1 s (issue 4); with "
-        "batching, one-row requests at 32 clients >= 3x the unbatched throughput at p99 <= 25 ms (issue 14). "
+        "batching, one-row requests at 32 clients >= 3x the unbatched throughput (issue 14); on 2 cores, 32 one-row "
+        "clients at p99 <= 25 ms and >= 1.5x the 1479 requests/s of one process before issue 23, 1 client p50 "
+        "overhead <= 1.5 ms, 64-row requests no slower (issue 23). "
         f"Load average (1 min) when the run started: {load_at_start:.1f} on {os.cpu_count()} cores."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -15,6 +16,12 @@ DEFAULT_TENANT = "default"
 # What each scope may do is app/api/deps.py's (REACHES); here only which names exist.
 SCOPES = ("predict", "train", "admin", "worker")
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # it names a directory too
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), not every core the
+    machine has. A CPU quota (docker --cpus) does not show here: set AL_WEB_WORKERS under one."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,13 @@ class Settings(BaseSettings):
     )
     queue: str = Field("al.jobs", min_length=1, max_length=200, description="broker queue of training jobs")
     embedded_worker: bool = Field(True, description="`al serve` starts a worker next to the API")
+    # `al serve`'s API processes (app/serve.py): one event loop each, with its own loaded models, batcher and
+    # inference thread; the kernel spreads connections over them. One loop did about 1500 one-row predicts a second.
+    web_workers: int = Field(
+        default_factory=usable_cores, ge=1, le=256,
+        description="API processes of `al serve`; unset = the cores it may run on (CPU affinity)",
+    )
+    access_log: bool = Field(True, description="a line per HTTP request on stdout (uvicorn's access log)")
     ui: bool = Field(True, description="serve the web dashboard at /ui")
     api_keys: str = Field(
         "", description="comma-separated TOKEN[:SCOPE[:TENANT]] bearer keys; empty = no authentication, "

@@ -26,6 +26,9 @@ FAST = {
     "AL_PROGRESS_INTERVAL": "0.1",
     "AL_EVENTS_POLL_INTERVAL": "0.1",
     "AL_BROKER_POLL_INTERVAL": "0.05",
+    # One API process unless a test asks for more (tests/test_serving.py): what a test counts against a process
+    # (a tenant's requests in flight, the server's memory) is then the whole server's.
+    "AL_WEB_WORKERS": "1",
 }
 SERVICE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "AL_API_KEYS", "AL_ENVIRONMENT", "AL_EMBEDDED_WORKER")
 

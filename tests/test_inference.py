@@ -258,3 +258,20 @@ def test_a_new_version_answers_soon_after_it_is_registered(client, model_dir):
     # Until the name's latest version is re-read (every ROUTES_TTL seconds, in the background), v1 answers.
     wait_for(lambda: client.post(NATIVE, json={"inputs": digits_rows(1)}).json()["version"] == 2,
              inference.ROUTES_TTL + 2, "version 2 to answer")
+
+
+def test_a_version_deleted_through_another_api_process_stops_answering_there_soon(client):
+    """Each API process (AL_WEB_WORKERS) keeps its own loaded models: a delete through one reaches another's
+    within ROUTES_TTL, when it asks the registry again, for the version by number and as the latest alike."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    other = TestClient(create_app(client.app.state.core.settings))  # another process's cache, the same store
+    versioned, body = "/v1/models/digits/versions/1/predict", {"inputs": digits_rows(1)}
+    for api in (client, other):
+        assert api.post(versioned, json=body).status_code == api.post(NATIVE, json=body).status_code == 200
+    assert client.delete("/v1/models/digits/versions/1").status_code == 204
+    assert client.post(versioned, json=body).status_code == 404  # at once where it was deleted
+    wait_for(lambda: other.post(versioned, json=body).status_code == other.post(NATIVE, json=body).status_code == 404,
+             inference.ROUTES_TTL + 2, "the other process to stop answering with the deleted version")

@@ -13,7 +13,8 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Path, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
+from starlette.requests import ClientDisconnect
 
 from app.inference import ModelCache
 from service.jobspec import NAME_PATTERN
@@ -67,7 +68,8 @@ VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="the model v
 AliasPath = Annotated[str, Path(pattern=NAME_PATTERN, description="an alias of the model")]
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 
-# The key is read from the headers before the body (app/edge.py); this declares it in OpenAPI.
+# The key is read from the headers before the body (app/edge.py), so no route has a dependency that reads it
+# (each one is a step on every request); OpenAPI shows this scheme on the paths that need a key (app/main.py).
 bearer = HTTPBearer(auto_error=False, description="a key of AL_API_KEYS (when it is set)")
 
 # What each scope may do. predict < train < admin; a worker key is for what workers on other hosts
@@ -119,12 +121,11 @@ def require(scope: str):
     """The dependency that decides who may call a route: a key whose scope reaches `scope`. Every route
     has one such decision (or `public`); tests/test_security.py finds a route without one."""
 
-    async def caller(request: Request, core: CoreDep,
-                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    async def caller(request: Request) -> Caller:  # its only parameter: a dependency of its own costs a step
         who = caller_of(request)
         if who is None:
             raise unauthorized()
-        if core.settings.keys and not reaches(who, scope):  # without keys, everyone may do everything
+        if request.app.state.core.settings.keys and not reaches(who, scope):  # no keys: anyone may do anything
             raise HTTPException(403, scope_refused(who, scope))
         return who
 
@@ -140,6 +141,15 @@ public.scope = None
 PredictCaller = Annotated[Caller, Depends(require("predict"))]
 TrainCaller = Annotated[Caller, Depends(require("train"))]
 AdminCaller = Annotated[Caller, Depends(require("admin"))]
+
+
+async def body_of(request: Request) -> bytes:
+    """The body of a route that reads its own (after its caller's scope is decided); a client that goes away
+    before sending all of it gets the 400 FastAPI gives when it reads a body, not a server error."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before the request body was all sent") from None
 
 
 def remove_files(settings: Settings, path: FilePath) -> None:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from al import __version__
 from al.data import TEXT
 from al.data.text import as_texts
-from app.api.deps import MAX_VERSION, Caller, Core, CoreDep, PredictCaller, public, require
+from app.api.deps import MAX_VERSION, Caller, Core, CoreDep, PredictCaller, body_of, public, require
 from app.api.routes.models import answers, find_model, model_for, named_classes, shares_of
 from app.schemas import (
     V2Error,
@@ -112,7 +112,7 @@ async def infer_body(request: Request) -> InferBody:
     """The body, read only once the route's key check has passed (the dependency after it) and within the body
     limit (app/edge.py), then decoded in a worker thread: JSON, or Triton's binary tensor data extension (a JSON
     header of Inference-Header-Content-Length bytes, then the input's raw values)."""
-    body = await request.body()
+    body = await body_of(request)
     return await run_in_threadpool(decode_infer, body, request.headers.get("inference-header-content-length"))
 
 
@@ -289,19 +289,14 @@ def model_version_ready(name: str, version: VersionOrAlias, caller: PredictCalle
 
 
 # The infer routes read their body themselves (infer_body), after the caller's scope is decided; OpenAPI
-# shows the JSON form (describe_infer_body), and the binary form is Triton's extension of it.
+# shows the JSON form (V2InferRequest is in its components: app/main.py), and the binary form is Triton's
+# extension of it.
 INFER_BODY = {"requestBody": {"required": True, "description": "JSON; or Triton's binary tensor data extension: "
                               "that JSON (input parameters.binary_data_size, no data) in the first "
                               "Inference-Header-Content-Length bytes, then the values, little-endian",
                               "content": {"application/json": {"schema": {
                                   "$ref": "#/components/schemas/V2InferRequest"}}}}}
 InferBodyDep = Annotated[InferBody, Depends(infer_body)]
-
-
-def describe_infer_body(schema: dict) -> None:
-    """Puts V2InferRequest and what it refers to into the OpenAPI document's components."""
-    request = V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema["components"]["schemas"].update(request.pop("$defs", {}), V2InferRequest=request)
 
 
 # Unset optional fields (id, parameters) are left out rather than sent as null, as the protocol shows them.

@@ -34,7 +34,7 @@ from app.main import create_app, prepare
 from service.settings import Settings, get_settings
 
 API = "app.serve:api_process"  # uvicorn's factory of one API process's app
-log = logging.getLogger("uvicorn.error")
+log = logging.getLogger("uvicorn.error")  # where uvicorn's own messages go: ours read alike
 # The dashboard once took a key as `?key=`; it reads none from an address now, but old links still carry one,
 # and uvicorn's access log shows query strings.
 KEY_PARAMETER = re.compile(r"(?<=[?&])key=[^&\s]*")

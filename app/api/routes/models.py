@@ -3,6 +3,7 @@ deletes."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated
 
@@ -201,12 +202,25 @@ def answers(model: LoadedModel, classes: list) -> tuple[list, list[str] | None]:
     return [index[c] for c in classes], [str(c) for c in classes]
 
 
-async def predict_body(request: Request) -> PredictRequest:
-    """The body, parsed and checked in one step from its JSON text by pydantic, read once the caller's scope is
-    decided (the dependency before it). 64 rows: 0.4 ms, against 1.6 ms for FastAPI's json.loads and then the
-    check of the Python lists; one row costs about the same either way."""
+def predict_request(body: bytes) -> PredictRequest:
+    """The body parsed and checked in one step from its JSON text by pydantic: 64 rows in 0.4 ms, against 1.6 ms
+    for FastAPI's json.loads and then the check of the Python lists (one row costs about the same either way)."""
     try:
-        return PredictRequest.model_validate_json(await body_of(request))
+        return PredictRequest.model_validate_json(body)
+    except ValidationError as e:
+        if e.errors()[0]["type"] != "json_invalid":
+            raise
+        try:  # JSON that pydantic's parser refuses and Python's reads: an escaped lone surrogate ("\\ud800"),
+            parsed = json.loads(body)  # which the model's check names (a text that is not valid Unicode)
+        except ValueError:
+            raise e from None
+    return PredictRequest.model_validate(parsed)
+
+
+async def predict_body(request: Request) -> PredictRequest:
+    """The body, read once the caller's scope is decided (the dependency before it)."""
+    try:
+        return predict_request(await body_of(request))
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
 

@@ -117,7 +117,7 @@ def test_the_installed_al_has_the_commands_that_packages_add():
     command = Path(sys.executable).with_name("al")  # the venv's console script, as `make run` starts it
     listed = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
-    assert "{train,eval,predict,study,bench,serve,worker}" in listed.stdout
+    assert "{train,eval,predict,export,study,bench,serve,worker}" in listed.stdout
     for name, expected in (("serve", "--no-worker"), ("worker", "usage: al worker"), ("bench", "time-to-accuracy")):
         proc = subprocess.run([command, name, "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and expected in proc.stdout, proc.stderr
@@ -139,7 +139,7 @@ def test_a_command_whose_package_is_not_installed_is_left_out(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "al.cli", "--help"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
-    assert "{train,eval,predict,study,bench,serve,worker}" in proc.stdout and "ghost" not in proc.stdout
+    assert "{train,eval,predict,export,study,bench,serve,worker}" in proc.stdout and "ghost" not in proc.stdout
 
 
 def test_a_command_that_fails_to_import_says_why(tmp_path):

@@ -25,9 +25,12 @@ PORT ?= 8000
 run: setup
 	$(BIN)/al serve --host $(HOST) --port $(PORT)
 
+# Two pytest processes share the tests (most wait on servers and workers), file by file; the `serial` ones, which
+# bound latency or memory, run afterwards alone.
 test: setup
 	scripts/ensure-services
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not deploy and not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,25 +9,36 @@ import time
 from pathlib import Path
 
 from benchmarks.report import Destination, destination, mean_sd, publish
+from benchmarks.runs import subset_file
 
 TFIDF = "tf-idf + logistic regression"
 TFIDF_C = (1.0, 3.0, 10.0, 30.0)  # logistic regression's inverse regularisation, chosen on the validation split
 
 
-def tfidf_reference(data, val_fraction: float, seed: int) -> dict:
+def tfidf_reference(data, val_fraction: float, seed: int, model=None) -> dict:
     """TF-IDF of words and word pairs (sublinear counts, terms seen twice or more) and logistic regression, fitted on
     the training split the models train on (the validation rows carved as theirs are), C chosen on the validation
-    split; the test accuracy of that C."""
+    split; the test accuracy of that C. With a text `model` config: of what such a model reads of each text, its
+    tokenizer's first max_tokens tokens (unknown words as one UNK), so that truncation's cost shows apart."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     from al.data import carve_validation
+    from al.data.text import PAD, TextEncoding
 
     started = time.perf_counter()
     train_rows, val_rows = carve_validation(len(data.train_x), val_fraction, seed)
+    train_texts, val_texts, test_texts = data.train_x[train_rows], data.train_x[val_rows], data.test_x
+    if model is not None:
+        encoding = TextEncoding.fit(train_texts, model.vocab_size, model.max_tokens)
+
+        def read(texts):
+            return [" ".join(t for t in e.tokens if t != PAD) for e in encoding.tokenizer.encode_batch(list(texts))]
+
+        train_texts, val_texts, test_texts = read(train_texts), read(val_texts), read(test_texts)
     vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
-    train_x = vectorizer.fit_transform(data.train_x[train_rows])
-    val_x, test_x = vectorizer.transform(data.train_x[val_rows]), vectorizer.transform(data.test_x)
+    train_x = vectorizer.fit_transform(train_texts)
+    val_x, test_x = vectorizer.transform(val_texts), vectorizer.transform(test_texts)
     fitted = [LogisticRegression(C=c, max_iter=2000).fit(train_x, data.train_y[train_rows]) for c in TFIDF_C]
     best = max(fitted, key=lambda model: model.score(val_x, data.train_y[val_rows]))
     return {"test_accuracy": best.score(test_x, data.test_y), "val_accuracy": best.score(val_x, data.train_y[val_rows]),
@@ -43,13 +54,20 @@ def bench_accuracy(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_dataset(args.dataset)
-    # The presets name the table unless it is `default` alone, whose tables came first.
     label = args.name or Path(args.dataset).stem
-    name = "-".join(["accuracy", label, args.arch, *sorted(set(args.presets) - {"default"})])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = load_dataset(str(subset_file(args.dataset, args.samples, Path(tmp))) if args.samples else args.dataset)
+    # The presets and model fields name the table unless they are `default` alone, whose tables came first.
+    variant = [f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(args.model.items())]
+    name = "-".join(["accuracy", label, *([f"{args.samples}"] if args.samples else []), args.arch, *variant,
+                     *sorted(set(args.presets) - {"default"})])
     runs: dict[str, list[dict]] = {}
     if data.input_kind == TEXT:
-        runs[TFIDF] = [tfidf_reference(data, make_config().training.val_fraction, seed) for seed in range(args.seeds)]
+        config = make_config("default", {**args.model, "arch": args.arch})
+        val_fraction, model = config.training.val_fraction, config.model
+        runs[TFIDF] = [tfidf_reference(data, val_fraction, seed) for seed in range(args.seeds)]
+        runs[f"{TFIDF}, first {model.max_tokens} tokens"] = [tfidf_reference(data, val_fraction, seed, model)
+                                                             for seed in range(args.seeds)]
     for preset in args.presets:
         for method in ("al", "bp"):
             key = f"{method}/{preset}"
@@ -58,12 +76,12 @@ def bench_accuracy(args) -> None:
                 training = {"method": method, "epochs": args.epochs, "seed": seed, "device": args.device,
                             "batch_size": args.batch_size, "lr": args.lr}
                 with tempfile.TemporaryDirectory() as out:
-                    result = train(data, out, make_config(preset, {"arch": args.arch}, training))
+                    result = train(data, out, make_config(preset, {**args.model, "arch": args.arch}, training))
                 runs[key].append(result)
                 print(f"{key} seed {seed}: test_accuracy {result['test_accuracy']:.4f} "
                       f"({result['train_seconds']:.1f}s)", file=sys.stderr)
                 # After every run, so that an interrupted benchmark still publishes what it measured.
-                publish_accuracy(destination(args), name, label, args.arch, args.epochs, runs)
+                publish_accuracy(destination(args), name, label, " ".join([args.arch, *variant]), args.epochs, runs)
 
 
 def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epochs: int, runs: dict[str, list[dict]],
@@ -78,7 +96,7 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
         rows.append({
             "method / preset": key,
             "test accuracy % (last epoch)": f"{acc_mean:.2f} +- {acc_sd:.2f}",
-            "seconds / epoch": f"{sec_mean:.2f} +- {sec_sd:.2f}" + (" (fit, all C)" if key == TFIDF else ""),
+            "seconds / epoch": f"{sec_mean:.2f} +- {sec_sd:.2f}" + (" (fit, all C)" if key.startswith(TFIDF) else ""),
             "runs": len(results),
         })
     publish(
@@ -90,6 +108,7 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
         notes="BP trains the same inference topology (f_1..f_L -> b_L -> h_L..h_1) with cross-entropy. "
         "Mean +- sample standard deviation over seeds 0..runs-1; test accuracy of the last epoch."
         + (f" {TFIDF}: fitted on each seed's training split, C in {list(TFIDF_C)} chosen on its validation split "
-           "(benchmarks/accuracy.py, tfidf_reference)." if TFIDF in runs else ""),
+           "(benchmarks/accuracy.py, tfidf_reference); 'first N tokens': of the tokens the model reads, from a "
+           "tokenizer of its settings fitted on that split." if TFIDF in runs else ""),
         raw={"runs": runs, **record},
     )

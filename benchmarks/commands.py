@@ -43,6 +43,11 @@ def add_accuracy(kinds, common) -> None:
                          help="AL and BP side by side: last-epoch test accuracy and time")
     a.add_argument("--dataset", default="fashion-mnist")
     a.add_argument("--arch", default="mlp")
+    a.add_argument("--model", type=json.loads, default={},
+                   help='model fields on top of --arch, e.g. \'{"max_tokens": 128}\' or \'{"widths": [256, 256]}\'; '
+                   "they name the table too")
+    a.add_argument("--samples", type=int, default=None,
+                   help="the first N training samples and N/4 test samples (default: all)")
     a.add_argument("--epochs", type=int, default=20)
     a.add_argument("--seeds", type=int, default=3)
     a.add_argument("--batch-size", type=int, default=None)

@@ -40,6 +40,9 @@ from service_support import (
 from al.config import make_config
 from al.run import train
 
+# Its bounds on how quickly the server answers under attack hold on a machine that runs nothing else.
+pytestmark = pytest.mark.serial
+
 KEYS = "adm1:admin:t1,trn1:train:t1,prd1:predict:t1,trn2:train:t2,wrk:worker"
 FEATURES = 256  # 4096 rows of FP32 are then 4 MiB: the body the issue saw refused
 MAX_PREDICTS, MAX_STREAMS = 16, 2

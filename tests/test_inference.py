@@ -178,6 +178,7 @@ def test_a_bad_request_in_a_batch_gets_its_error_and_the_others_their_answers(ma
     assert sum(batch_sizes) == len(rows) and max(batch_sizes) > 1, batch_sizes
 
 
+@pytest.mark.serial  # a bound on latency: alone on the machine
 def test_a_lone_request_waits_at_most_the_batch_wait(make_app):
     for wait in (0.25, 0):  # 0: dispatched at once when the inference thread is idle
         client = make_app(AL_BATCH_WAIT_MS=str(wait * 1000))

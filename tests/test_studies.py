@@ -241,7 +241,9 @@ def test_time_to_accuracy_and_pareto_studies_over_http(redis_api, tmp_path):
     try:
         timed = client.post("/v1/studies", json={
             "name": "timed", "dataset": "digits", "trials": 2, "seed": 2, "space": FAST_THEN_SLOW,
-            "base": {**BASE, "training": {"epochs": 6, "batch_size": 64}},
+            # A long schedule: the slow trial is pruned once it has trained as long as the quick one took, however
+            # the machine's load changes meanwhile, never because its schedule ended first.
+            "base": {**BASE, "training": {"epochs": 30, "batch_size": 64}},
             "objective": "time_to_accuracy", "target": 0.4})
         assert timed.status_code == 202, timed.text
         pareto = client.post("/v1/studies", json={

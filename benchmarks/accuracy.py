@@ -57,8 +57,9 @@ def bench_accuracy(args) -> None:
     label = args.name or Path(args.dataset).stem
     with tempfile.TemporaryDirectory() as tmp:
         data = load_dataset(str(subset_file(args.dataset, args.samples, Path(tmp))) if args.samples else args.dataset)
-    # The presets and model fields name the table unless they are `default` alone, whose tables came first.
+    # The presets, model fields and lr name the table unless they are `default` alone, whose tables came first.
     variant = [f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(args.model.items())]
+    variant += [f"lr={args.lr:g}"] if args.lr else []
     name = "-".join(["accuracy", label, *([f"{args.samples}"] if args.samples else []), args.arch, *variant,
                      *sorted(set(args.presets) - {"default"})])
     runs: dict[str, list[dict]] = {}

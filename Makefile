@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/al serve --host $(HOST) --port $(PORT)
 
 # Two pytest processes share the tests (most wait on servers and workers), file by file; the `serial` ones, which
-# bound latency or memory, run afterwards alone.
+# bound latency, run afterwards alone.
 test: setup
 	scripts/ensure-services
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not deploy and not serial"

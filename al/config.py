@@ -187,8 +187,8 @@ PRESETS: dict[str, Preset] = {
     # R1 with a 10x learning rate and a cosine schedule: R1's step schedule was
     # tuned for 200 epochs; over tens of epochs it cuts the rate too early.
     # `al bench accuracy` backs this choice (docs/benchmarks.md).
-    # Texts at lr 3e-3: 2.6 points more validation accuracy over 3 seeds on the Debian packages set, AL and BP
-    # alike (docs/benchmarks.md, Texts).
+    # Texts at lr 3e-3: AL's validation accuracy 2.4-2.6 points higher on each of 3 seeds of the Debian packages
+    # set (docs/benchmarks.md, Texts).
     "default": Preset(train={"lr": 1e-3, "schedule": "cosine"},
                       train_by_arch={arch: {"lr": 3e-3} for arch in TEXT_ARCHS}),
     # Lean and quick to start: one-layer bridges (R1's two-layer 5n bridges are most of an MLP's

@@ -355,7 +355,10 @@ def test_64_anonymous_clients_sending_16_mib_leave_keyed_predicts_unharmed(serve
     print(f"keyed predict p99: idle {1000 * idle:.1f} ms, with 64 anonymous 16 MiB senders {1000 * loaded:.1f} ms "
           f"({len(answers)} anonymous bodies sent)")
     assert len(answers) >= 64 and set(answers) == {401}
-    assert loaded < 5 * idle, f"p99 {1000 * loaded:.1f} ms loaded against {1000 * idle:.1f} ms idle"
+    # Refusing ~1,000 anonymous requests a second takes the server's CPU on two shared cores: p99 measured 36-125 ms
+    # on 2-core machines. With refusals that read the body first (no `Connection: close`), 227-289 ms.
+    bound = max(5 * idle, 0.2)
+    assert loaded < bound, f"p99 {1000 * loaded:.1f} ms loaded against {1000 * idle:.1f} ms idle"
 
 
 # --- schemathesis, stateful ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ with the classical reference beside them: TF-IDF and logistic regression on the 
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ def tfidf_reference(data, val_fraction: float, seed: int, model=None) -> dict:
 def bench_accuracy(args) -> None:
     import torch
 
+    from al.checkpoint import METRICS
     from al.config import make_config
     from al.data import TEXT, load_dataset
     from al.run import train
@@ -70,7 +72,7 @@ def bench_accuracy(args) -> None:
         runs[f"{TFIDF}, first {model.max_tokens} tokens"] = [tfidf_reference(data, val_fraction, seed, model)
                                                              for seed in range(args.seeds)]
     for preset in args.presets:
-        for method in ("al", "bp"):
+        for method in args.methods:
             key = f"{method}/{preset}"
             runs[key] = []
             for seed in range(args.seeds):
@@ -78,6 +80,8 @@ def bench_accuracy(args) -> None:
                             "batch_size": args.batch_size, "lr": args.lr}
                 with tempfile.TemporaryDirectory() as out:
                     result = train(data, out, make_config(preset, {**args.model, "arch": args.arch}, training))
+                    result["val_accuracy_by_epoch"] = [json.loads(line)["val_accuracy"]
+                                                       for line in (Path(out) / METRICS).read_text().splitlines()]
                 runs[key].append(result)
                 print(f"{key} seed {seed}: test_accuracy {result['test_accuracy']:.4f} "
                       f"({result['train_seconds']:.1f}s)", file=sys.stderr)
@@ -94,9 +98,11 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
             continue
         acc_mean, acc_sd = mean_sd([100 * r["test_accuracy"] for r in results])
         sec_mean, sec_sd = mean_sd([r["train_seconds"] / r["epochs"] for r in results])
+        first = [100 * r["val_accuracy_by_epoch"][0] for r in results if r.get("val_accuracy_by_epoch")]
         rows.append({
             "method / preset": key,
             "test accuracy % (last epoch)": f"{acc_mean:.2f} +- {acc_sd:.2f}",
+            "validation % after epoch 1": "{:.2f} +- {:.2f}".format(*mean_sd(first)) if first else "",
             "seconds / epoch": f"{sec_mean:.2f} +- {sec_sd:.2f}" + (" (fit, all C)" if key.startswith(TFIDF) else ""),
             "runs": len(results),
         })
@@ -104,7 +110,8 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
         where,
         name=name,
         title=f"Accuracy: AL vs BP, {dataset}, {arch}, {epochs} epochs",
-        columns=["method / preset", "test accuracy % (last epoch)", "seconds / epoch", "runs"],
+        columns=["method / preset", "test accuracy % (last epoch)", "validation % after epoch 1", "seconds / epoch",
+                 "runs"],
         rows=rows,
         notes="BP trains the same inference topology (f_1..f_L -> b_L -> h_L..h_1) with cross-entropy. "
         "Mean +- sample standard deviation over seeds 0..runs-1; test accuracy of the last epoch."

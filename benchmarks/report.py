@@ -3,6 +3,7 @@ table between markers in a Markdown report. Both places are options of `al bench
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -81,14 +82,18 @@ def update_report(report_path: Path, record: dict) -> None:
     if record["notes"]:
         table += ["", record["notes"]]
     block = f"<!-- bench:{name} -->\n" + "\n".join(table) + f"\n<!-- /bench:{name} -->"
-    report = report_path.read_text() if report_path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-    if pattern.search(report):
-        report = pattern.sub(lambda _: block, report)
-    else:
-        report = report.rstrip() + "\n\n" + block + "\n"
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(report)
+    # Benchmarks that run side by side publish into one report: each reads and rewrites it under a lock, so that
+    # none loses another's table.
+    with open(report_path.with_name(report_path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = report_path.read_text() if report_path.exists() else "# Benchmarks\n"
+        if pattern.search(report):
+            report = pattern.sub(lambda _: block, report)
+        else:
+            report = report.rstrip() + "\n\n" + block + "\n"
+        report_path.write_text(report)
 
 
 def destination(args) -> Destination:

@@ -362,12 +362,3 @@ def test_a_few_hundred_debian_package_descriptions(tmp_path):
     assert evaluate(tmp_path / "m", str(path))["test_accuracy"] == result["test_accuracy"]
     model = load_model(tmp_path / "m")
     assert set(model.predict(model.request(list(data.test_x))).classes) <= set(data.classes)
-
-
-def test_default_resolves_the_text_learning_rate_for_text_archs_only():
-    """`default` trains texts at lr 3e-3 (docs/benchmarks.md, Texts) and numbers at 1e-3; what a caller gives wins."""
-    assert [make_config("default", {"arch": arch}).training.lr for arch in ("mlp", "cnn", "resnet")] == [1e-3] * 3
-    assert [make_config("default", {"arch": arch}).training.lr for arch in ("lstm", "transformer")] == [3e-3] * 2
-    assert make_config("default", {"arch": "lstm"}, {"lr": 5e-3}).training.lr == 5e-3
-    assert make_config("lean", {"arch": "transformer"}).training.lr == 2e-3  # other presets keep their own
-    assert make_config("paper", {"arch": "transformer"}).training.lr == 1e-4

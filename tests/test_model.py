@@ -66,27 +66,28 @@ def test_cnn_and_resnet_build_and_run_on_small_images():
 
 
 def test_default_resolves_per_architecture_as_documented():
-    """`default` (README, "Presets"): tanh bridges and codes for the number archs, R1's sigmoid ones for texts and
+    """`default` (README, "Presets"): tanh bridges and codes for the conv archs, R1's sigmoid ones for the others and
     in `paper`; lr 3e-3 for texts, 1e-3 for numbers; what a caller gives wins. The activations reach the network."""
     numbers, texts = ("mlp", "cnn", "resnet"), ("lstm", "transformer")
     codes = {arch: (make_config("default", {"arch": arch}).model.bridge_activation,
                     make_config("default", {"arch": arch}).model.target_activation) for arch in numbers + texts}
-    assert codes == {**{arch: ("tanh", "tanh") for arch in numbers}, **{arch: ("sigmoid", "sigmoid") for arch in texts}}
+    tanh, sigmoid = ("tanh", "tanh"), ("sigmoid", "sigmoid")
+    assert codes == {"mlp": sigmoid, "cnn": tanh, "resnet": tanh, "lstm": sigmoid, "transformer": sigmoid}
     assert make_config("paper", {"arch": "cnn"}).model.target_activation == "sigmoid"
-    assert make_config("default", {"arch": "mlp", "bridge_activation": "sigmoid"}).model.bridge_activation == "sigmoid"
+    assert make_config("default", {"arch": "cnn", "bridge_activation": "relu"}).model.bridge_activation == "relu"
     assert [make_config("default", {"arch": arch}).training.lr for arch in numbers] == [1e-3] * 3
     assert [make_config("default", {"arch": arch}).training.lr for arch in texts] == [3e-3] * 2
     assert make_config("default", {"arch": "lstm"}, {"lr": 5e-3}).training.lr == 5e-3
     assert make_config("lean", {"arch": "transformer"}).training.lr == 2e-3  # other presets keep their own
     assert make_config("paper", {"arch": "transformer"}).training.lr == 1e-4
 
-    def activations(preset):
-        model_cfg = make_config(preset, {"arch": "mlp", "widths": [16, 16], "target_width": 8}).model
+    def activations(preset, arch):
+        model_cfg = make_config(preset, {"arch": arch, "widths": [4, 8], "target_width": 8}).model
         second = build_network(model_cfg, (1, 8, 8), 3, "al").components[1]
         return [type(part[-1]).__name__ for part in (second.bridge, second.target_encoder, second.decoder)]
 
-    assert activations("default") == ["Tanh"] * 3
-    assert activations("paper") == ["Sigmoid"] * 3
+    assert activations("default", "cnn") == ["Tanh"] * 3
+    assert activations("paper", "cnn") == activations("default", "mlp") == ["Sigmoid"] * 3
 
 
 def test_paper_bridge_is_two_layers_five_n_wide():

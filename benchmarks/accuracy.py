@@ -63,7 +63,7 @@ def bench_accuracy(args) -> None:
     variant = [f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(args.model.items())]
     variant += [f"lr={args.lr:g}"] if args.lr else []
     name = "-".join(["accuracy", label, *([f"{args.samples}"] if args.samples else []), args.arch, *variant,
-                     *sorted(set(args.presets) - {"default"})])
+                     *sorted(set(args.presets) - {"default"}), *(args.methods if len(args.methods) == 1 else [])])
     runs: dict[str, list[dict]] = {}
     if data.input_kind == TEXT:
         config = make_config("default", {**args.model, "arch": args.arch})

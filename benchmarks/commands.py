@@ -53,7 +53,8 @@ def add_accuracy(kinds, common) -> None:
     a.add_argument("--batch-size", type=int, default=None)
     a.add_argument("--lr", type=float, default=None, help="learning rate of AL and BP (default: the preset's)")
     a.add_argument("--presets", nargs="+", default=["default"])
-    a.add_argument("--methods", nargs="+", default=["al", "bp"], choices=["al", "bp"])
+    a.add_argument("--methods", nargs="+", default=["al", "bp"], choices=["al", "bp"],
+                   help="which to train (default both); one alone names the table too")
     a.add_argument("--device", default="auto")
     a.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     a.add_argument("--name", default=None, help="the dataset's name in the table's (default: the name or file stem)")

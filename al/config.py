@@ -188,9 +188,9 @@ PRESETS: dict[str, Preset] = {
     # tuned for 200 epochs; over tens of epochs it cuts the rate too early.
     # `al bench accuracy` backs this choice (docs/benchmarks.md).
     # Conv nets with tanh bridges and codes: with R1's sigmoid ones they sat near chance for their first 2-4 epochs
-    # on digits, at 20 epochs within 0.6 points either way (docs/benchmarks.md, "The default preset"); the mlp keeps
-    # R1's, 0.5 points better on Fashion-MNIST. Texts at lr 3e-3: AL's validation accuracy 2.4-2.6 points higher on
-    # each of 3 seeds of the Debian packages set (docs/benchmarks.md, Texts).
+    # on digits; at 20 epochs tanh scored 0.56 points below to 0.9 above (docs/benchmarks.md, "The default preset").
+    # The mlp keeps R1's, 0.5-0.9 points better on Fashion-MNIST. Texts at lr 3e-3: AL's validation accuracy
+    # 2.4-2.6 points higher on each of 3 seeds of the Debian packages set (docs/benchmarks.md, Texts).
     "default": Preset(train={"lr": 1e-3, "schedule": "cosine"},
                       by_arch={**{arch: Preset(model={"bridge_activation": "tanh", "target_activation": "tanh"})
                                   for arch in ("cnn", "resnet")},

@@ -69,14 +69,14 @@ def test_default_resolves_per_architecture_as_documented():
     """`default` (README, "Presets"): tanh bridges and codes for the conv archs, R1's sigmoid ones for the others and
     in `paper`; lr 3e-3 for texts, 1e-3 for numbers; what a caller gives wins. The activations reach the network."""
     numbers, texts = ("mlp", "cnn", "resnet"), ("lstm", "transformer")
-    codes = {arch: (make_config("default", {"arch": arch}).model.bridge_activation,
-                    make_config("default", {"arch": arch}).model.target_activation) for arch in numbers + texts}
+    resolved = {arch: make_config("default", {"arch": arch}) for arch in numbers + texts}
+    codes = {arch: (c.model.bridge_activation, c.model.target_activation) for arch, c in resolved.items()}
     tanh, sigmoid = ("tanh", "tanh"), ("sigmoid", "sigmoid")
     assert codes == {"mlp": sigmoid, "cnn": tanh, "resnet": tanh, "lstm": sigmoid, "transformer": sigmoid}
     assert make_config("paper", {"arch": "cnn"}).model.target_activation == "sigmoid"
     assert make_config("default", {"arch": "cnn", "bridge_activation": "relu"}).model.bridge_activation == "relu"
-    assert [make_config("default", {"arch": arch}).training.lr for arch in numbers] == [1e-3] * 3
-    assert [make_config("default", {"arch": arch}).training.lr for arch in texts] == [3e-3] * 2
+    assert [resolved[arch].training.lr for arch in numbers] == [1e-3] * 3
+    assert [resolved[arch].training.lr for arch in texts] == [3e-3] * 2
     assert make_config("default", {"arch": "lstm"}, {"lr": 5e-3}).training.lr == 5e-3
     assert make_config("lean", {"arch": "transformer"}).training.lr == 2e-3  # other presets keep their own
     assert make_config("paper", {"arch": "transformer"}).training.lr == 1e-4

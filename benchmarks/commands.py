@@ -75,13 +75,17 @@ def add_time_to_accuracy(kinds, common) -> None:
     p.add_argument("--al-presets", nargs="+", default=["default"], help="AL runs with each of these presets")
     p.add_argument("--al-variants", type=json.loads, default=None,
                    help='AL runs each preset with each of these changes, e.g. \'{"fan-out": {"model": {"init": '
-                        '"he_fan_out"}, "training": {"target_warmup": 100}}}\' (default: the preset as it is)')
+                        '"he_fan_out"}, "training": {"target_warmup": 100}}}\' (default: the preset as it is); a '
+                        'change with "preset": P runs with preset P only')
     p.add_argument("--al-modes", nargs="+", choices=("sequential", "threads", "processes"),
                    default=["sequential", "threads", "processes"], help="how AL runs train")
     p.add_argument("--cores", type=int, default=None,
                    help="the most threads a run uses (default: every core; fewer where others share the machine)")
     p.add_argument("--bp-presets", nargs="+", default=["default"],
-                   help="BP runs with each (the first sets the target); the fastest is 'best BP'")
+                   help="BP runs with each; the first preset's first variant, on one thread, sets the target; the "
+                        "fastest is 'best BP'")
+    p.add_argument("--bp-variants", type=json.loads, default=None,
+                   help="BP runs each preset with each of these changes, as --al-variants")
 
 
 def add_early_exit(kinds, common) -> None:

@@ -59,18 +59,29 @@ def seconds_to(curve: list[dict], target: float) -> tuple[float, int] | None:
     return next(((p["seconds"], p["epoch"]) for p in curve if p["val_accuracy"] >= target), None)
 
 
+def variants_of(preset: str, variants: dict | None) -> list[tuple[str, dict]]:
+    """The variants (name, {"model", "training", "preset"?}) that run with a preset: each, unless it names
+    another preset (default: the preset as it is)."""
+    return [(name, changes) for name, changes in (variants or {"": {}}).items()
+            if changes.get("preset", preset) == preset]
+
+
 def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[dict]:
     cores = args.cores or os.cpu_count() or 1
     model = case_model(arch, depth, args.mlp_width)
     stage_devices = ["cpu"] * min(depth, cores)
-    # label -> (threads, training, preset, model on top of the case's)
-    runs = {f"BP {preset}, {n} thread(s)": (n, {"method": "bp"}, preset, {})
-            for preset in args.bp_presets for n in sorted({1, cores})}
+    # label -> (threads, training, preset, model on top of the case's); the first BP run sets the target
+    runs = {}
+    for preset in args.bp_presets:
+        for variant, changes in variants_of(preset, args.bp_variants):
+            for n in sorted({1, cores}):
+                label = " ".join(part for part in ("BP", preset, variant) if part) + f", {n} thread(s)"
+                runs[label] = (n, {**changes.get("training", {}), "method": "bp"}, preset, changes.get("model", {}))
     modes = {"sequential": (f"sequential, {cores} thread(s)", cores, {}),
              "threads": ("threads", 1, {"pipeline": "threads", "devices": stage_devices}),
              "processes": ("processes", 1, {"pipeline": "processes", "devices": stage_devices})}
     for preset in args.al_presets:
-        for variant, changes in (args.al_variants or {"": {}}).items():
+        for variant, changes in variants_of(preset, args.al_variants):
             for mode in args.al_modes:
                 name, threads, placement = modes[mode]
                 label = " ".join(part for part in ("AL", preset, variant, name) if part)

@@ -24,7 +24,7 @@ from pathlib import Path
 from al.study import NOT_REACHED, Goal, run_local
 from al.trainer import Callback
 from benchmarks.runs import case_model, run_in_fresh_process, subset_file
-from benchmarks.time_to_accuracy import TARGET_MARGIN, seconds_to
+from benchmarks.time_to_accuracy import TARGET_MARGIN, curves_svg, seconds_to
 
 # The levers of issue 22 that apply to the case's network (conv-only ones are dropped for the mlp).
 SPACE = {
@@ -44,6 +44,7 @@ SPACE = {
 CONV_ONLY = ("model.bridge_convs", "model.bridge_pool")
 AL_ONLY = ("training.target_lr_factor", "training.bridge_lr_factor", "training.target_warmup")
 RESULTS = Path(__file__).parent / "results"
+FIGURES = Path(__file__).parent.parent / "docs" / "figures"
 
 
 def log(message: str) -> None:
@@ -77,6 +78,15 @@ def pareto_front(curves: dict[int, list[dict]]) -> list[dict]:
                    and (q["val_accuracy"], q["seconds"]) != (p["val_accuracy"], p["seconds"]) for q in points)
 
     return sorted((p for p in points if not beaten(p)), key=lambda p: p["seconds"])
+
+
+def front_figure(study: dict, arch: str, depth: int) -> str:
+    """The curves of the trials with a point on the Pareto front, next to BP `lean`'s, as an SVG."""
+    on_front = sorted({p["trial"] for p in study["pareto_epochs"]})
+    runs = [{"run": f"BP lean, {study['bp_lean']['threads']} threads", "curve": study["bp_lean"]["curve"]},
+            *({"run": f"trial {n}", "curve": study["curves"][n]} for n in on_front)]
+    return curves_svg([{"arch": arch, "components": depth, "seed": 0, "target": study["target"], **run}
+                       for run in runs], arch, depth)
 
 
 def main() -> None:
@@ -114,8 +124,9 @@ def main() -> None:
         study = run_local(data, base, space, args.trials, Path(tmp) / "study", seed=0,
                           goal=Goal("time_to_accuracy", target), callbacks=lambda n: [TrialLog(n, curves)])
         study["best"].pop("model")  # a temporary directory
-    out = RESULTS / f"study-time-to-accuracy-{arch}-{depth}{'-bp' if args.method == 'bp' else ''}.json"
-    out.write_text(json.dumps({
+    name = f"study-time-to-accuracy-{arch}-{depth}{'-bp' if args.method == 'bp' else ''}"
+    out = RESULTS / f"{name}.json"
+    result = {
         "command": f".venv/bin/python benchmarks/study-time-to-accuracy.py --case {args.case} --trials {args.trials}"
                    + (f" --samples {args.samples}" if args.samples != 12000 else "")
                    + (" --method bp" if args.method == "bp" else ""),
@@ -123,14 +134,16 @@ def main() -> None:
         "bp_lean": {"threads": cores, "curve": bp["curve"], "seconds_to_target": bp_reached and bp_reached[0],
                     "epochs_to_target": bp_reached and bp_reached[1]},
         "study_seconds": round(time.time() - started), "load_average": open("/proc/loadavg").read().split()[:3],
-        **study, "curves": curves, "pareto_epochs": pareto_front(curves)}, indent=1) + "\n")
+        **study, "curves": curves, "pareto_epochs": pareto_front(curves)}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    (FIGURES / f"{name}.svg").write_text(front_figure(result, arch, int(depth)))
     reached = sorted((t for t in study["trials"] if t["state"] == "complete" and t["value"] < NOT_REACHED),
                      key=lambda t: t["value"])
     print(f"{args.case}: target {target}; BP lean {cores} threads {bp_reached}; {len(reached)} of {args.trials} "
           f"trials reached it")
     for t in reached[:5]:
         print(f"  trial {t['number']}: {t['value']:.1f} s ({t['value'] / bp_reached[0]:.2f}x BP) {t['params']}")
-    print(f"importances: {study['importances']}\nwrote {out}")
+    print(f"importances: {study['importances']}\nwrote {out} and {FIGURES / name}.svg")
 
 
 if __name__ == "__main__":

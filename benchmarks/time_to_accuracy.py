@@ -152,7 +152,8 @@ def curves_svg(raw: list[dict], arch: str, depth: int, seed: int = 0) -> str:
         y = height - bottom - (height - bottom - top) * (p["val_accuracy"] - y_min) / (y_max - y_min)
         return f"{x:.1f},{y:.1f}"
 
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
     target_y = float(point({"seconds": 0, "val_accuracy": runs[0]["target"]}).split(",")[1])
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
              f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>',

@@ -59,8 +59,10 @@ def bench_accuracy(args) -> None:
     label = args.name or Path(args.dataset).stem
     with tempfile.TemporaryDirectory() as tmp:
         data = load_dataset(str(subset_file(args.dataset, args.samples, Path(tmp))) if args.samples else args.dataset)
-    # The presets, model fields and lr name the table unless they are `default` alone, whose tables came first.
-    variant = [f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(args.model.items())]
+    # The presets, model and training fields and lr name the table unless they are `default` alone, whose tables came
+    # first.
+    fields = sorted({**args.model, **args.training}.items())
+    variant = [f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in fields]
     variant += [f"lr={args.lr:g}"] if args.lr else []
     name = "-".join(["accuracy", label, *([f"{args.samples}"] if args.samples else []), args.arch, *variant,
                      *sorted(set(args.presets) - {"default"}), *(args.methods if len(args.methods) == 1 else [])])
@@ -77,7 +79,7 @@ def bench_accuracy(args) -> None:
             runs[key] = []
             for seed in range(args.seeds):
                 training = {"method": method, "epochs": args.epochs, "seed": seed, "device": args.device,
-                            "batch_size": args.batch_size, "lr": args.lr}
+                            "batch_size": args.batch_size, "lr": args.lr, **args.training}
                 with tempfile.TemporaryDirectory() as out:
                     result = train(data, out, make_config(preset, {**args.model, "arch": args.arch}, training))
                     result["val_accuracy_by_epoch"] = [json.loads(line)["val_accuracy"]

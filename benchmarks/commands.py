@@ -46,6 +46,9 @@ def add_accuracy(kinds, common) -> None:
     a.add_argument("--model", type=json.loads, default={},
                    help='model fields on top of --arch, e.g. \'{"max_tokens": 128}\' or \'{"widths": [256, 256]}\'; '
                    "they name the table too")
+    a.add_argument("--training", type=json.loads, default={},
+                   help='training fields on top of the preset\'s, e.g. \'{"target_warmup": 160}\' (its lr over --lr); '
+                   "they name the table too")
     a.add_argument("--samples", type=int, default=None,
                    help="the first N training samples and N/4 test samples (default: all)")
     a.add_argument("--epochs", type=int, default=20)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -127,9 +128,7 @@ def main() -> None:
     name = f"study-time-to-accuracy-{arch}-{depth}{'-bp' if args.method == 'bp' else ''}"
     out = RESULTS / f"{name}.json"
     result = {
-        "command": f".venv/bin/python benchmarks/study-time-to-accuracy.py --case {args.case} --trials {args.trials}"
-                   + (f" --samples {args.samples}" if args.samples != 12000 else "")
-                   + (" --method bp" if args.method == "bp" else ""),
+        "command": shlex.join([".venv/bin/python", "benchmarks/study-time-to-accuracy.py", *sys.argv[1:]]),
         "settings": vars(args), "base": base, "space": space, "sampler_seed": 0, "target": target,
         "bp_lean": {"threads": cores, "curve": bp["curve"], "seconds_to_target": bp_reached and bp_reached[0],
                     "epochs_to_target": bp_reached and bp_reached[1]},

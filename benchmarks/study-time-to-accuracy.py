@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--method", choices=("al", "bp"), default="al",
                         help="bp: search BP's levers (on all cores) against the same target, to give BP its best")
     args = parser.parse_args()
+    if args.reference_epochs > args.max_epochs:
+        parser.error(f"--reference-epochs ({args.reference_epochs}) must be at most --max-epochs ({args.max_epochs})")
     arch, _, depth = args.case.partition(":")
     cores = os.cpu_count() or 1
     model = case_model(arch, int(depth), args.mlp_width)

@@ -102,6 +102,13 @@ def test_default_split_is_balanced_by_measured_time_and_still_exact(one_thread):
     assert_same_training(sequential("mlp"), piped)
 
 
+def test_a_component_a_stage_is_not_timed(one_thread):
+    piped = make_trainer(MODELS["mlp"], pipeline="threads", devices=["cpu"] * 4)
+    piped.fit()
+    assert piped.runner.component_seconds is None
+    assert [s.components for s in piped.runner.stages] == [range(i, i + 1) for i in range(4)]
+
+
 def test_balance_by_time_minimises_the_slowest_stage():
     assert balance_by_time([1, 1, 1, 5], 2) == [range(0, 3), range(3, 4)]
     assert balance_by_time([4, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 5)]

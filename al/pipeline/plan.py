@@ -1,7 +1,8 @@
 """Planning: which components each stage trains, on which device, with how many threads.
 
-The split is given (`stages="0-1,2-3"`) or balanced by measured time, as torchgpipe's
-`balance_by_time`: each component is timed on a copy, so training is untouched.
+The split is given (`stages="0-1,2-3"`), one component a stage where there are as many devices
+as components, or else balanced by measured time, as torchgpipe's `balance_by_time`: each component
+is timed on a copy, so training is untouched.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def plan(work: Work, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, world: 
         groups = parse_stages(cfg.stages, depth)
         if len(groups) != len(devices):
             raise ValueError(f"stages {cfg.stages!r} make {len(groups)} stages for {len(devices)} devices")
+    elif len(devices) == depth:  # a component a stage: there is one split, and timing it would cost the run
+        groups = [range(i, i + 1) for i in range(depth)]
     else:
         component_seconds = measure_component_seconds(work, x, y, threads)
         groups = balance_by_time(component_seconds, len(devices))

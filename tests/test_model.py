@@ -67,7 +67,9 @@ def test_cnn_and_resnet_build_and_run_on_small_images():
 
 def test_default_resolves_per_architecture_as_documented():
     """`default` (README, "Presets"): tanh bridges and codes for the conv archs, R1's sigmoid ones for the others and
-    in `paper`; lr 3e-3 for texts, 1e-3 for numbers; what a caller gives wins. The activations reach the network."""
+    in `paper`; lr 3e-3 for texts, 1e-3 for numbers but the cnn's AL (5e-3, with its own network: codes of 64,
+    one-layer bridges with a conv, pooled to 2x2, ReLU encoders); what a caller gives wins. The activations reach
+    the network."""
     numbers, texts = ("mlp", "cnn", "resnet"), ("lstm", "transformer")
     resolved = {arch: make_config("default", {"arch": arch}) for arch in numbers + texts}
     codes = {arch: (c.model.bridge_activation, c.model.target_activation) for arch, c in resolved.items()}
@@ -75,7 +77,16 @@ def test_default_resolves_per_architecture_as_documented():
     assert codes == {"mlp": sigmoid, "cnn": tanh, "resnet": tanh, "lstm": sigmoid, "transformer": sigmoid}
     assert make_config("paper", {"arch": "cnn"}).model.target_activation == "sigmoid"
     assert make_config("default", {"arch": "cnn", "bridge_activation": "relu"}).model.bridge_activation == "relu"
-    assert [resolved[arch].training.lr for arch in numbers] == [1e-3] * 3
+    assert [resolved[arch].training.lr for arch in numbers] == [1e-3, 5e-3, 1e-3]
+    cnn = resolved["cnn"]
+    assert (cnn.model.target_width, cnn.model.bridge_convs, cnn.model.bridge_pool, cnn.model.bridge_depth,
+            cnn.model.encoder_activation) == (64, 1, 2, 1, "relu")
+    assert (cnn.training.target_lr_factor, cnn.training.bridge_lr_factor, cnn.training.target_warmup) == (3, 2, 130)
+    assert (resolved["resnet"].model.bridge_convs, resolved["resnet"].model.encoder_activation) == (0, "elu")
+    bp_cnn = make_config("default", {"arch": "cnn"}, {"method": "bp"})
+    assert bp_cnn.training.lr == 1e-3 and bp_cnn.model == cnn.model  # BP keeps its rate, on the same network
+    assert make_config("default", {"arch": "cnn"}, {"method": "bp", "lr": 2e-3}).training.lr == 2e-3
+    assert make_config("lean", {"arch": "cnn"}, {"method": "bp"}).training.lr == 2e-3  # no BP rate of its own
     assert [resolved[arch].training.lr for arch in texts] == [3e-3] * 2
     assert make_config("default", {"arch": "lstm"}, {"lr": 5e-3}).training.lr == 5e-3
     assert make_config("lean", {"arch": "transformer"}).training.lr == 2e-3  # other presets keep their own

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from al.config import TEXT_ARCHS, ModelConfig
+from al.config import PRESETS, TEXT_ARCHS, ModelConfig, Preset
 
 
 def subset_file(dataset: str, samples: int, directory: Path) -> Path:
@@ -33,14 +33,18 @@ def subset_file(dataset: str, samples: int, directory: Path) -> Path:
     return path
 
 
-def case_model(arch: str, depth: int, mlp_width: int) -> dict:
-    """The model of a benchmark case: `depth` components of the architecture."""
+def case_model(arch: str, depth: int, mlp_width: int, preset: str | None = None) -> dict:
+    """The model of a benchmark case: `depth` components of the architecture, with the case's code width and
+    pooling but where `preset` chooses its own (the cnn's `default` does: the case then measures the preset)."""
     if arch in TEXT_ARCHS:  # the embedding, then depth - 1 layers of the library's default sizes
         return {"arch": arch, "widths": ModelConfig(arch=arch).resolved().widths[:1] * (depth - 1)}
-    return {
+    case = {
         "mlp": {"arch": "mlp", "widths": [mlp_width] * depth, "target_width": mlp_width // 4},
         "cnn": {"arch": "cnn", "widths": [16, 32, 32, 64][:depth], "target_width": 128, "bridge_pool": 4},
     }[arch]
+    chosen = PRESETS[preset] if preset else Preset()
+    own = {**chosen.model, **chosen.by_arch.get(arch, Preset()).model}
+    return {key: value for key, value in case.items() if key not in own}
 
 
 def table_name(base: str, archs, kind: str) -> str:

@@ -68,7 +68,6 @@ def variants_of(preset: str, variants: dict | None) -> list[tuple[str, dict]]:
 
 def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[dict]:
     cores = args.cores or os.cpu_count() or 1
-    model = case_model(arch, depth, args.mlp_width)
     stage_devices = ["cpu"] * min(depth, cores)
     # label -> (threads, training, preset, model on top of the case's); the first BP run sets the target
     runs = {}
@@ -91,7 +90,8 @@ def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[
         target = None
         for label, (threads, training, preset, model_changes) in runs.items():
             # The seed's first run (BP) trains N epochs and sets the target; the others stop at it.
-            spec = {"data": data, "model": {**model, **model_changes}, "threads": threads, "preset": preset,
+            spec = {"data": data, "model": {**case_model(arch, depth, args.mlp_width, preset), **model_changes},
+                    "threads": threads, "preset": preset,
                     "target": target,
                     "stop_after_epochs": args.reference_epochs if target is None else None,
                     "training": {"batch_size": args.batch_size, "device": "cpu", "seed": seed,

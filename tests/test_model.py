@@ -101,6 +101,17 @@ def test_default_resolves_per_architecture_as_documented():
     assert activations("paper", "cnn") == activations("default", "mlp") == ["Sigmoid"] * 3
 
 
+def test_the_bench_cnn_case_keeps_what_a_preset_chooses():
+    """`al bench time-to-accuracy --al-presets default` measures `default` as a user gets it: the case's codes and
+    pooling apply only to presets that choose none (lean, paper)."""
+    from benchmarks.runs import case_model
+
+    resolved = {p: make_config(p, case_model("cnn", 2, 512, p)).model for p in ("default", "lean")}
+    assert (resolved["default"].target_width, resolved["default"].bridge_pool) == (64, 2)
+    assert (resolved["lean"].target_width, resolved["lean"].bridge_pool) == (128, 4)
+    assert resolved["default"].widths == resolved["lean"].widths == [16, 32]
+
+
 def test_paper_bridge_is_two_layers_five_n_wide():
     net = _net()
     linears = [m for m in net.components[0].bridge if isinstance(m, torch.nn.Linear)]

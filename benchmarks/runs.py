@@ -33,9 +33,10 @@ def subset_file(dataset: str, samples: int, directory: Path) -> Path:
     return path
 
 
-def case_model(arch: str, depth: int, mlp_width: int, preset: str | None = None) -> dict:
+def case_model(arch: str, depth: int, mlp_width: int, preset: str | None = None, method: str = "al") -> dict:
     """The model of a benchmark case: `depth` components of the architecture, with the case's code width and
-    pooling but where `preset` chooses its own (the cnn's `default` does: the case then measures the preset)."""
+    pooling but where `preset` chooses its own for `method` (the cnn's `default` does for AL: the case then
+    measures the preset)."""
     if arch in TEXT_ARCHS:  # the embedding, then depth - 1 layers of the library's default sizes
         return {"arch": arch, "widths": ModelConfig(arch=arch).resolved().widths[:1] * (depth - 1)}
     case = {
@@ -43,7 +44,8 @@ def case_model(arch: str, depth: int, mlp_width: int, preset: str | None = None)
         "cnn": {"arch": "cnn", "widths": [16, 32, 32, 64][:depth], "target_width": 128, "bridge_pool": 4},
     }[arch]
     chosen = PRESETS[preset] if preset else Preset()
-    own = {**chosen.model, **chosen.by_arch.get(arch, Preset()).model}
+    for_arch = chosen.by_arch.get(arch, Preset())
+    own = {**chosen.model, **for_arch.model, **for_arch.by_method.get(method, Preset()).model}
     return {key: value for key, value in case.items() if key not in own}
 
 

@@ -90,7 +90,9 @@ def bench_case(args, data: str, arch: str, depth: int, raw: list[dict]) -> list[
         target = None
         for label, (threads, training, preset, model_changes) in runs.items():
             # The seed's first run (BP) trains N epochs and sets the target; the others stop at it.
-            spec = {"data": data, "model": {**case_model(arch, depth, args.mlp_width, preset), **model_changes},
+            method = training.get("method", "al")
+            spec = {"data": data, "model": {**case_model(arch, depth, args.mlp_width, preset, method),
+                                            **model_changes},
                     "threads": threads, "preset": preset,
                     "target": target,
                     "stop_after_epochs": args.reference_epochs if target is None else None,

@@ -68,8 +68,8 @@ def test_cnn_and_resnet_build_and_run_on_small_images():
 def test_default_resolves_per_architecture_as_documented():
     """`default` (README, "Presets"): tanh bridges and codes for the conv archs, R1's sigmoid ones for the others and
     in `paper`; lr 3e-3 for texts, 1e-3 for numbers but the cnn's AL (5e-3, with its own network: codes of 64,
-    one-layer bridges with a conv, pooled to 2x2, ReLU encoders); what a caller gives wins. The activations reach
-    the network."""
+    one-layer bridges with a conv, pooled to 2x2, ReLU encoders; BP's cnn keeps R1's); what a caller gives wins.
+    The activations reach the network."""
     numbers, texts = ("mlp", "cnn", "resnet"), ("lstm", "transformer")
     resolved = {arch: make_config("default", {"arch": arch}) for arch in numbers + texts}
     codes = {arch: (c.model.bridge_activation, c.model.target_activation) for arch, c in resolved.items()}
@@ -83,10 +83,11 @@ def test_default_resolves_per_architecture_as_documented():
             cnn.model.encoder_activation) == (64, 1, 2, 1, "relu")
     assert (cnn.training.target_lr_factor, cnn.training.bridge_lr_factor, cnn.training.target_warmup) == (3, 2, 130)
     assert (resolved["resnet"].model.bridge_convs, resolved["resnet"].model.encoder_activation) == (0, "elu")
-    bp_cnn = make_config("default", {"arch": "cnn"}, {"method": "bp"})
-    assert bp_cnn.training.lr == 1e-3 and bp_cnn.model == cnn.model  # BP keeps its rate, on the same network
-    assert make_config("default", {"arch": "cnn"}, {"method": "bp", "lr": 2e-3}).training.lr == 2e-3
-    assert make_config("lean", {"arch": "cnn"}, {"method": "bp"}).training.lr == 2e-3  # no BP rate of its own
+    bp_cnn = make_config("default", {"arch": "cnn"}, {"method": "bp"})  # BP keeps R1's network with tanh codes
+    assert (bp_cnn.training.lr, bp_cnn.model.target_width, bp_cnn.model.bridge_convs, bp_cnn.model.bridge_depth,
+            bp_cnn.model.bridge_activation) == (1e-3, 256, 0, 2, "tanh")
+    assert make_config("default", {"arch": "cnn", "bridge_convs": 1}, {"method": "bp", "lr": 2e-3}).training.lr == 2e-3
+    assert make_config("lean", {"arch": "cnn"}, {"method": "bp"}).model == make_config("lean", {"arch": "cnn"}).model
     assert [resolved[arch].training.lr for arch in texts] == [3e-3] * 2
     assert make_config("default", {"arch": "lstm"}, {"lr": 5e-3}).training.lr == 5e-3
     assert make_config("lean", {"arch": "transformer"}).training.lr == 2e-3  # other presets keep their own
@@ -103,13 +104,16 @@ def test_default_resolves_per_architecture_as_documented():
 
 def test_the_bench_cnn_case_keeps_what_a_preset_chooses():
     """`al bench time-to-accuracy --al-presets default` measures `default` as a user gets it: the case's codes and
-    pooling apply only to presets that choose none (lean, paper)."""
+    pooling apply only where a preset chooses none (lean, paper, and BP's `default`)."""
     from benchmarks.runs import case_model
 
-    resolved = {p: make_config(p, case_model("cnn", 2, 512, p)).model for p in ("default", "lean")}
-    assert (resolved["default"].target_width, resolved["default"].bridge_pool) == (64, 2)
-    assert (resolved["lean"].target_width, resolved["lean"].bridge_pool) == (128, 4)
-    assert resolved["default"].widths == resolved["lean"].widths == [16, 32]
+    def resolved(preset, method):
+        return make_config(preset, case_model("cnn", 2, 512, preset, method), {"method": method}).model
+
+    assert (resolved("default", "al").target_width, resolved("default", "al").bridge_pool) == (64, 2)
+    for preset, method in (("default", "bp"), ("lean", "al"), ("lean", "bp")):
+        assert (resolved(preset, method).target_width, resolved(preset, method).bridge_pool) == (128, 4)
+        assert resolved(preset, method).widths == [16, 32]
 
 
 def test_paper_bridge_is_two_layers_five_n_wide():

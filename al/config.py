@@ -182,6 +182,14 @@ class Preset:
     # Per method (within an architecture's), on top of the rest: what AL measured better with and BP did not.
     by_method: dict[str, Preset] = field(default_factory=dict)
 
+    def values_for(self, arch: str, method: str) -> tuple[dict, dict]:
+        """The (model, training) values for an architecture and method: the preset's, then the architecture's,
+        then the method's within it."""
+        for_arch = self.by_arch.get(arch, Preset())
+        for_method = for_arch.by_method.get(method, Preset())
+        return ({**self.model, **for_arch.model, **for_method.model},
+                {**self.train, **for_arch.train, **for_method.train})
+
 
 TANH_CODES = {"bridge_activation": "tanh", "target_activation": "tanh"}
 
@@ -252,12 +260,10 @@ def make_config(preset: str = "default", model: dict | None = None, training: di
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     arch = _make(ModelConfig, {**chosen.model, **_given(model)}).arch
-    for_arch = chosen.by_arch.get(arch, Preset())
     method = _given(training).get("method", chosen.train.get("method", TrainConfig.method))
-    for_method = for_arch.by_method.get(method, Preset())
-    model_cfg = _make(ModelConfig, {**chosen.model, **for_arch.model, **for_method.model,
-                                    **_given(model)}).resolved()
-    train_cfg = _make(TrainConfig, {**chosen.train, **for_arch.train, **for_method.train, **_given(training)})
+    model_values, train_values = chosen.values_for(arch, method)
+    model_cfg = _make(ModelConfig, {**model_values, **_given(model)}).resolved()
+    train_cfg = _make(TrainConfig, {**train_values, **_given(training)})
     validate(model_cfg, train_cfg, init_from)
     return RunConfig(preset, model_cfg, train_cfg, init_from)
 

@@ -116,7 +116,7 @@ def publish_accuracy(where: Destination, name: str, dataset: str, arch: str, epo
                  "runs"],
         rows=rows,
         notes="BP trains the inference path (f_1..f_L -> b_L -> h_L..h_1) with cross-entropy, on its preset's network "
-              "(the cnn's `default` gives AL a network of its own). "
+        "(the cnn's `default` gives AL a network of its own). "
         "Mean +- sample standard deviation over seeds 0..runs-1; test accuracy of the last epoch."
         + (f" {TFIDF}: fitted on each seed's training split, C in {list(TFIDF_C)} chosen on its validation split "
            "(benchmarks/accuracy.py, tfidf_reference); 'first N tokens': of the tokens the model reads, from a "

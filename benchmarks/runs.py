@@ -43,9 +43,7 @@ def case_model(arch: str, depth: int, mlp_width: int, preset: str | None = None,
         "mlp": {"arch": "mlp", "widths": [mlp_width] * depth, "target_width": mlp_width // 4},
         "cnn": {"arch": "cnn", "widths": [16, 32, 32, 64][:depth], "target_width": 128, "bridge_pool": 4},
     }[arch]
-    chosen = PRESETS[preset] if preset else Preset()
-    for_arch = chosen.by_arch.get(arch, Preset())
-    own = {**chosen.model, **for_arch.model, **for_arch.by_method.get(method, Preset()).model}
+    own, _ = (PRESETS[preset] if preset else Preset()).values_for(arch, method)
     return {key: value for key, value in case.items() if key not in own}
 
 
